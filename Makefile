@@ -1,0 +1,45 @@
+# The two commands of the README: `make run` and `make test`. Everything else is a step of theirs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test setup system-deps lint typecheck unit js-test bench soak clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -m server $(ARGS)
+
+system-deps:
+	bash scripts/system-deps.sh
+
+lint: setup
+	$(VENV)/bin/ruff check server tests bench
+	$(VENV)/bin/ruff format --check server tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+js-test: system-deps
+	node --test tests/js/
+
+test: lint typecheck unit js-test
+
+bench: setup
+	$(PY) -m bench $(ARGS)
+
+soak: setup
+	$(PY) -m pytest -m soak tests/soak $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,46 @@
+"""``python -m server``: run the relay. ``--help`` lists every option and its environment variable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Config, load_config
+
+
+def _event_loop_factory(config: Config) -> None:
+    if not config.use_uvloop:
+        return
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = load_config(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _event_loop_factory(config)
+    provider = config.resolved_provider
+    where = "the built-in demo model (simulated replies)" if provider == "demo" else "an OpenAI-compatible upstream"
+    logging.getLogger("llm_relay").info(
+        "relaying %s as model %s on http://%s:%d/", where, config.resolved_model, config.host, config.port
+    )
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        shutdown_timeout=config.shutdown_grace,
+        access_log=None,
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Build the relay: a standalone app (`create_app`) or routes mounted into an existing aiohttp app (`setup`).
+
+The streaming API is its own sub-application, so its middleware (JSON errors), CORS rules and state never touch
+the host's routes; the host keeps its runner settings (``handler_cancellation`` included) and the relay still
+notices disconnects on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import aiohttp_cors
+from aiohttp import web
+
+from .admission import Limiter, NoLimits
+from .chat_request import RequestRules
+from .config import DEMO_MODEL, Config
+from .handlers import chat, healthz, json_errors
+from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
+from .state import RELAY, RelayState
+from .stream import StreamSettings
+
+log = logging.getLogger("llm_relay")
+
+API_PREFIX = "/api"
+
+
+def build_provider(config: Config) -> Provider:
+    if config.resolved_provider == "demo":
+        return DemoProvider(config.demo_delay)
+    if config.resolved_provider != "openai":
+        raise ValueError(f"unknown provider {config.provider!r}")
+    client = make_openai_client(
+        api_key=config.api_key,
+        base_url=config.base_url,
+        max_retries=config.upstream_max_retries,
+        connect_timeout=config.upstream_connect_timeout,
+        max_connections=config.max_streams or None,
+    )
+    return OpenAIProvider(client, include_usage=config.include_usage)
+
+
+def build_limiter(config: Config) -> Limiter:
+    if not config.limits_enabled:
+        return NoLimits()
+    from .limiter import build_limiter as build
+
+    return build(config)
+
+
+def build_identify(config: Config) -> Callable[[web.Request], str]:
+    from .client_key import ClientIdentifier
+
+    return ClientIdentifier.from_config(config)
+
+
+def _stream_settings(config: Config) -> StreamSettings:
+    return StreamSettings(
+        first_token_timeout=config.first_token_timeout,
+        idle_timeout=config.idle_timeout,
+        total_timeout=config.total_timeout,
+        write_timeout=config.write_timeout,
+        keepalive_interval=config.heartbeat,
+        flush_window=config.flush_window,
+        flush_bytes=config.flush_bytes,
+        reconnect_hint_ms=config.reconnect_hint_ms,
+    )
+
+
+def _rules(config: Config) -> RequestRules:
+    model = config.resolved_model
+    allowed = {model, *config.allowed_models}
+    if config.resolved_provider == "demo":
+        allowed.add(DEMO_MODEL)
+    return RequestRules(
+        default_model=model,
+        allowed_models=frozenset(allowed),
+        max_messages=config.max_messages,
+        max_message_chars=config.max_message_chars,
+    )
+
+
+def create_relay_app(
+    config: Config,
+    *,
+    provider: Provider | None = None,
+    limiter: Limiter | None = None,
+) -> web.Application:
+    """The streaming API as a sub-application: ``GET|POST /chat`` and ``GET /healthz``.
+
+    `provider` and `limiter` default to what `config` describes; pass your own to reuse a client.
+    """
+    api = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
+    state = RelayState(
+        config=config,
+        provider=provider or build_provider(config),
+        rules=_rules(config),
+        stream_settings=_stream_settings(config),
+        limiter=limiter or build_limiter(config),
+        identify=build_identify(config),
+        cors_origins=frozenset(config.cors_origins),
+    )
+    api[RELAY] = state
+    chat_resource = api.router.add_resource("/chat", name="chat")
+    routes = [
+        chat_resource.add_route("GET", chat),
+        chat_resource.add_route("POST", chat),
+    ]
+    api.router.add_get("/healthz", healthz, allow_head=False)
+    if config.cors_origins:
+        _setup_cors(api, config.cors_origins, routes)
+    api.cleanup_ctx.append(_lifecycle)
+    api.on_shutdown.append(_end_streams)
+    return api
+
+
+def _setup_cors(api: web.Application, origins: tuple[str, ...], routes: Sequence[web.AbstractRoute]) -> None:
+    # Explicit origins only, and no credentials: the API authenticates with a bearer key, never with cookies,
+    # and "*" together with credentials is what the Fetch standard forbids.
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False,
+        allow_headers=("Content-Type", "Authorization", "Last-Event-ID", "Accept"),
+        expose_headers=("X-Stream-Id", "Retry-After", "RateLimit", "RateLimit-Policy"),
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(api, defaults=dict.fromkeys(origins, options))
+    for route in routes:
+        cors.add(route)
+
+
+async def _lifecycle(api: web.Application) -> AsyncIterator[None]:
+    """Shared clients live as long as the app; they are closed only after the last stream has ended."""
+    state = api[RELAY]
+    yield
+    await state.streams.wait_empty(state.config.shutdown_grace)
+    await state.limiter.aclose()
+    await state.provider.aclose()
+
+
+async def _end_streams(api: web.Application) -> None:
+    """Graceful shutdown: every open stream gets an in-band ``server_shutdown`` event, then ends."""
+    state = api[RELAY]
+    for stream in state.streams:
+        stream.shutdown()
+    if not await state.streams.wait_empty(state.config.shutdown_grace):
+        log.warning("%d streams still open after the shutdown grace period", len(state.streams))
+
+
+def setup(app: web.Application, config: Config, *, prefix: str = API_PREFIX, **kwargs: object) -> web.Application:
+    """Mount the streaming API into an existing application under `prefix`; returns the sub-application."""
+    api = create_relay_app(config, **kwargs)  # type: ignore[arg-type]
+    app.add_subapp(prefix, api)
+    return api
+
+
+def create_app(config: Config | None = None) -> web.Application:
+    """The standalone server: the chat page at ``/``, static files, ``/healthz`` and the API under ``/api``."""
+    config = config or Config()
+    app = web.Application(client_max_size=config.max_body_bytes)
+    api = setup(app, config)
+    app[RELAY] = api[RELAY]
+    app.router.add_get("/healthz", healthz, allow_head=False)
+    from .page import setup_page
+
+    setup_page(app, config)
+    return app

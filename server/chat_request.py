@@ -1,0 +1,176 @@
+"""Validate what a client asks for and turn it into a `ChatRequest`. No IO.
+
+Two shapes reach us: the query string of ``GET /api/chat?prompt=...`` (all an ``EventSource`` can send) and the
+JSON body of ``POST /api/chat``: ``{"messages": [{"role", "content"}, ...], "model"?, "max_tokens"?,
+"temperature"?}`` or ``{"prompt": "..."}``. Every rule here raises `RequestError` with a message that says
+what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import RequestError
+
+ROLES = frozenset({"system", "user", "assistant"})
+_BODY_KEYS = frozenset({"messages", "prompt", "model", "max_tokens", "temperature"})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: tuple[Message, ...]
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+    @property
+    def last_user_text(self) -> str:
+        for message in reversed(self.messages):
+            if message.role == "user":
+                return message.content
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRules:
+    """What a request may ask for."""
+
+    default_model: str
+    allowed_models: frozenset[str]
+    max_messages: int = 200
+    max_message_chars: int = 32_000
+    max_total_chars: int = 200_000
+    max_tokens_cap: int = 32_768
+
+
+def _check_text(value: object, what: str, rules: RequestRules) -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"{what} must be a string")
+    if len(value) > rules.max_message_chars:
+        raise RequestError(f"{what} is longer than {rules.max_message_chars} characters")
+    return value
+
+
+def _model(value: object, rules: RequestRules) -> str:
+    if value is None:
+        return rules.default_model
+    if not isinstance(value, str) or value not in rules.allowed_models:
+        allowed = ", ".join(sorted(rules.allowed_models))
+        raise RequestError(f"model must be one of: {allowed}")
+    return value
+
+
+def _max_tokens(value: object, rules: RequestRules) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= rules.max_tokens_cap:
+        raise RequestError(f"max_tokens must be an integer from 1 to {rules.max_tokens_cap}")
+    return value
+
+
+def _query_number(query: Mapping[str, str], name: str) -> int | float | None:
+    """A number from the query string; the same range checks as JSON then apply."""
+    text = query.get(name)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise RequestError(f"{name} must be a number") from None
+
+
+def _temperature(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RequestError("temperature must be a number from 0 to 2")
+    if not 0.0 <= value <= 2.0:
+        raise RequestError("temperature must be a number from 0 to 2")
+    return float(value)
+
+
+def _prompt_messages(prompt: object, rules: RequestRules) -> tuple[Message, ...]:
+    text = _check_text(prompt, "prompt", rules)
+    if not text.strip():
+        raise RequestError("prompt must not be empty")
+    return (Message("user", text),)
+
+
+def _messages(value: object, rules: RequestRules) -> tuple[Message, ...]:
+    if not isinstance(value, list):
+        raise RequestError("messages must be a list of {role, content} objects")
+    if not value:
+        raise RequestError("messages must not be empty")
+    if len(value) > rules.max_messages:
+        raise RequestError(f"messages may hold at most {rules.max_messages} items")
+    messages: list[Message] = []
+    total = 0
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise RequestError(f"messages[{index}] must be an object with role and content")
+        role = item.get("role")
+        if role not in ROLES:
+            raise RequestError(f"messages[{index}].role must be one of: {', '.join(sorted(ROLES))}")
+        content = _check_text(item.get("content"), f"messages[{index}].content", rules)
+        total += len(content)
+        messages.append(Message(str(role), content))
+    if total > rules.max_total_chars:
+        raise RequestError(f"messages hold more than {rules.max_total_chars} characters in all")
+    if not any(m.role == "user" and m.content.strip() for m in messages):
+        raise RequestError("messages must contain a non-empty user message")
+    return tuple(messages)
+
+
+def from_query(query: Mapping[str, str], rules: RequestRules) -> ChatRequest:
+    """The request of ``GET /api/chat?prompt=...&model=...&max_tokens=...&temperature=...``."""
+    prompt = query.get("prompt")
+    if prompt is None:
+        raise RequestError("the prompt query parameter is required")
+    return ChatRequest(
+        messages=_prompt_messages(prompt, rules),
+        model=_model(query.get("model"), rules),
+        max_tokens=_max_tokens(_query_number(query, "max_tokens"), rules),
+        temperature=_temperature(_query_number(query, "temperature")),
+    )
+
+
+def from_json_body(body: bytes, rules: RequestRules) -> ChatRequest:
+    """The request of ``POST /api/chat`` with a JSON body."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise RequestError("the body is not valid JSON") from None
+    except RecursionError:
+        raise RequestError("the body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError("the body must be a JSON object")
+    unknown = set(data) - _BODY_KEYS
+    if unknown:
+        raise RequestError(f"unknown field: {sorted(unknown)[0]}")
+    if "messages" in data and "prompt" in data:
+        raise RequestError("send either messages or prompt, not both")
+    if "messages" in data:
+        messages = _messages(data["messages"], rules)
+    elif "prompt" in data:
+        messages = _prompt_messages(data["prompt"], rules)
+    else:
+        raise RequestError("the body needs messages (or prompt)")
+    return ChatRequest(
+        messages=messages,
+        model=_model(data.get("model"), rules),
+        max_tokens=_max_tokens(data.get("max_tokens"), rules),
+        temperature=_temperature(data.get("temperature")),
+    )

@@ -1,0 +1,70 @@
+"""Learn that a client left the moment its connection closes, whatever the host app's settings.
+
+aiohttp cancels a handler on disconnect only with ``handler_cancellation=True``, a setting of the host's runner
+that defaults to off; otherwise a disconnect shows only at the next write, which may be seconds away while the
+upstream is still thinking (and paid for). Polling every stream's transport costs CPU per stream per tick.
+
+Instead, for the life of one stream, a thin protocol is placed between the transport and aiohttp's own protocol
+(``BaseTransport.set_protocol``, public asyncio API). It forwards every callback unchanged and, on
+``connection_lost``, also calls the stream's callback: no polling, no timers, no patching of aiohttp, and the
+original protocol is put back when the stream ends so keep-alive goes on as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from aiohttp import web
+
+
+class _DisconnectTap(asyncio.Protocol):
+    __slots__ = ("_inner", "_on_lost")
+
+    def __init__(self, inner: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_lost: Callable[[], None] | None = on_lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        on_lost, self._on_lost = self._on_lost, None
+        try:
+            self._inner.connection_lost(exc)
+        finally:
+            if on_lost is not None:
+                on_lost()
+
+
+@contextmanager
+def watch_disconnect(request: web.BaseRequest, on_lost: Callable[[], None]) -> Iterator[None]:
+    """Call `on_lost` (once, from the event loop) if the client's connection closes inside this block."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        on_lost()
+        yield
+        return
+    inner = transport.get_protocol()
+    if not isinstance(inner, asyncio.Protocol):  # pragma: no cover - aiohttp's is always one
+        raise RuntimeError("cannot watch a connection whose protocol is not an asyncio.Protocol")
+    tap = _DisconnectTap(inner, on_lost)
+    transport.set_protocol(tap)
+    try:
+        yield
+    finally:
+        if transport.get_protocol() is tap:
+            transport.set_protocol(inner)

@@ -1,0 +1,129 @@
+"""Errors that carry what the HTTP layer needs; only handlers turn them into responses.
+
+    RelayError                 type, status, message, retry_after
+    ├── RequestError           400  the client's request is wrong
+    │   ├── PayloadTooLarge    413
+    │   ├── NotAcceptable      406
+    │   ├── MethodNotAllowed   405
+    │   ├── NotFound           404
+    │   └── UnsupportedMediaType 415
+    ├── Unauthorized           401
+    ├── Forbidden              403  (a browser page from an origin that is not allowed)
+    ├── RateLimited            429  (limits)
+    ├── Overloaded             503  (limits: global capacity)
+    ├── UpstreamError          502  the model provider failed
+    │   ├── UpstreamUnavailable      502  could not connect / connection lost
+    │   ├── UpstreamRateLimited      503  the provider throttled us; Retry-After passed on when known
+    │   ├── UpstreamTimeout          504
+    │   └── UpstreamProtocolError    502  the provider sent something that is not the chat stream format
+    └── StreamTimeout          504  a relay timeout (first token, idle gap, total duration)
+
+Messages are written for the person at the other end: never an exception's text, never a credential.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .events import Error
+
+
+class RelayError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.headers: Mapping[str, str] = headers or {}
+
+    def to_event(self) -> Error:
+        return Error(self.type, self.message)
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"type": self.type, "message": self.message}}
+
+
+class RequestError(RelayError):
+    status = 400
+    type = "invalid_request"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    type = "payload_too_large"
+
+
+class NotAcceptable(RequestError):
+    status = 406
+    type = "not_acceptable"
+
+
+class MethodNotAllowed(RequestError):
+    status = 405
+    type = "method_not_allowed"
+
+
+class NotFound(RequestError):
+    status = 404
+    type = "not_found"
+
+
+class Unauthorized(RelayError):
+    status = 401
+    type = "unauthorized"
+
+
+class RateLimited(RelayError):
+    status = 429
+    type = "rate_limited"
+
+
+class Overloaded(RelayError):
+    status = 503
+    type = "overloaded"
+
+
+class UpstreamError(RelayError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    type = "upstream_unavailable"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 503
+    type = "upstream_rate_limited"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "upstream_timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    type = "upstream_protocol_error"
+
+
+class StreamTimeout(RelayError):
+    status = 504
+    type = "timeout"
+
+
+class Forbidden(RelayError):
+    status = 403
+    type = "forbidden"
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+    type = "unsupported_media_type"

@@ -1,0 +1,193 @@
+"""Wire framings: turn the event model into bytes. Pure functions, no IO (see h11's writers).
+
+Two framings share one shape (`Framing`): `encode(seq, event) -> bytes` and an optional keep-alive frame.
+
+* `SSEFraming`, ``text/event-stream`` (WHATWG HTML §9.2 "Server-sent events"): every event carries ``id: <seq>``
+  so a reconnecting browser sends ``Last-Event-ID``; deltas are default ``message`` events with JSON data
+  ``{"content": ...}``; the end is ``event: done``; failures are ``event: error`` with ``{"error": {...}}``.
+* `NDJSONFraming`, ``application/x-ndjson``: one compact JSON object per line, ``{"type": "delta" | "done" |
+  "error", ...}``.
+
+The general SSE encoder `encode_sse` refuses input that would change the framing (a line break in an event name or
+id, a NUL in an id, a ``retry`` that is not a non-negative integer) instead of silently altering it: a caller that
+passes such a value has a bug, and a quiet fix would hide an injection. Data is split on CR, LF and CRLF into
+several ``data:`` lines, which a spec decoder joins back with LF.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final, Protocol
+
+from .events import Delta, Done, Error, Event
+
+__all__ = [
+    "FRAMINGS",
+    "NDJSONFraming",
+    "SSEFieldError",
+    "SSEFraming",
+    "encode_sse",
+    "encode_sse_comment",
+    "json_bytes",
+]
+
+_COMPACT: Final = {"separators": (",", ":"), "allow_nan": False}
+_encode_str_utf8 = json.JSONEncoder(ensure_ascii=False).encode
+_encode_str_ascii = json.JSONEncoder(ensure_ascii=True).encode
+
+
+def json_bytes(value: object) -> bytes:
+    """Compact JSON as UTF-8 bytes, valid even when strings hold lone surrogates.
+
+    Upstream JSON may decode to lone surrogates (``"\\ud800"``); UTF-8 cannot carry them, so in that case the
+    text is re-encoded with ``\\u`` escapes, which JSON readers turn back into the very same string.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, **_COMPACT).encode()  # type: ignore[arg-type]
+    except UnicodeEncodeError:
+        return json.dumps(value, ensure_ascii=True, **_COMPACT).encode()  # type: ignore[arg-type]
+
+
+def _json_str(text: str) -> bytes:
+    """A JSON string literal as bytes (the hot path of every delta)."""
+    try:
+        return _encode_str_utf8(text).encode()
+    except UnicodeEncodeError:
+        return _encode_str_ascii(text).encode()
+
+
+class SSEFieldError(ValueError):
+    """A value that cannot be written as the SSE field it was meant for."""
+
+
+def _split_lines(text: str) -> list[str]:
+    # WHATWG HTML §9.2.5: a line ends at CRLF, a lone LF or a lone CR. str.splitlines() would also split on
+    # U+2028, VT, FF and others, which SSE treats as ordinary characters, so do it by hand.
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _utf8(text: str) -> bytes:
+    # SSE streams are always UTF-8 (§9.2.5); a lone surrogate becomes U+FFFD, which is what a decoder would
+    # produce from any invalid sequence, rather than crashing the stream.
+    return text.encode("utf-8", "replace")
+
+
+def encode_sse(
+    data: str | None = None,
+    *,
+    event: str | None = None,
+    id: str | None = None,
+    retry: int | None = None,
+) -> bytes:
+    """Encode one SSE event block, terminated by a blank line.
+
+    >>> encode_sse("line one\\nline two", event="note", id="7")
+    b'event: note\\nid: 7\\ndata: line one\\ndata: line two\\n\\n'
+    >>> encode_sse(retry=3000)
+    b'retry: 3000\\n\\n'
+    """
+    parts: list[str] = []
+    if event is not None:
+        if "\r" in event or "\n" in event:
+            raise SSEFieldError("an SSE event name cannot contain a line break")
+        parts.append(f"event: {event}\n")
+    if id is not None:
+        if "\r" in id or "\n" in id:
+            raise SSEFieldError("an SSE id cannot contain a line break")
+        if "\0" in id:
+            # §9.2.6: an id field whose value contains NUL is ignored by the browser, so it would never
+            # come back as Last-Event-ID.
+            raise SSEFieldError("an SSE id cannot contain NUL")
+        parts.append(f"id: {id}\n")
+    if retry is not None:
+        # §9.2.6: retry is honoured only when it consists of ASCII digits.
+        if isinstance(retry, bool) or not isinstance(retry, int) or retry < 0:
+            raise SSEFieldError("an SSE retry must be a non-negative integer of milliseconds")
+        parts.append(f"retry: {retry}\n")
+    if data is not None:
+        parts.extend(f"data: {line}\n" for line in _split_lines(data))
+    if not parts:
+        raise SSEFieldError("an SSE event needs at least one field")
+    parts.append("\n")
+    return _utf8("".join(parts))
+
+
+def encode_sse_comment(text: str = "") -> bytes:
+    """A comment block (ignored by decoders): used as a heartbeat. Each line of `text` becomes its own comment.
+
+    >>> encode_sse_comment("ping")
+    b': ping\\n\\n'
+    """
+    lines = _split_lines(text)
+    return _utf8("".join(f": {line}\n" if line else ":\n" for line in lines) + "\n")
+
+
+class Framing(Protocol):
+    """How one stream's events become bytes on the wire."""
+
+    name: str
+    content_type: str
+
+    def encode(self, seq: int, event: Event) -> bytes:
+        """The frame for `event`, the `seq`-th event of its stream (1-based)."""
+        ...
+
+    def keepalive(self) -> bytes:
+        """A frame that standard readers of this format skip, to keep idle connections open."""
+        ...
+
+
+def _done_payload(event: Done) -> dict[str, object]:
+    payload: dict[str, object] = {"finish_reason": event.finish_reason}
+    if event.usage is not None:
+        payload["usage"] = event.usage.as_dict()
+    return payload
+
+
+def _error_payload(event: Error) -> dict[str, object]:
+    return {"error": {"type": event.type, "message": event.message}}
+
+
+class SSEFraming:
+    """``text/event-stream``: deltas as default events, then ``done`` or ``error``. Every event has an id."""
+
+    name = "sse"
+    content_type = "text/event-stream; charset=utf-8"
+
+    def encode(self, seq: int, event: Event) -> bytes:
+        if isinstance(event, Delta):
+            # JSON never contains a raw CR or LF, so the payload is always exactly one data line and this
+            # is the spec's framing without a split.
+            return b'id: %d\ndata: {"content":%s}\n\n' % (seq, _json_str(event.content))
+        if isinstance(event, Done):
+            return b"id: %d\nevent: done\ndata: %s\n\n" % (seq, json_bytes(_done_payload(event)))
+        return b"id: %d\nevent: error\ndata: %s\n\n" % (seq, json_bytes(_error_payload(event)))
+
+    def keepalive(self) -> bytes:
+        return b": ping\n\n"
+
+    def reconnect_hint(self, retry_ms: int) -> bytes:
+        """A block that only sets the browser's reconnection delay (§9.2.6 ``retry``)."""
+        return encode_sse(retry=retry_ms)
+
+
+class NDJSONFraming:
+    """``application/x-ndjson``: one JSON object per line with a ``type`` of delta, done or error."""
+
+    name = "ndjson"
+    content_type = "application/x-ndjson; charset=utf-8"
+
+    def encode(self, seq: int, event: Event) -> bytes:
+        if isinstance(event, Delta):
+            return b'{"type":"delta","content":%s}\n' % _json_str(event.content)
+        if isinstance(event, Done):
+            return json_bytes({"type": "done", **_done_payload(event)}) + b"\n"
+        return json_bytes({"type": "error", **_error_payload(event)}) + b"\n"
+
+    def keepalive(self) -> bytes:
+        # A documented no-op object rather than a blank line: strict NDJSON readers reject empty lines, while
+        # every reader of this API already switches on "type".
+        return b'{"type":"ping"}\n'
+
+
+FRAMINGS: Final[dict[str, Framing]] = {"sse": SSEFraming(), "ndjson": NDJSONFraming()}

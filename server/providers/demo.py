@@ -1,0 +1,93 @@
+"""The built-in demo model: a simulated reply, streamed token by token, with no API key and no network.
+
+The reply is deterministic (the same prompt gives the same tokens), quotes the prompt so a person sees the round
+trip, and says plainly that it is simulated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncGenerator, Sequence
+
+from ..chat_request import ChatRequest
+from ..events import Delta, Done, Event, Usage
+
+_TOKEN = re.compile(r"\s*\S+|\s+")
+_QUOTE_LIMIT = 200
+_BATCH_AT_FULL_SPEED = 64
+
+_BODY = (
+    "This reply is simulated by llm-relay's built-in demo model: no real model was called and no API key was "
+    "used. It exists so that you can watch a reply arrive token by token, exactly as it would from an "
+    "OpenAI-compatible upstream.\n\n"
+    "Each token you see left the server as its own frame the moment it was produced. In a browser the page "
+    "reads them through EventSource as Server-Sent Events, where every event carries an id and the end of the "
+    "reply is an event named done, so the page can close the connection instead of letting the browser "
+    "reconnect and start a second generation. A fetch client can ask for NDJSON instead and read one JSON "
+    "object per line from the response body.\n\n"
+    "Behind the scenes the relay watches the client's connection while it waits for the model. If you press "
+    "Stop or close the tab, the upstream request is closed within milliseconds, even before the first token, so "
+    "nobody pays for words that nobody will read. A client that stops reading is dropped after the write "
+    "timeout, so it cannot make the server hold an ever-growing buffer, and every event is encoded so that no "
+    "text, however strange, can forge an extra event.\n\n"
+    "To relay a real model, start the server with OPENAI_API_KEY set, and OPENAI_BASE_URL for any "
+    "OpenAI-compatible server such as vLLM, Ollama or DeepSeek. Until then, ask me anything: I will quote your "
+    "question and stream this same explanation again, at a steady pace you can change with --demo-delay."
+)
+
+
+def demo_reply(request: ChatRequest) -> str:
+    """The full text the demo model answers `request` with."""
+    prompt = " ".join(request.last_user_text.split())
+    if len(prompt) > _QUOTE_LIMIT:
+        prompt = prompt[:_QUOTE_LIMIT].rstrip() + "…"
+    turn = sum(1 for m in request.messages if m.role == "user")
+    opening = f"You asked: “{prompt}”"
+    if turn > 1:
+        opening += f" (your message {turn} in this conversation)"
+    return opening + ".\n\n" + _BODY
+
+
+def demo_tokens(request: ChatRequest) -> list[str]:
+    return _TOKEN.findall(demo_reply(request))
+
+
+class DemoProvider:
+    """Streams `demo_reply` at one token per `delay` seconds (0: as fast as the relay takes them)."""
+
+    name = "demo"
+
+    def __init__(self, delay: float = 0.03) -> None:
+        self.delay = delay
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
+        tokens = demo_tokens(request)
+        finish = "stop"
+        if request.max_tokens is not None and len(tokens) > request.max_tokens:
+            tokens = tokens[: request.max_tokens]
+            finish = "length"
+        prompt_tokens = sum(len(_TOKEN.findall(m.content)) for m in request.messages)
+        done = Done(finish, Usage(prompt_tokens, len(tokens), prompt_tokens + len(tokens)))
+        if self.delay <= 0:
+            for start in range(0, len(tokens), _BATCH_AT_FULL_SPEED):
+                yield [Delta(t) for t in tokens[start : start + _BATCH_AT_FULL_SPEED]]
+                await asyncio.sleep(0)
+            yield [done]
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        last = len(tokens) - 1
+        for index, token in enumerate(tokens):
+            # Sleep until the token's due time rather than for a fixed delay, so the pace does not drift
+            # when the loop is busy: a late token is followed by an earlier one.
+            due = started + (index + 1) * self.delay
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            yield [Delta(token), done] if index == last else [Delta(token)]
+        if not tokens:
+            yield [done]
+
+    async def aclose(self) -> None:
+        return None
