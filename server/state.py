@@ -44,10 +44,10 @@ class StreamRegistry:
         if not self._streams:
             self._empty.set()
 
-    async def wait_empty(self, timeout: float) -> bool:
-        """True if every stream ended within `timeout` seconds."""
+    async def wait_empty(self, grace: float) -> bool:
+        """True if every stream ended within `grace` seconds."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(grace):
                 await self._empty.wait()
         except TimeoutError:
             return False
