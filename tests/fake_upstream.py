@@ -1,0 +1,212 @@
+"""A fake OpenAI-compatible upstream on loopback, speaking the real ``chat.completion.chunk`` SSE wire format.
+
+Tests start it, point the real `openai` client at it, pick a `Behavior` (tokens, pace, and a fault), and read
+back what it saw: each request's body and headers, and whether and when the client closed the connection.
+It also runs alone for benchmarks: ``python -m tests.fake_upstream --port 9001 --tokens 200 --delay 0.02``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+FAULTS = (
+    "none",
+    "status",  # answer `status` (with Retry-After when retry_after is set) before streaming
+    "hang_headers",  # never send response headers
+    "reset",  # abort the connection after `fault_after` tokens
+    "malformed",  # a chunk that is not JSON after `fault_after` tokens
+    "stall",  # stop sending after `fault_after` tokens, keep the connection open
+    "no_done",  # end the body after the tokens, without finish_reason or [DONE]
+    "error_chunk",  # an in-stream {"error": ...} object after `fault_after` tokens
+)
+
+
+@dataclass
+class Behavior:
+    tokens: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
+    delay: float = 0.0  # seconds between tokens
+    first_delay: float = 0.0  # seconds before the first token (after the headers)
+    headers_delay: float = 0.0  # seconds before the response headers
+    fault: str = "none"
+    fault_after: int = 0
+    status: int = 500
+    retry_after: str | None = None
+    error_body: dict[str, Any] | None = None
+    usage: bool = True
+    crlf: bool = False  # use CRLF line endings, as some servers do
+
+
+@dataclass
+class Seen:
+    """One request as the upstream saw it."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+    started_at: float
+    closed_by_client_at: float | None = None  # the client went away before we finished
+    completed: bool = False
+    tokens_sent: int = 0
+    client_gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _chunk(content: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "fake-model",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+class FakeUpstream:
+    def __init__(self, behavior: Behavior | None = None) -> None:
+        self.behavior = behavior or Behavior()
+        self.seen: list[Seen] = []
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self._completions)
+        self.app.router.add_get("/v1/models", self._models)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        # handler_cancellation: the handler is cancelled the moment the client's connection closes, which is
+        # exactly the event the tests measure.
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sockets = getattr(server, "sockets", [])
+        bound_port = sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{bound_port}/v1"
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def last(self) -> Seen:
+        return self.seen[-1]
+
+    async def wait_for_request(self, count: int = 1, timeout: float = 5.0) -> Seen:
+        async with asyncio.timeout(timeout):
+            while len(self.seen) < count:
+                await asyncio.sleep(0.002)
+        return self.seen[count - 1]
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen = Seen(body=body, headers=dict(request.headers), started_at=time.monotonic())
+        self.seen.append(seen)
+        b = self.behavior
+        try:
+            return await self._respond(request, seen, b)
+        except (asyncio.CancelledError, ConnectionError):
+            seen.closed_by_client_at = time.monotonic()
+            seen.client_gone.set()
+            raise
+
+    async def _respond(self, request: web.Request, seen: Seen, b: Behavior) -> web.StreamResponse:
+        if b.headers_delay:
+            await asyncio.sleep(b.headers_delay)
+        if b.fault == "hang_headers":
+            await asyncio.sleep(3600)
+        if b.fault == "status":
+            headers = {"Retry-After": b.retry_after} if b.retry_after is not None else {}
+            error = b.error_body or {
+                "error": {"message": "Incorrect API key provided: sk-secret-upstream-key", "type": "invalid_request"}
+            }
+            return web.json_response(error, status=b.status, headers=headers)
+        eol = "\r\n" if b.crlf else "\n"
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+
+        async def send(obj: dict[str, Any] | str) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj)
+            await response.write(f"data: {data}{eol}{eol}".encode())
+
+        await send(_chunk(content="", role=True))
+        if b.first_delay:
+            await asyncio.sleep(b.first_delay)
+        for index, token in enumerate(b.tokens):
+            if index == b.fault_after and b.fault in {"reset", "malformed", "stall", "error_chunk"}:
+                if b.fault == "reset":
+                    assert request.transport is not None
+                    request.transport.abort()
+                    seen.completed = True
+                    return response
+                if b.fault == "malformed":
+                    await response.write(f"data: {{not json{eol}{eol}".encode())
+                elif b.fault == "error_chunk":
+                    await send(
+                        {"error": {"message": "The server had an error (secret detail)", "type": "server_error"}}
+                    )
+                elif b.fault == "stall":
+                    await asyncio.sleep(3600)
+            if index and b.delay:
+                await asyncio.sleep(b.delay)
+            await send(_chunk(content=token))
+            seen.tokens_sent += 1
+        if b.fault != "no_done":
+            await send(_chunk(finish="stop"))
+            if b.usage and seen.body.get("stream_options", {}).get("include_usage"):
+                n = len(b.tokens)
+                await send(
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion.chunk",
+                        "created": 1700000000,
+                        "model": "fake-model",
+                        "choices": [],
+                        "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n},
+                    }
+                )
+            await send("[DONE]")
+        await response.write_eof()
+        seen.completed = True
+        return response
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    tokens = [f" tok{i}" for i in range(args.tokens)]
+    upstream = FakeUpstream(Behavior(tokens=tokens, delay=args.delay))
+    url = await upstream.start(args.host, args.port)
+    print(f"fake upstream at {url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await upstream.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake OpenAI-compatible streaming upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()

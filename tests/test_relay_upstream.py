@@ -1,0 +1,299 @@
+"""The full path: the real `openai` client against a fake OpenAI-compatible upstream, relayed to our clients.
+
+Disconnect tests run the relay with aiohttp's production default ``handler_cancellation=False`` and observe the
+fake upstream: it must see its connection close although the relay never writes to the departed client again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from server.app import create_app, setup
+from server.state import RELAY
+
+from .conftest import ServeApp, upstream_config
+from .fake_upstream import Behavior, FakeUpstream
+from .wire import ndjson_objects, sse_events, sse_text
+
+SECRET = "sk-test-secret-key-0123456789"
+
+
+def _provider_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("llm-relay provider")]
+
+
+async def test_relays_tokens_usage_and_request_fields(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=["Hel", "lo", " wor", "ld", " \n\n", "data: x"])
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.post(
+        f"{base}/api/chat",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "temperature": 0.5},
+        headers={"Accept": "text/event-stream"},
+    ) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    events = sse_events(body)
+    assert sse_text(body) == "Hello world \n\ndata: x"
+    assert events[-1] == (
+        "done",
+        {"finish_reason": "stop", "usage": {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13}},
+        "7",
+    )
+    seen = fake_upstream.last
+    assert seen.body["model"] == "fake-model"
+    assert seen.body["messages"] == [{"role": "user", "content": "hi"}]
+    assert seen.body["stream"] is True
+    assert seen.body["stream_options"] == {"include_usage": True}
+    assert seen.body["max_tokens"] == 50
+    assert seen.body["temperature"] == 0.5
+    assert seen.headers["Authorization"] == f"Bearer {SECRET}"
+    assert seen.completed
+
+
+@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
+async def test_ndjson_relay(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, crlf: bool
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=["a", "b\r\n", "c"], crlf=crlf)
+    base = await serve(create_app(upstream_config(fake_upstream, include_usage=False)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}, headers={"Accept": "application/x-ndjson"}) as r:
+        objects = ndjson_objects(await r.read())
+    assert objects == [
+        {"type": "delta", "content": "a"},
+        {"type": "delta", "content": "b\r\n"},
+        {"type": "delta", "content": "c"},
+        {"type": "done", "finish_reason": "stop"},
+    ]
+    assert "stream_options" not in fake_upstream.last.body
+
+
+@pytest.mark.parametrize(
+    ("behavior", "status", "type_", "retry_after"),
+    [
+        (Behavior(fault="status", status=401), 502, "upstream_error", None),
+        (Behavior(fault="status", status=403), 502, "upstream_error", None),
+        (Behavior(fault="status", status=400), 502, "upstream_error", None),
+        (Behavior(fault="status", status=404), 502, "upstream_error", None),
+        (Behavior(fault="status", status=429, retry_after="7"), 503, "upstream_rate_limited", "7"),
+        (Behavior(fault="status", status=500), 502, "upstream_error", None),
+        (Behavior(fault="status", status=503), 502, "upstream_error", None),
+        (Behavior(fault="malformed", fault_after=0), 502, "upstream_protocol_error", None),
+        (Behavior(fault="no_done", tokens=[]), 502, "upstream_protocol_error", None),
+        (Behavior(fault="error_chunk", fault_after=0), 502, "upstream_error", None),
+        (Behavior(fault="reset", fault_after=0), 502, "upstream_unavailable", None),
+    ],
+    ids=["401", "403", "400", "404", "429", "500", "503", "malformed", "no-done", "error-chunk", "reset"],
+)
+async def test_upstream_failure_before_any_token_is_an_http_error(
+    fake_upstream: FakeUpstream,
+    serve: ServeApp,
+    http: aiohttp.ClientSession,
+    behavior: Behavior,
+    status: int,
+    type_: str,
+    retry_after: str | None,
+) -> None:
+    fake_upstream.behavior = behavior
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == status
+        text = await resp.text()
+        assert resp.headers.get("Retry-After") == retry_after
+    body = await _json(text)
+    assert body["error"]["type"] == type_
+    assert SECRET not in text
+    assert "sk-" not in text
+    assert "secret" not in text
+    assert "Traceback" not in text
+
+
+async def _json(text: str) -> dict[str, dict[str, str]]:
+    import json
+
+    value = json.loads(text)
+    assert isinstance(value, dict)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("fault", "type_", "text"),
+    [
+        ("malformed", "upstream_protocol_error", "one two"),
+        ("error_chunk", "upstream_error", "one two"),
+        ("reset", "upstream_unavailable", "one two"),
+        ("no_done", "upstream_protocol_error", "one two three"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["sse", "ndjson"])
+async def test_upstream_failure_mid_stream_is_an_in_band_error(
+    fake_upstream: FakeUpstream,
+    serve: ServeApp,
+    http: aiohttp.ClientSession,
+    fault: str,
+    type_: str,
+    text: str,
+    fmt: str,
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=["one", " two", " three"], fault=fault, fault_after=2)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": fmt}) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    assert b"secret" not in body
+    assert SECRET.encode() not in body
+    if fmt == "sse":
+        events = sse_events(body)
+        assert sse_text(body) == text
+        assert events[-1][0] == "error"
+        assert events[-1][1]["error"]["type"] == type_
+    else:
+        objects = ndjson_objects(body)
+        assert "".join(o.get("content", "") for o in objects) == text
+        assert [o["type"] for o in objects][-2:] == ["delta", "error"]
+        assert objects[-1]["error"]["type"] == type_
+
+
+async def test_connection_refused_is_502(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    upstream = FakeUpstream()
+    await upstream.start()
+    url = upstream.url
+    await upstream.close()  # nothing listens there any more
+    config = upstream_config(upstream).with_changes(base_url=url)
+    base = await serve(create_app(config))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 502
+        assert (await resp.json())["error"]["type"] == "upstream_unavailable"
+
+
+async def _leave_after(http: aiohttp.ClientSession, url: str, frames: int, fmt: str = "sse") -> None:
+    """Open a stream, read `frames` frames (0: only wait for the upstream to be asked), then drop the connection."""
+    resp = await http.get(url, params={"prompt": "x", "format": fmt})
+    try:
+        for _ in range(frames):
+            await resp.content.readuntil(b"\n\n" if fmt == "sse" else b"\n")
+    finally:
+        resp.close()  # closes the TCP connection without reading the rest
+
+
+@pytest.mark.parametrize(
+    ("behavior", "frames"),
+    [
+        (Behavior(fault="hang_headers"), 0),
+        (Behavior(tokens=["a"] * 5, first_delay=30), 0),
+        (Behavior(tokens=["a", "b", "c"], fault="stall", fault_after=2), 2),
+        (Behavior(tokens=["x"] * 100_000, delay=0.001), 3),
+    ],
+    ids=["before-upstream-headers", "before-first-token", "mid-stream-upstream-quiet", "mid-stream-busy"],
+)
+async def test_client_leaving_closes_the_upstream_without_handler_cancellation(
+    fake_upstream: FakeUpstream, serve: ServeApp, behavior: Behavior, frames: int
+) -> None:
+    fake_upstream.behavior = behavior
+    app = create_app(upstream_config(fake_upstream))
+    base = await serve(app)
+    async with aiohttp.ClientSession() as http:
+        task = asyncio.create_task(_leave_after(http, f"{base}/api/chat", frames))
+        seen = await fake_upstream.wait_for_request()
+        if frames == 0:
+            await asyncio.sleep(0.05)  # the relay is now waiting on the upstream, writing nothing
+            assert not task.done()
+            task.cancel()
+        left_at = time.monotonic()
+        with pytest.raises(asyncio.CancelledError) if frames == 0 else _no_error():
+            await task
+        left_at = left_at if frames == 0 else time.monotonic()
+        # Generous bound for a loaded CI machine; the latency itself is measured by the benchmark.
+        await asyncio.wait_for(seen.client_gone.wait(), 5)
+    assert seen.closed_by_client_at is not None
+    print(f"upstream closed {1000 * (seen.closed_by_client_at - left_at):.1f} ms after the client left")
+    assert not seen.completed
+    state = app[RELAY]
+    async with asyncio.timeout(5):
+        while len(state.streams):
+            await asyncio.sleep(0.005)
+    assert _provider_tasks() == []
+
+
+class _no_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_embedded_in_a_host_app_with_default_handler_cancellation(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    host = web.Application(handler_args={"handler_cancellation": False})
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="host says hi")
+
+    host.router.add_get("/hello", hello)
+    api = setup(host, upstream_config(fake_upstream), prefix="/relay")
+    base = await serve(host)
+
+    async with http.get(f"{base}/hello") as resp:
+        assert await resp.text() == "host says hi"
+    async with http.get(f"{base}/relay/chat", params={"prompt": "x"}) as resp:
+        assert sse_text(await resp.read()) == "Hello, world!"
+    async with http.get(f"{base}/relay/nope") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["type"] == "not_found"
+    async with http.get(f"{base}/nope") as resp:  # the host's own 404 is left alone
+        assert resp.status == 404
+        assert resp.content_type == "text/plain"
+
+    fake_upstream.behavior = Behavior(tokens=["a"] * 5, first_delay=30)
+    task = asyncio.create_task(_leave_after(http, f"{base}/relay/chat", 0))
+    seen = await fake_upstream.wait_for_request(2)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(seen.client_gone.wait(), 5)
+    async with asyncio.timeout(5):
+        while len(api[RELAY].streams):
+            await asyncio.sleep(0.005)
+
+
+async def test_no_generator_or_task_survives_many_disconnects(fake_upstream: FakeUpstream, serve: ServeApp) -> None:
+    fake_upstream.behavior = Behavior(tokens=["tok"] * 10_000, delay=0.002)
+    app = create_app(upstream_config(fake_upstream))
+    base = await serve(app)
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(_leave_after(http, f"{base}/api/chat", 2 + i % 3) for i in range(20)))
+        async with asyncio.timeout(5):
+            while not all(s.client_gone.is_set() for s in fake_upstream.seen):
+                await asyncio.sleep(0.005)
+    assert len(fake_upstream.seen) == 20
+    async with asyncio.timeout(5):
+        while len(app[RELAY].streams):
+            await asyncio.sleep(0.005)
+    assert _provider_tasks() == []
+    # Without a GC pass, no provider generator may still be alive (a leaked frame would hold one).
+    alive = [o for o in gc.get_objects() if type(o).__name__ == "async_generator" and "stream" in repr(o)]
+    assert not [g for g in alive if getattr(g, "ag_frame", None) is not None and "openai_compat" in repr(g.ag_code)]
+
+
+async def test_api_key_never_reaches_the_client(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(fault="status", status=401)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    for fmt in ("sse", "ndjson"):
+        async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": fmt}) as resp:
+            raw = await resp.read()
+            assert SECRET.encode() not in raw
+            assert SECRET not in str(resp.headers)
+    async with http.get(f"{base}/healthz") as resp:
+        assert SECRET not in await resp.text()
