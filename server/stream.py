@@ -181,6 +181,7 @@ class RelayStream:
         self._response: web.StreamResponse | None = None
         self._client_gone = False
         self._shutdown = False
+        self._high_water = 0
 
     # -- the provider task ------------------------------------------------------------------------------------
 
@@ -380,6 +381,8 @@ class RelayStream:
         # HTTP/1.0 client gets a body delimited by the connection's close.
         await response.prepare(request)
         self._response = response
+        if request.transport is not None:
+            self._high_water = request.transport.get_write_buffer_limits()[1]
         return response
 
     async def _write(self, request: web.Request, data: bytes) -> bool:
@@ -387,8 +390,9 @@ class RelayStream:
         try:
             response = self._response or await self._prepare(request)
             transport = request.transport
-            if transport is not None and transport.get_write_buffer_size() == 0:
-                # The kernel took everything so far: this write cannot wait on drain, no timer needed.
+            if transport is not None and transport.get_write_buffer_size() + len(data) < self._high_water:
+                # Below the transport's high-water mark the protocol cannot be paused, so this write cannot
+                # wait on drain: no timer needed on the hot path.
                 await response.write(data)
             elif self.settings.write_timeout:
                 async with asyncio.timeout(self.settings.write_timeout):

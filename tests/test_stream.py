@@ -1,0 +1,255 @@
+"""The stream's clocks and policies, driven by a provider the test controls: flush policy, heartbeats,
+timeouts, slow readers, shutdown, and disconnects under uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+
+import aiohttp
+import pytest
+import uvloop
+from aiohttp import web
+
+from server.app import create_app, create_relay_app
+from server.chat_request import ChatRequest
+from server.config import Config
+from server.events import Delta, Done, Event
+from server.state import RELAY
+
+from .conftest import ServeApp, upstream_config
+from .fake_upstream import Behavior, FakeUpstream
+from .wire import ndjson_objects, sse_events
+
+BASE = Config(provider="demo", limits_enabled=False, heartbeat=0.0)
+
+
+class ScriptedProvider:
+    """Yields exactly the batches the test puts in its queue; `None` ends the stream."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.batches: asyncio.Queue[Sequence[Event] | None] = asyncio.Queue()
+        self.started = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
+        self.started.set()
+        try:
+            while (batch := await self.batches.get()) is not None:
+                yield batch
+        finally:
+            self.closed.set()
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def _serve_scripted(serve: ServeApp, config: Config) -> tuple[str, ScriptedProvider, web.Application]:
+    provider = ScriptedProvider()
+    host = web.Application()
+    api = create_relay_app(config, provider=provider)
+    host.add_subapp("/api", api)
+    return await serve(host), provider, api
+
+
+async def _read_some(resp: aiohttp.ClientResponse, timeout: float) -> bytes:
+    """Whatever arrives within `timeout` seconds (b"" if nothing)."""
+    try:
+        return await asyncio.wait_for(resp.content.readany(), timeout)
+    except TimeoutError:
+        return b""
+
+
+async def test_immediate_policy_writes_each_frame_while_the_provider_still_works(
+    serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    base, provider, _ = await _serve_scripted(serve, BASE)
+    request = asyncio.create_task(http.get(f"{base}/api/chat", params={"prompt": "x"}))
+    await provider.started.wait()
+    await provider.batches.put([Delta("first")])
+    resp = await request
+    # The provider has produced nothing more, yet the frame is already on the wire.
+    assert await _read_some(resp, 5) == b'id: 1\ndata: {"content":"first"}\n\n'
+    await provider.batches.put([Delta("second")])
+    assert await _read_some(resp, 5) == b'id: 2\ndata: {"content":"second"}\n\n'
+    await provider.batches.put([Done("stop")])
+    assert await resp.content.read() == b'id: 3\nevent: done\ndata: {"finish_reason":"stop"}\n\n'
+    resp.close()
+
+
+async def test_frames_already_waiting_go_out_in_one_write(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    base, provider, _ = await _serve_scripted(serve, BASE.with_changes())
+    await provider.batches.put([Delta("a"), Delta("b"), Delta("c")])
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}) as resp:
+        chunk = await _read_some(resp, 5)
+        assert (
+            chunk == b'{"type":"delta","content":"a"}\n{"type":"delta","content":"b"}\n{"type":"delta","content":"c"}\n'
+        )
+        await provider.batches.put(None)
+        await resp.read()
+
+
+async def test_flush_window_holds_frames_until_the_window_ends(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    base, provider, _ = await _serve_scripted(serve, BASE.with_changes(flush_window=0.4))
+    request = asyncio.create_task(http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}))
+    await provider.started.wait()
+    await provider.batches.put([Delta("a")])
+    await asyncio.sleep(0.05)
+    await provider.batches.put([Delta("b")])
+    resp = await request  # headers go with the first write: after the window
+    chunk = await _read_some(resp, 5)
+    assert chunk == b'{"type":"delta","content":"a"}\n{"type":"delta","content":"b"}\n'
+    await provider.batches.put([Done("stop")])
+    assert ndjson_objects(await resp.content.read())[-1]["type"] == "done"  # terminal frames are never held
+    resp.close()
+
+
+async def test_flush_bytes_releases_held_frames_early(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    base, provider, _ = await _serve_scripted(serve, BASE.with_changes(flush_window=30, flush_bytes=40))
+    request = asyncio.create_task(http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}))
+    await provider.started.wait()
+    await provider.batches.put([Delta("a")])  # 31 bytes: held
+    await asyncio.sleep(0.1)
+    assert not request.done()
+    await provider.batches.put([Delta("b")])  # 62 bytes: over the threshold, written at once
+    resp = await asyncio.wait_for(request, 5)
+    assert await _read_some(resp, 5) == b'{"type":"delta","content":"a"}\n{"type":"delta","content":"b"}\n'
+    await provider.batches.put(None)
+    resp.close()
+
+
+async def test_sse_heartbeats_start_before_the_first_token(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    base, provider, _ = await _serve_scripted(serve, BASE.with_changes(heartbeat=0.05))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 200  # the first heartbeat sent the headers
+        assert await resp.content.readuntil(b"\n\n") == b": ping\n\n"
+        assert await resp.content.readuntil(b"\n\n") == b": ping\n\n"
+        await provider.batches.put([Delta("hi"), Done("stop")])
+        body = await resp.read()
+    assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
+
+
+@pytest.mark.parametrize("keepalive", [False, True], ids=["off-by-default", "on"])
+async def test_ndjson_keepalive(serve: ServeApp, http: aiohttp.ClientSession, keepalive: bool) -> None:
+    config = BASE.with_changes(heartbeat=0.05, ndjson_keepalive=keepalive)
+    base, provider, _ = await _serve_scripted(serve, config)
+    request = asyncio.create_task(http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}))
+    await provider.started.wait()
+    await asyncio.sleep(0.2)
+    await provider.batches.put([Delta("hi"), Done("stop")])
+    async with await request as resp:
+        objects = ndjson_objects(await resp.read())
+    pings = [o for o in objects if o["type"] == "ping"]
+    assert bool(pings) == keepalive
+    assert [o["type"] for o in objects if o["type"] != "ping"] == ["delta", "done"]
+
+
+async def test_first_token_timeout_before_anything_was_sent_is_504(
+    serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    base, provider, api = await _serve_scripted(serve, BASE.with_changes(first_token_timeout=0.1))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"]["type"] == "timeout"
+    await asyncio.wait_for(provider.closed.wait(), 5)
+
+
+async def test_idle_timeout_mid_stream_is_an_in_band_error_and_closes_the_upstream(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=["a", "b", "c"], fault="stall", fault_after=2)
+    base = await serve(create_app(upstream_config(fake_upstream, idle_timeout=0.2)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        events = sse_events(await resp.read())
+    assert [kind for kind, _, _ in events] == ["message", "message", "error"]
+    assert events[-1][1]["error"]["type"] == "timeout"
+    await asyncio.wait_for(fake_upstream.last.client_gone.wait(), 5)
+
+
+async def test_total_timeout(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    config = Config(provider="demo", demo_delay=0.02, limits_enabled=False, heartbeat=0.0, total_timeout=0.3)
+    async with http.get(f"{await serve(create_app(config))}/api/chat", params={"prompt": "x"}) as resp:
+        events = sse_events(await resp.read())
+    assert 3 < len(events) < 100
+    assert events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "timeout"
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_others_keep_streaming(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    # 64 MB of tokens: far more than loopback socket buffers hold, so writes to a non-reader must block.
+    fake_upstream.behavior = Behavior(tokens=["x" * 16_000] * 4_000)
+    app = create_app(upstream_config(fake_upstream, write_timeout=0.3))
+    base = await serve(app)
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    stalled = await fake_upstream.wait_for_request()
+    # While that client reads nothing, another one is served in full.
+    fake_upstream.behavior = Behavior(tokens=["ok"])
+    async with http.get(f"{base}/api/chat", params={"prompt": "y"}) as resp:
+        assert sse_events(await resp.read())[-1][0] == "done"
+    await asyncio.wait_for(stalled.client_gone.wait(), 10)
+    assert not stalled.completed
+    state = app[RELAY]
+    await asyncio.wait_for(state.streams.wait_empty(5), 6)
+    # The server aborted the connection: the reader sees the end after a bounded amount of data.
+    received = 0
+    while chunk := await asyncio.wait_for(reader.read(1 << 16), 5):
+        received += len(chunk)
+    assert received < 16_000 * 4_000
+    writer.close()
+    await writer.wait_closed()
+
+
+async def test_shutdown_ends_open_streams_in_band_with_a_retry_hint(serve: ServeApp) -> None:
+    config = Config(provider="demo", demo_delay=0.05, limits_enabled=False, heartbeat=0.0, shutdown_grace=2.0)
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    async with aiohttp.ClientSession() as http:
+        sse = await http.get(f"http://{host}:{port}/api/chat", params={"prompt": "x"})
+        ndjson = await http.get(f"http://{host}:{port}/api/chat", params={"prompt": "x", "format": "ndjson"})
+        await sse.content.readuntil(b"\n\n")
+        await ndjson.content.readline()
+        await runner.cleanup()
+        sse_body = await sse.read()
+        ndjson_body = await ndjson.read()
+    assert b"retry: 3000\n\n" in sse_body
+    assert sse_events(sse_body)[-1][1]["error"]["type"] == "server_shutdown"
+    assert ndjson_objects(ndjson_body)[-1]["error"]["type"] == "server_shutdown"
+    assert len(app[RELAY].streams) == 0
+
+
+def test_disconnect_is_seen_under_uvloop_too() -> None:
+    async def scenario() -> float:
+        upstream = FakeUpstream(Behavior(tokens=["a"], first_delay=30))
+        await upstream.start()
+        app = create_app(upstream_config(upstream))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        try:
+            async with aiohttp.ClientSession() as http:
+                task = asyncio.create_task(http.get(f"http://{host}:{port}/api/chat", params={"prompt": "x"}))
+                seen = await upstream.wait_for_request()
+                await asyncio.sleep(0.05)
+                task.cancel()
+                await asyncio.wait_for(seen.client_gone.wait(), 5)
+                assert not seen.completed
+                await app[RELAY].streams.wait_empty(5)
+                return len(app[RELAY].streams)
+        finally:
+            await runner.cleanup()
+            await upstream.close()
+
+    assert uvloop.run(scenario()) == 0
