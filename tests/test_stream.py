@@ -149,7 +149,7 @@ async def test_ndjson_keepalive(serve: ServeApp, http: aiohttp.ClientSession, ke
 async def test_first_token_timeout_before_anything_was_sent_is_504(
     serve: ServeApp, http: aiohttp.ClientSession
 ) -> None:
-    base, provider, api = await _serve_scripted(serve, BASE.with_changes(first_token_timeout=0.1))
+    base, provider, _ = await _serve_scripted(serve, BASE.with_changes(first_token_timeout=0.1))
     async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
         assert resp.status == 504
         assert (await resp.json())["error"]["type"] == "timeout"
