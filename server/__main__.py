@@ -37,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=config.host,
         port=config.port,
         shutdown_timeout=config.shutdown_grace,
+        reuse_port=config.reuse_port or None,
         access_log=None,
         print=None,
     )

@@ -48,6 +48,7 @@ class Config:
     shutdown_grace: float = 5.0
     reconnect_hint_ms: int = 3000
     use_uvloop: bool = True
+    reuse_port: bool = False
     # Admission control (see server/limits.py): a per-client token bucket and concurrency caps.
     rate: str = "2/s"
     burst: int = 20
@@ -176,6 +177,7 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max-message-chars", "longest message, in characters", _non_negative(int)),
     _Option("shutdown-grace", "seconds open streams get to finish on shutdown", _non_negative(float)),
     _Option("uvloop", "use uvloop when it is installed", _bool, field="use_uvloop"),
+    _Option("reuse-port", "listen with SO_REUSEPORT, so several processes can share the port", _bool),
     _Option("rate", "requests a client may start per time, e.g. 2/s or 30/m"),
     _Option("burst", "requests a client may start at once before the rate applies", _non_negative(int)),
     _Option("max-streams-per-client", "concurrent streams per client", _non_negative(int)),
@@ -205,7 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m server",
         description="llm-relay: stream chat completions to browsers (SSE) and fetch clients (NDJSON).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = Config()
     for option in _OPTIONS:
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=option.parse,
             action="append" if option.repeatable else "store",
             choices=option.choices,
+            metavar=None if option.choices else option.name.upper().replace("-", "_"),
             default=None,
             help=f"{option.help} [env {envs}; default {shown}]",
         )

@@ -64,6 +64,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
     """``GET /chat?prompt=...`` (EventSource) and ``POST /chat`` with a JSON body (fetch)."""
     state = request.app[RELAY]
     extra_headers: dict[str, str] = {}
+    if request.method == hdrs.METH_GET and hdrs.LAST_EVENT_ID in request.headers:
+        # Only a reconnecting EventSource sends Last-Event-ID. Starting the generation again would pay for a
+        # second reply; 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3), so the browser gives up.
+        return web.Response(status=204, headers={"Cache-Control": "no-store"})
     try:
         check_origin(request, state.cors_origins)
         framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]

@@ -12,6 +12,7 @@ from server.app import create_app
 from server.chat_request import ChatRequest, Message
 from server.config import Config
 from server.providers.demo import demo_reply, demo_tokens
+from server.state import RELAY
 
 from .conftest import ServeApp
 from .wire import ndjson_objects, ndjson_text, sse_events, sse_text
@@ -220,3 +221,19 @@ async def test_unicode_round_trip(base: str, http: aiohttp.ClientSession) -> Non
     body.decode("utf-8")  # strict
     assert prompt.replace("\u2028", " ").split()[0] in sse_text(body)
     assert "🙂" in body.decode()  # sent as UTF-8, not as \u escapes
+
+
+async def test_a_reconnecting_event_source_gets_204_and_no_second_generation(
+    serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    app = create_app(FAST)
+    base = await serve(app)
+    async with http.get(f"{base}/api/chat", params={"prompt": "hi"}) as resp:
+        events = sse_events(await resp.read())
+    finished = app[RELAY].streams.finished
+    async with http.get(
+        f"{base}/api/chat", params={"prompt": "hi"}, headers={"Last-Event-ID": events[-1][2] or ""}
+    ) as resp:
+        assert resp.status == 204
+        assert await resp.read() == b""
+    assert app[RELAY].streams.finished == finished  # no stream was started
