@@ -38,8 +38,9 @@ test: lint typecheck unit js-test
 bench: setup
 	$(PY) -m bench $(ARGS)
 
+# SOAK_SECONDS=120 by default; -s shows the figures.
 soak: setup
-	$(PY) -m pytest -m soak tests/soak $(PYTEST_ARGS)
+	$(PY) -m pytest -m soak -s tests/soak $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

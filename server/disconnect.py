@@ -13,6 +13,7 @@ original protocol is put back when the stream ends so keep-alive goes on as befo
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -50,9 +51,34 @@ class _DisconnectTap(asyncio.Protocol):
                 on_lost()
 
 
+def _set_user_timeout(transport: asyncio.BaseTransport, milliseconds: int) -> int | None:
+    """Set TCP_USER_TIMEOUT (Linux, RFC 5482); returns the previous value, or None where unsupported.
+
+    A peer that vanished without FIN or RST (a phone leaving wifi) never acknowledges what we send; with this
+    option the kernel aborts the connection once sent data has waited unacknowledged that long, which reaches us
+    as ``connection_lost``. Without it the kernel retransmits for about 15 minutes, and a stream that only sends
+    heartbeats never fills its buffer enough for the write timeout to fire.
+    """
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    sock = transport.get_extra_info("socket")
+    if option is None or sock is None:
+        return None
+    try:
+        previous = int(sock.getsockopt(socket.IPPROTO_TCP, option))
+        sock.setsockopt(socket.IPPROTO_TCP, option, milliseconds)
+    except (OSError, AttributeError):  # not TCP (a Unix socket), or a transport without socket options
+        return None
+    return previous
+
+
 @contextmanager
-def watch_disconnect(request: web.BaseRequest, on_lost: Callable[[], None]) -> Iterator[None]:
-    """Call `on_lost` (once, from the event loop) if the client's connection closes inside this block."""
+def watch_disconnect(
+    request: web.BaseRequest, on_lost: Callable[[], None], *, user_timeout: float = 0.0
+) -> Iterator[None]:
+    """Call `on_lost` (once, from the event loop) if the client's connection closes inside this block.
+
+    With `user_timeout` (seconds), a peer that stops acknowledging data for that long is treated as gone too.
+    """
     transport = request.transport
     if transport is None or transport.is_closing():
         on_lost()
@@ -63,8 +89,11 @@ def watch_disconnect(request: web.BaseRequest, on_lost: Callable[[], None]) -> I
         raise RuntimeError("cannot watch a connection whose protocol is not an asyncio.Protocol")
     tap = _DisconnectTap(inner, on_lost)
     transport.set_protocol(tap)
+    previous_timeout = _set_user_timeout(transport, int(user_timeout * 1000)) if user_timeout > 0 else None
     try:
         yield
     finally:
         if transport.get_protocol() is tap:
             transport.set_protocol(inner)
+        if previous_timeout is not None and not transport.is_closing():
+            _set_user_timeout(transport, previous_timeout)

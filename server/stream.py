@@ -34,7 +34,10 @@ from .providers.base import Provider
 
 log = logging.getLogger("llm_relay.stream")
 
-CHANNEL_CAPACITY = 1024  # events held for a slow consumer before the provider task waits
+# What a stream may hold for a slow consumer before its provider task waits (and so stops reading the upstream):
+# the memory a client that stopped reading can cost us, on top of the transport's high-water mark.
+CHANNEL_CAPACITY = 1024  # events
+CHANNEL_CAPACITY_CHARS = 64 * 1024  # characters of content
 PRODUCER_DRAIN_GRACE = 0.5  # after the end, time for the provider to read the upstream body to its end
 
 
@@ -65,10 +68,11 @@ class InternalError(RelayError):
 class _Channel:
     """Provider → consumer hand-over: batches in, everything-so-far out, one waiter on each side."""
 
-    __slots__ = ("_consumer_waiter", "_events", "_producer_waiter", "closed", "failure")
+    __slots__ = ("_chars", "_consumer_waiter", "_events", "_producer_waiter", "closed", "failure")
 
     def __init__(self) -> None:
         self._events: deque[Event] = deque()
+        self._chars = 0
         self._consumer_waiter: asyncio.Future[None] | None = None
         self._producer_waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -81,8 +85,11 @@ class _Channel:
 
     async def put(self, batch: Sequence[Event]) -> None:
         self._events.extend(batch)
+        for event in batch:
+            if isinstance(event, Delta):
+                self._chars += len(event.content)
         self._wake_consumer()
-        while len(self._events) >= CHANNEL_CAPACITY and not self.closed:
+        while (len(self._events) >= CHANNEL_CAPACITY or self._chars >= CHANNEL_CAPACITY_CHARS) and not self.closed:
             self._producer_waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._producer_waiter
@@ -102,6 +109,7 @@ class _Channel:
     def take(self) -> list[Event]:
         events = list(self._events)
         self._events.clear()
+        self._chars = 0
         waiter = self._producer_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -223,7 +231,7 @@ class RelayStream:
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        with watch_disconnect(request, self._on_client_lost):
+        with watch_disconnect(request, self._on_client_lost, user_timeout=self.settings.write_timeout):
             self._producer = loop.create_task(self._produce(), name=f"llm-relay provider {self.id}")
             try:
                 return await self._consume(request, loop)

@@ -11,8 +11,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -42,6 +43,7 @@ class Behavior:
     error_body: dict[str, Any] | None = None
     usage: bool = True
     crlf: bool = False  # use CRLF line endings, as some servers do
+    chaos: float = 0.0  # the share of requests that get a random fault instead (soak tests)
 
 
 @dataclass
@@ -72,6 +74,16 @@ def _chunk(content: str | None = None, finish: str | None = None, role: bool = F
     }
 
 
+def _random_fault(behavior: Behavior, rng: random.Random) -> Behavior:
+    fault = rng.choice(["status", "reset", "malformed", "stall", "no_done", "error_chunk", "hang_headers"])
+    return replace(
+        behavior,
+        fault=fault,
+        fault_after=rng.randrange(max(1, len(behavior.tokens))),
+        status=rng.choice([400, 401, 404, 429, 500, 503]),
+    )
+
+
 class FakeUpstream:
     def __init__(self, behavior: Behavior | None = None) -> None:
         self.behavior = behavior or Behavior()
@@ -80,6 +92,7 @@ class FakeUpstream:
         self.app.router.add_post("/v1/chat/completions", self._completions)
         self.app.router.add_get("/v1/models", self._models)
         self._runner: web.AppRunner | None = None
+        self._random = random.Random(1234)
         self.url = ""
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -118,6 +131,8 @@ class FakeUpstream:
         seen = Seen(body=body, headers=dict(request.headers), started_at=time.monotonic())
         self.seen.append(seen)
         b = self.behavior
+        if b.chaos and self._random.random() < b.chaos:
+            b = _random_fault(b, self._random)
         try:
             return await self._respond(request, seen, b)
         except (asyncio.CancelledError, ConnectionError):
@@ -188,7 +203,7 @@ class FakeUpstream:
 
 async def _serve(args: argparse.Namespace) -> None:
     tokens = [f" tok{i}" for i in range(args.tokens)]
-    upstream = FakeUpstream(Behavior(tokens=tokens, delay=args.delay))
+    upstream = FakeUpstream(Behavior(tokens=tokens, delay=args.delay, chaos=args.chaos))
     url = await upstream.start(args.host, args.port)
     print(f"fake upstream at {url}", flush=True)
     try:
@@ -203,6 +218,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9001)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--chaos", type=float, default=0.0, help="share of requests that get a random fault")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))

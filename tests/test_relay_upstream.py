@@ -297,3 +297,31 @@ async def test_api_key_never_reaches_the_client(
             assert SECRET not in str(resp.headers)
     async with http.get(f"{base}/healthz") as resp:
         assert SECRET not in await resp.text()
+
+
+async def test_dns_failure_is_502(serve: ServeApp, http: aiohttp.ClientSession, fake_upstream: FakeUpstream) -> None:
+    config = upstream_config(fake_upstream, base_url="http://upstream.invalid/v1")
+    base = await serve(create_app(config))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_unavailable"
+    assert "invalid" not in body["error"]["message"]  # no internal detail
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_the_openai_client_retries_only_before_the_first_byte(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, status: int
+) -> None:
+    fake_upstream.behavior = Behavior(fault="status", status=status, retry_after="0")
+    base = await serve(create_app(upstream_config(fake_upstream, upstream_max_retries=2)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status in (502, 503)
+        await resp.read()
+    assert len(fake_upstream.seen) == 3  # the first try and two retries
+
+    fake_upstream.seen.clear()
+    fake_upstream.behavior = Behavior(tokens=["a", "b", "c"], fault="reset", fault_after=2)
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert sse_events(await resp.read())[-1][1]["error"]["type"] == "upstream_unavailable"
+    assert len(fake_upstream.seen) == 1  # tokens were relayed: never retried

@@ -4,7 +4,8 @@ timeouts, slow readers, shutdown, and disconnects under uvloop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+import socket
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
 import aiohttp
 import pytest
@@ -22,6 +23,7 @@ from .fake_upstream import Behavior, FakeUpstream
 from .wire import ndjson_objects, sse_events
 
 BASE = Config(provider="demo", limits_enabled=False, heartbeat=0.0)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ScriptedProvider:
@@ -253,3 +255,32 @@ def test_disconnect_is_seen_under_uvloop_too() -> None:
             await upstream.close()
 
     assert uvloop.run(scenario()) == 0
+
+
+async def test_half_open_peers_are_bounded_by_tcp_user_timeout(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    transports: list[asyncio.Transport] = []
+
+    @web.middleware
+    async def remember_transport(request: web.Request, handler: Handler) -> web.StreamResponse:
+        assert request.transport is not None
+        transports.append(request.transport)  # type: ignore[arg-type]
+        return await handler(request)
+
+    provider = ScriptedProvider()
+    host = web.Application(middlewares=[remember_transport])
+    api = create_relay_app(BASE.with_changes(write_timeout=7.5), provider=provider)
+    host.add_subapp("/api", api)
+    base = await serve(host)
+
+    def user_timeout() -> int:
+        sock = transports[0].get_extra_info("socket")
+        return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+
+    request = asyncio.create_task(http.get(f"{base}/api/chat", params={"prompt": "x"}))
+    await provider.started.wait()
+    assert user_timeout() == 7500  # while the stream runs
+    await provider.batches.put([Delta("x"), Done("stop")])
+    async with await request as resp:
+        await resp.read()
+    assert await api[RELAY].streams.wait_empty(5)
+    assert user_timeout() == 0  # the keep-alive connection gets its old setting back

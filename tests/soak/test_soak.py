@@ -1,0 +1,255 @@
+"""Soak and slow-reader runs (``make soak``; not part of the fast suite).
+
+Each starts the fake upstream and the relay as separate processes on loopback, drives them for a while and checks
+that nothing is left behind: zero open streams, no leaked file descriptors, memory back near its start. The figures
+are printed (run with ``-s``) for the README. ``SOAK_SECONDS`` sets the soak's length (default 120).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+pytestmark = pytest.mark.soak
+
+ROOT = Path(__file__).resolve().parents[2]
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _wait_healthy(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} did not come up")
+
+
+async def _open_streams(base: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/healthz") as resp:
+        return int((await resp.json())["open_streams"])
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _relay_args(port: int, upstream_port: int, *extra: str) -> list[str]:
+    return [
+        "-m", "server", "--port", str(port), "--provider", "openai",
+        "--base-url", f"http://127.0.0.1:{upstream_port}/v1", "--api-key", "soak", "--model", "fake-model",
+        "--limits", "false", "--upstream-max-retries", "0", *extra,
+    ]  # fmt: skip
+
+
+async def _normal(http: aiohttp.ClientSession, url: str, fmt: str) -> str:
+    async with http.get(url, params={"prompt": "soak", "format": fmt}) as resp:
+        await resp.read()
+        return f"status-{resp.status}"
+
+
+async def _leave(http: aiohttp.ClientSession, url: str, rng: random.Random) -> str:
+    resp = await http.get(url, params={"prompt": "soak"})
+    try:
+        for _ in range(rng.randrange(1, 30)):
+            await resp.content.readuntil(b"\n\n")
+    except (aiohttp.ClientError, asyncio.IncompleteReadError, ValueError):
+        pass
+    finally:
+        resp.close()
+    return "left"
+
+
+async def _slow(host: str, port: int, hold: float) -> str:
+    _, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /api/chat?prompt=soak&format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(hold)  # read nothing
+    writer.close()
+    await writer.wait_closed()
+    return "slow"
+
+
+def test_soak_leaves_nothing_behind(processes: list[subprocess.Popen[bytes]]) -> None:
+    upstream_port, port = _free_port(), _free_port()
+    processes.append(
+        _start(["-m", "tests.fake_upstream", "--port", str(upstream_port), "--tokens", "300", "--delay", "0.005",
+                "--chaos", "0.2"])
+    )  # fmt: skip
+    relay = _start(
+        _relay_args(port, upstream_port, "--write-timeout", "1", "--idle-timeout", "2", "--first-token-timeout", "2",
+                    "--heartbeat", "0.5")
+    )  # fmt: skip
+    processes.append(relay)
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/api/chat"
+
+    async def run() -> dict[str, object]:
+        await _wait_healthy(f"{base}/healthz")
+        await _wait_healthy(f"http://127.0.0.1:{upstream_port}/v1/models")
+        outcomes: Counter[str] = Counter()
+        rng = random.Random(7)
+        deadline = time.monotonic() + SOAK_SECONDS
+
+        async def worker(http: aiohttp.ClientSession) -> None:
+            while time.monotonic() < deadline:
+                kind = rng.random()
+                try:
+                    if kind < 0.5:
+                        outcomes[await _normal(http, url, rng.choice(["sse", "ndjson"]))] += 1
+                    elif kind < 0.85:
+                        outcomes[await _leave(http, url, rng)] += 1
+                    else:
+                        outcomes[await _slow("127.0.0.1", port, rng.uniform(0.2, 3))] += 1
+                except (aiohttp.ClientError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                    outcomes[type(exc).__name__] += 1
+
+        # Warm up, then take the baseline the end is compared with.
+        async with aiohttp.ClientSession() as http:
+            for _ in range(20):
+                await _normal(http, url, "sse")
+        baseline_rss, baseline_fds = _rss_kib(relay.pid), _fds(relay.pid)
+        peak_rss = baseline_rss
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            workers = [asyncio.create_task(worker(http)) for _ in range(150)]
+            while not all(w.done() for w in workers):
+                peak_rss = max(peak_rss, _rss_kib(relay.pid))
+                await asyncio.sleep(0.5)
+            await asyncio.gather(*workers)
+        async with asyncio.timeout(15):
+            while await _open_streams(base):
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # keep-alive connections of the finished session close
+        return {
+            "outcomes": dict(outcomes),
+            "requests": sum(outcomes.values()),
+            "baseline_rss_kib": baseline_rss,
+            "peak_rss_kib": peak_rss,
+            "end_rss_kib": _rss_kib(relay.pid),
+            "baseline_fds": baseline_fds,
+            "end_fds": _fds(relay.pid),
+            "relay_cpu_s": _cpu_seconds(relay.pid),
+        }
+
+    figures = asyncio.run(run())
+    print(f"\nsoak {SOAK_SECONDS:.0f} s: {figures}")
+    assert figures["requests"] > 100  # type: ignore[operator]
+    assert figures["end_fds"] <= figures["baseline_fds"] + 2  # type: ignore[operator]
+    # "Back near its start": allocator arenas keep some of the peak, but not the load's working set.
+    assert (
+        figures["end_rss_kib"]
+        < figures["baseline_rss_kib"]
+        + 0.5
+        * (  # type: ignore[operator]
+            figures["peak_rss_kib"] - figures["baseline_rss_kib"]  # type: ignore[operator]
+        )
+        + 16_384
+    )
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(15) == 0
+    stderr = relay.stderr.read().decode() if relay.stderr else ""
+    assert "Traceback" not in stderr, stderr[-3000:]
+
+
+def test_a_thousand_clients_that_never_read(processes: list[subprocess.Popen[bytes]]) -> None:
+    """1000 clients that stop reading cost bounded memory, and clients that do read are not slowed."""
+    upstream_port, port = _free_port(), _free_port()
+    # 600 tokens of 500 bytes: 300 kB per stream, more than loopback socket buffers absorb at first.
+    processes.append(_start(["-m", "tests.fake_upstream", "--port", str(upstream_port), "--tokens", "600"]))
+    relay = _start(_relay_args(port, upstream_port, "--write-timeout", "10", "--heartbeat", "0"))
+    processes.append(relay)
+    base = f"http://127.0.0.1:{port}"
+
+    async def paced_reader_lag(http: aiohttp.ClientSession) -> float:
+        """Seconds from request to done for a normal reader."""
+        started = time.monotonic()
+        async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+            await resp.read()
+        return time.monotonic() - started
+
+    async def run() -> dict[str, float]:
+        await _wait_healthy(f"{base}/healthz")
+        await _wait_healthy(f"http://127.0.0.1:{upstream_port}/v1/models")
+        async with aiohttp.ClientSession() as http:
+            alone = [await paced_reader_lag(http) for _ in range(10)]
+        baseline = _rss_kib(relay.pid)
+        sockets = []
+        for _ in range(1000):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+            sockets.append((reader, writer))
+        async with asyncio.timeout(60):
+            while await _open_streams(base) < 1000:
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(2)  # every stalled stream has filled its buffers by now
+        stalled = _rss_kib(relay.pid)
+        async with aiohttp.ClientSession() as http:
+            loaded = [await paced_reader_lag(http) for _ in range(10)]
+        for _, writer in sockets:
+            writer.close()
+        async with asyncio.timeout(30):
+            while await _open_streams(base):
+                await asyncio.sleep(0.2)
+        return {
+            "rss_per_stalled_client_kib": (stalled - baseline) / 1000,
+            "reader_ms_alone_median": 1000 * statistics.median(alone),
+            "reader_ms_with_1000_stalled_median": 1000 * statistics.median(loaded),
+        }
+
+    figures = asyncio.run(run())
+    print(f"\nslow readers: {figures}")
+    assert figures["rss_per_stalled_client_kib"] < 512
