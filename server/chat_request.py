@@ -9,7 +9,6 @@ what to change.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -95,9 +94,8 @@ def _query_number(query: Mapping[str, str], name: str) -> int | float | None:
 def _temperature(value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RequestError("temperature must be a number from 0 to 2")
-    if not 0.0 <= value <= 2.0:
+    # Compare before converting: float(10**400) overflows, and NaN fails every comparison.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 2:
         raise RequestError("temperature must be a number from 0 to 2")
     return float(value)
 
@@ -122,7 +120,7 @@ def _messages(value: object, rules: RequestRules) -> tuple[Message, ...]:
         if not isinstance(item, dict):
             raise RequestError(f"messages[{index}] must be an object with role and content")
         role = item.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise RequestError(f"messages[{index}].role must be one of: {', '.join(sorted(ROLES))}")
         content = _check_text(item.get("content"), f"messages[{index}].content", rules)
         total += len(content)
@@ -150,8 +148,9 @@ def from_query(query: Mapping[str, str], rules: RequestRules) -> ChatRequest:
 def from_json_body(body: bytes, rules: RequestRules) -> ChatRequest:
     """The request of ``POST /api/chat`` with a JSON body."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        # Decode strictly ourselves: json.loads(bytes) sniffs UTF-16/32 and passes encoded surrogates through.
+        data = json.loads(body.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError, and int()'s 4300-digit limit
         raise RequestError("the body is not valid JSON") from None
     except RecursionError:
         raise RequestError("the body is nested too deeply") from None

@@ -89,12 +89,22 @@ def _bool(text: str) -> bool:
 def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
     def parse(text: str) -> float:
         value = kind(text)
-        if value < 0:
+        if not value >= 0:  # also refuses NaN
             raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
         return value
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {text!r}")
+    return value
+
+
+_port.__name__ = "int"
 
 
 def _list(text: str) -> list[str]:
@@ -114,7 +124,7 @@ class _Option:
 
 _OPTIONS: tuple[_Option, ...] = (
     _Option("host", "address to listen on"),
-    _Option("port", "port to listen on", int),
+    _Option("port", "port to listen on", _port),
     _Option(
         "provider",
         "where replies come from: demo (built-in, simulated), openai (an OpenAI-compatible "
@@ -243,6 +253,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
                         given = _list(raw) if option.repeatable else option.parse(raw)
                     except (ValueError, argparse.ArgumentTypeError) as exc:
                         parser.error(f"{env_name}: {exc}")
+                    if option.choices is not None and given not in option.choices:
+                        parser.error(f"{env_name}: {raw!r} is not one of {', '.join(option.choices)}")
                     break
         if given is None:
             continue

@@ -17,6 +17,7 @@ several ``data:`` lines, which a spec decoder joins back with LF.
 from __future__ import annotations
 
 import json
+import re
 from typing import Final, Protocol
 
 from .events import Delta, Done, Error, Event
@@ -66,10 +67,16 @@ def _split_lines(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
+_SURROGATES: Final = re.compile("[\ud800-\udfff]")
+
+
 def _utf8(text: str) -> bytes:
     # SSE streams are always UTF-8 (§9.2.5); a lone surrogate becomes U+FFFD, which is what a decoder would
-    # produce from any invalid sequence, rather than crashing the stream.
-    return text.encode("utf-8", "replace")
+    # produce from any invalid sequence, rather than crashing the stream. (str.encode's "replace" writes "?".)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text).encode()
 
 
 def encode_sse(

@@ -14,24 +14,37 @@ from .errors import UpstreamError, UpstreamProtocolError
 from .events import Delta, Done, Event, Usage
 
 MAX_EVENT_BYTES = 1 << 20  # one chunk larger than this is not a token stream; refuse to buffer it
+_BOM = b"\xef\xbb\xbf"
 
 
 class ChunkStreamDecoder:
     """Incremental decoder: `feed(bytes) -> [Event]` as network reads arrive, `end() -> [Event]` at EOF."""
 
-    __slots__ = ("_data", "_finish_reason", "_pending", "_usage", "finished")
+    __slots__ = ("_data", "_failure", "_finish_reason", "_pending", "_started", "_usage", "finished")
 
     def __init__(self) -> None:
         self._pending = b""
         self._data: list[bytes] = []
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
+        self._started = False
+        self._failure: UpstreamError | None = None
         self.finished = False
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if self._failure is not None:
+            raise self._failure
         if self.finished:
             return []
         buffer = self._pending + chunk if self._pending else chunk
+        if not self._started:
+            # §9.2.6: "One leading U+FEFF BYTE ORDER MARK character must be ignored if any are present."
+            if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
+                self._pending = buffer
+                return []
+            self._started = True
+            if buffer.startswith(_BOM):
+                buffer = buffer[len(_BOM) :]
         if b"\r" in buffer:
             # A CR at the very end may be the first half of a CRLF split across reads: keep it for later.
             held = b"\r" if buffer.endswith(b"\r") else b""
@@ -42,25 +55,34 @@ class ChunkStreamDecoder:
         else:
             lines = buffer.split(b"\n")
             self._pending = lines.pop()
-        if len(self._pending) > MAX_EVENT_BYTES:
-            raise UpstreamProtocolError("the model provider sent an oversized stream event")
         events: list[Event] = []
-        for line in lines:
-            if not line:
-                if self._data:
-                    self._dispatch(events)
-                    if self.finished:
-                        break
-            elif line.startswith(b"data:"):
-                value = line[6:] if line.startswith(b"data: ") else line[5:]
-                self._data.append(value)
-                if sum(map(len, self._data)) > MAX_EVENT_BYTES:
-                    raise UpstreamProtocolError("the model provider sent an oversized stream event")
-            # Other fields (event, id, retry) and comments carry nothing for this format.
+        try:
+            for line in lines:
+                if not line:
+                    if self._data:
+                        self._dispatch(events)
+                        if self.finished:
+                            break
+                elif line.startswith(b"data:"):
+                    value = line[6:] if line.startswith(b"data: ") else line[5:]
+                    self._data.append(value)
+                    if sum(map(len, self._data)) > MAX_EVENT_BYTES:
+                        raise UpstreamProtocolError("the model provider sent an oversized stream event")
+                # Other fields (event, id, retry) and comments carry nothing for this format.
+            if not self.finished and len(self._pending) > MAX_EVENT_BYTES:
+                raise UpstreamProtocolError("the model provider sent an oversized stream event")
+        except UpstreamError as exc:
+            if not events:
+                raise
+            # The events this read decoded before the failure are delivered first, whatever the chunking; the
+            # next feed() or end() raises the failure.
+            self._failure = exc
         return events
 
     def end(self) -> list[Event]:
         """The upstream closed its body. A stream that never said it finished is an error, not a quiet end."""
+        if self._failure is not None:
+            raise self._failure
         if self.finished:
             return []
         events = self.feed(b"\n\n") if self._pending or self._data else []
@@ -82,7 +104,7 @@ class ChunkStreamDecoder:
             return
         try:
             chunk = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: JSONDecodeError, UnicodeDecodeError, int() digit limit
             raise UpstreamProtocolError("the model provider sent a malformed stream chunk") from None
         if not isinstance(chunk, dict):
             raise UpstreamProtocolError("the model provider sent a malformed stream chunk")

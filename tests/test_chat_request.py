@@ -1,0 +1,351 @@
+"""server/chat_request.py: every validation rule of the JSON body and the query string, and the happy paths.
+
+Every refusal must be a `RequestError` itself (status 400), never a subclass with another status and never a bare
+Python exception, which the handler would turn into a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.chat_request import ChatRequest, Message, RequestRules, from_json_body, from_query
+from server.errors import RequestError
+
+RULES = RequestRules(
+    default_model="default-model",
+    allowed_models=frozenset({"default-model", "other-model"}),
+    max_messages=3,
+    max_message_chars=10,
+    max_total_chars=25,
+    max_tokens_cap=100,
+)
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def user(content: object = "hi") -> dict[str, object]:
+    return {"role": "user", "content": content}
+
+
+def assert_400(exc: BaseException, *words: str) -> None:
+    assert type(exc) is RequestError
+    assert exc.status == 400
+    assert exc.type == "invalid_request"
+    message = exc.message  # type: ignore[attr-defined]
+    assert message
+    for word in words:
+        assert word in message, (word, message)
+
+
+# --- happy paths --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (body(prompt="hello"), ChatRequest((Message("user", "hello"),), "default-model")),
+        (body(messages=[user("hello")]), ChatRequest((Message("user", "hello"),), "default-model")),
+        (
+            body(
+                messages=[
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "q1"},
+                    {"role": "assistant", "content": ""},
+                ],
+                model="other-model",
+                max_tokens=100,
+                temperature=2,
+            ),
+            ChatRequest(
+                (Message("system", "be brief"), Message("user", "q1"), Message("assistant", "")),
+                "other-model",
+                max_tokens=100,
+                temperature=2.0,
+            ),
+        ),
+        (body(prompt="x", max_tokens=1, temperature=0), ChatRequest((Message("user", "x"),), "default-model", 1, 0.0)),
+        (body(prompt="x", temperature=0.7), ChatRequest((Message("user", "x"),), "default-model", None, 0.7)),
+        (body(prompt="x", model=None, max_tokens=None, temperature=None),
+         ChatRequest((Message("user", "x"),), "default-model")),
+        (body(prompt="x" * 10), ChatRequest((Message("user", "x" * 10),), "default-model")),
+        (body(prompt=" x "), ChatRequest((Message("user", " x "),), "default-model")),
+        (b'  {"prompt": "x"}\n', ChatRequest((Message("user", "x"),), "default-model")),
+        (body(prompt="\ud800é😀"), ChatRequest((Message("user", "\ud800é😀"),), "default-model")),
+        ('{"prompt": "é"}'.encode(), ChatRequest((Message("user", "é"),), "default-model")),
+        (body(messages=[user("12345"), {"role": "assistant", "content": "1234567890"}, user("1234567890")]),
+         ChatRequest((Message("user", "12345"), Message("assistant", "1234567890"), Message("user", "1234567890")),
+                     "default-model")),
+        (body(messages=[{"role": "user", "content": "x", "name": "ignored"}]),
+         ChatRequest((Message("user", "x"),), "default-model")),
+    ],
+    ids=["prompt", "messages", "everything", "lower-bounds", "float-temperature", "explicit-nulls",
+         "prompt-at-char-limit", "prompt-kept-verbatim", "whitespace-around-json", "unicode", "utf8-raw",
+         "total-at-limit", "extra-message-key"],
+)  # fmt: skip
+def test_json_body_accepted(raw: bytes, expected: ChatRequest) -> None:
+    request = from_json_body(raw, RULES)
+    assert request == expected
+    assert type(request.temperature) is (float if expected.temperature is not None else type(None))
+
+
+@pytest.mark.parametrize(
+    ("messages", "text"),
+    [
+        ([user("a")], "a"),
+        ([user("a"), {"role": "assistant", "content": "b"}, user("c")], "c"),
+        ([user("a"), {"role": "assistant", "content": "b"}], "a"),
+    ],
+    ids=["one", "last-user", "assistant-after-user"],
+)
+def test_last_user_text(messages: list[dict[str, object]], text: str) -> None:
+    assert from_json_body(body(messages=messages), RULES).last_user_text == text
+
+
+def test_last_user_text_without_user_message() -> None:
+    assert ChatRequest((Message("system", "s"),), "m").last_user_text == ""
+
+
+def short_id(raw: bytes) -> str:
+    return repr(raw[:60]) + (f"..{len(raw)}" if len(raw) > 60 else "")
+
+
+# --- the body's refusals -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        # Not JSON, or not a JSON object.
+        (b"", ["JSON"]),
+        (b"{", ["JSON"]),
+        (b"{'prompt': 'x'}", ["JSON"]),
+        (b'{"prompt": "x"} trailing', ["JSON"]),
+        (b'{"prompt": "\xff"}', ["JSON"]),
+        (b'{"prompt": "\xc3"}', ["JSON"]),
+        (b'{"prompt": "\xed\xa0\x80"}', ["JSON"]),  # an encoded surrogate is not UTF-8
+        (b"[]", ["object"]),
+        (b'"prompt"', ["object"]),
+        (b"null", ["object"]),
+        (b"42", ["object"]),
+        (b"[" * 100_000 + b"]" * 100_000, []),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", []),
+        # Shape of the object.
+        (body(), ["messages", "prompt"]),
+        (body(model="default-model"), ["messages", "prompt"]),
+        (body(prompt="x", stream=True), ["unknown", "stream"]),
+        (body(prompt="x", Prompt="x"), ["unknown", "Prompt"]),
+        (body(prompt="x", messages=[user()]), ["either", "not both"]),
+        # prompt.
+        (body(prompt=None), ["prompt", "string"]),
+        (body(prompt=1), ["prompt", "string"]),
+        (body(prompt=["x"]), ["prompt", "string"]),
+        (body(prompt=""), ["prompt", "empty"]),
+        (body(prompt=" \n\t"), ["prompt", "empty"]),
+        (body(prompt="x" * 11), ["prompt", "10"]),
+        # messages.
+        (body(messages=None), ["messages", "list"]),
+        (body(messages="hi"), ["messages", "list"]),
+        (body(messages={"role": "user", "content": "x"}), ["messages", "list"]),
+        (body(messages=[]), ["messages", "empty"]),
+        (body(messages=[user()] * 4), ["messages", "3"]),
+        (body(messages=["hi"]), ["messages[0]", "object"]),
+        (body(messages=[user(), None]), ["messages[1]", "object"]),
+        (body(messages=[{"content": "x"}]), ["messages[0].role"]),
+        (body(messages=[{"role": "tool", "content": "x"}]), ["messages[0].role", "assistant, system, user"]),
+        (body(messages=[{"role": "User", "content": "x"}]), ["messages[0].role"]),
+        (body(messages=[{"role": None, "content": "x"}]), ["messages[0].role"]),
+        (body(messages=[{"role": 1, "content": "x"}]), ["messages[0].role"]),
+        (body(messages=[{"role": ["user"], "content": "x"}]), ["messages[0].role"]),
+        (body(messages=[{"role": {"user": 1}, "content": "x"}]), ["messages[0].role"]),
+        (body(messages=[{"role": "user"}]), ["messages[0].content", "string"]),
+        (body(messages=[user(None)]), ["messages[0].content", "string"]),
+        (body(messages=[user(["a"])]), ["messages[0].content", "string"]),
+        (body(messages=[user(), user("x" * 11)]), ["messages[1].content", "10"]),
+        (body(messages=[user("1234567890"), user("1234567890"), user("123456")]), ["25"]),
+        (body(messages=[{"role": "system", "content": "x"}]), ["user message"]),
+        (body(messages=[user(""), {"role": "assistant", "content": "x"}]), ["user message"]),
+        (body(messages=[user("  ")]), ["user message"]),
+        # model.
+        (body(prompt="x", model="gpt-4"), ["model", "default-model, other-model"]),
+        (body(prompt="x", model=""), ["model"]),
+        (body(prompt="x", model=1), ["model"]),
+        (body(prompt="x", model=["default-model"]), ["model"]),
+        (body(prompt="x", model="DEFAULT-MODEL"), ["model"]),
+        # max_tokens.
+        (body(prompt="x", max_tokens=0), ["max_tokens", "100"]),
+        (body(prompt="x", max_tokens=-1), ["max_tokens"]),
+        (body(prompt="x", max_tokens=101), ["max_tokens", "100"]),
+        (body(prompt="x", max_tokens=10**30), ["max_tokens"]),
+        (body(prompt="x", max_tokens=1.0), ["max_tokens", "integer"]),
+        (body(prompt="x", max_tokens=1.5), ["max_tokens"]),
+        (body(prompt="x", max_tokens="5"), ["max_tokens"]),
+        (body(prompt="x", max_tokens=True), ["max_tokens"]),
+        (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", []),  # beyond int()'s 4300-digit limit
+        # temperature.
+        (body(prompt="x", temperature=-0.1), ["temperature", "0", "2"]),
+        (body(prompt="x", temperature=2.0001), ["temperature"]),
+        (body(prompt="x", temperature=3), ["temperature"]),
+        (body(prompt="x", temperature="1"), ["temperature"]),
+        (body(prompt="x", temperature=True), ["temperature"]),
+        (body(prompt="x", temperature=False), ["temperature"]),
+        (body(prompt="x", temperature=[1]), ["temperature"]),
+        (b'{"prompt": "x", "temperature": NaN}', []),
+        (b'{"prompt": "x", "temperature": Infinity}', []),
+        (b'{"prompt": "x", "temperature": -Infinity}', []),
+        (b'{"prompt": "x", "temperature": 1e400}', []),
+        (b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", ["temperature"]),  # an int too big for a float
+    ],
+    ids=lambda value: None if isinstance(value, list) else short_id(value),
+)  # fmt: skip
+def test_json_body_refused(raw: bytes, words: list[str]) -> None:
+    with pytest.raises(RequestError) as info:
+        from_json_body(raw, RULES)
+    assert_400(info.value, *words)
+
+
+def test_utf16_body_is_not_json() -> None:
+    # RFC 8259 §8.1: "JSON text exchanged between systems that are not part of a closed ecosystem MUST be encoded
+    # using UTF-8". json.loads(bytes) sniffs UTF-16/32 and would accept this body.
+    with pytest.raises(RequestError) as info:
+        from_json_body('{"prompt": "hi"}'.encode("utf-16"), RULES)
+    assert_400(info.value, "JSON")
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
+def test_any_bytes_give_a_request_or_a_400(raw: bytes) -> None:
+    try:
+        from_json_body(raw, RULES)
+    except RequestError as exc:
+        assert_400(exc)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.fixed_dictionaries(
+        {},
+        optional={
+            "prompt": _JSON_VALUES,
+            "messages": st.lists(
+                st.fixed_dictionaries({}, optional={"role": _JSON_VALUES | st.sampled_from(["user", "system"]),
+                                                    "content": _JSON_VALUES | st.just("hi")}) | _JSON_VALUES,
+                max_size=4,
+            ) | _JSON_VALUES,
+            "model": _JSON_VALUES | st.just("other-model"),
+            "max_tokens": _JSON_VALUES,
+            "temperature": _JSON_VALUES,
+        },
+    )
+)  # fmt: skip
+def test_any_json_object_gives_a_request_or_a_400(fields: dict[str, Any]) -> None:
+    raw = json.dumps(fields).encode()  # NaN and Infinity included, as Python's json.loads accepts them
+    try:
+        request = from_json_body(raw, RULES)
+    except RequestError as exc:
+        assert_400(exc)
+    else:
+        assert 1 <= len(request.messages) <= RULES.max_messages
+        assert request.model in RULES.allowed_models
+        assert request.max_tokens is None or 1 <= request.max_tokens <= RULES.max_tokens_cap
+        assert request.temperature is None or 0.0 <= request.temperature <= 2.0
+
+
+# --- the query string ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"prompt": "hello"}, ChatRequest((Message("user", "hello"),), "default-model")),
+        ({"prompt": "x", "model": "other-model"}, ChatRequest((Message("user", "x"),), "other-model")),
+        ({"prompt": "x", "max_tokens": "100"}, ChatRequest((Message("user", "x"),), "default-model", 100)),
+        ({"prompt": "x", "max_tokens": "1"}, ChatRequest((Message("user", "x"),), "default-model", 1)),
+        ({"prompt": "x", "temperature": "0.5"}, ChatRequest((Message("user", "x"),), "default-model", None, 0.5)),
+        ({"prompt": "x", "temperature": "2"}, ChatRequest((Message("user", "x"),), "default-model", None, 2.0)),
+        ({"prompt": "x", "temperature": "0"}, ChatRequest((Message("user", "x"),), "default-model", None, 0.0)),
+        ({"prompt": "x", "temperature": "1e0"}, ChatRequest((Message("user", "x"),), "default-model", None, 1.0)),
+        ({"prompt": "x", "temperature": ".5"}, ChatRequest((Message("user", "x"),), "default-model", None, 0.5)),
+        ({"prompt": "x", "format": "ndjson"}, ChatRequest((Message("user", "x"),), "default-model")),
+    ],
+    ids=["prompt", "model", "max-tokens", "max-tokens-1", "temperature", "temperature-int", "temperature-zero",
+         "temperature-exponent", "temperature-leading-dot", "other-params-ignored"],
+)  # fmt: skip
+def test_query_accepted(query: dict[str, str], expected: ChatRequest) -> None:
+    request = from_query(query, RULES)
+    assert request == expected
+    assert request.temperature is None or type(request.temperature) is float
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ({}, ["prompt", "required"]),
+        ({"model": "default-model"}, ["prompt", "required"]),
+        ({"prompt": ""}, ["prompt", "empty"]),
+        ({"prompt": "   "}, ["prompt", "empty"]),
+        ({"prompt": "x" * 11}, ["prompt", "10"]),
+        ({"prompt": "x", "model": "gpt-4"}, ["model"]),
+        ({"prompt": "x", "model": ""}, ["model"]),
+        ({"prompt": "x", "max_tokens": "0"}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": "101"}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": "-5"}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": "1.5"}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": "10.0"}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": "1e2"}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": "abc"}, ["max_tokens", "number"]),
+        ({"prompt": "x", "max_tokens": ""}, ["max_tokens", "number"]),
+        ({"prompt": "x", "max_tokens": "true"}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": "nan"}, ["max_tokens"]),
+        ({"prompt": "x", "max_tokens": "9" * 5000}, ["max_tokens"]),
+        ({"prompt": "x", "temperature": "2.5"}, ["temperature"]),
+        ({"prompt": "x", "temperature": "-1"}, ["temperature"]),
+        ({"prompt": "x", "temperature": "nan"}, ["temperature"]),
+        ({"prompt": "x", "temperature": "inf"}, ["temperature"]),
+        ({"prompt": "x", "temperature": "-inf"}, ["temperature"]),
+        ({"prompt": "x", "temperature": "1e400"}, ["temperature"]),
+        ({"prompt": "x", "temperature": "hot"}, ["temperature", "number"]),
+        ({"prompt": "x", "temperature": ""}, ["temperature", "number"]),
+        ({"prompt": "x", "temperature": "1" + "0" * 400}, ["temperature"]),  # an int too big for a float
+    ],
+    ids=lambda value: repr(value)[:60],
+)
+def test_query_refused(query: dict[str, str], words: list[str]) -> None:
+    with pytest.raises(RequestError) as info:
+        from_query(query, RULES)
+    assert_400(info.value, *words)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    query=st.fixed_dictionaries(
+        {"prompt": st.text(max_size=12)},
+        optional={
+            "model": st.text(max_size=12) | st.just("other-model"),
+            "max_tokens": st.text(max_size=12) | st.integers(-10, 200).map(str) | st.floats().map(str),
+            "temperature": st.text(max_size=12) | st.integers(-1, 3).map(str) | st.floats().map(str),
+        },
+    )
+)
+def test_any_query_gives_a_request_or_a_400(query: dict[str, str]) -> None:
+    try:
+        request = from_query(query, RULES)
+    except RequestError as exc:
+        assert_400(exc)
+    else:
+        assert request.messages == (Message("user", query["prompt"]),)
+        assert request.max_tokens is None or 1 <= request.max_tokens <= RULES.max_tokens_cap
+        assert request.temperature is None or 0.0 <= request.temperature <= 2.0

@@ -1,0 +1,389 @@
+"""server/config.py: command line over environment over defaults, the env names, validation, and --help.
+
+Every call passes `environ` explicitly, so the tests never depend on the developer's own environment.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from server.config import DEMO_MODEL, Config, build_parser, load_config
+
+
+def exits(argv: list[str], environ: dict[str, str] | None = None) -> SystemExit:
+    with pytest.raises(SystemExit) as info:
+        load_config(argv, {} if environ is None else environ)
+    return info.value
+
+
+# --- defaults -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        # The README's configuration table.
+        ("host", "127.0.0.1"),
+        ("port", 8080),
+        ("provider", "auto"),
+        ("api_key", None),
+        ("base_url", None),
+        ("model", None),
+        ("allowed_models", ()),
+        ("demo_delay", 0.03),
+        ("first_token_timeout", 60),
+        ("idle_timeout", 60),
+        ("total_timeout", 600),
+        ("write_timeout", 10),
+        ("heartbeat", 15),
+        ("ndjson_keepalive", False),
+        ("flush_window", 0),
+        ("flush_bytes", 0),
+        ("cors_origins", ()),
+        ("max_body_bytes", 1024 * 1024),
+        ("max_messages", 200),
+        ("max_message_chars", 32_000),
+        ("upstream_max_retries", 2),
+        ("upstream_connect_timeout", 10),
+        ("include_usage", True),
+        ("shutdown_grace", 5),
+        ("use_uvloop", True),
+    ],
+)
+def test_defaults(field: str, value: Any) -> None:
+    assert getattr(load_config([], {}), field) == value
+
+
+def test_no_arguments_and_no_environment_is_the_default_config() -> None:
+    assert load_config([], {}) == Config()
+    assert load_config(None, {}) == Config()  # argv=None means no arguments, never sys.argv
+
+
+def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_RELAY_PORT", "9123")
+    assert load_config([]).port == 9123
+
+
+# --- command line and environment ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "value"),
+    [
+        (["--host", "0.0.0.0"], "host", "0.0.0.0"),
+        (["--port", "9000"], "port", 9000),
+        (["--port", "0"], "port", 0),
+        (["--provider", "demo"], "provider", "demo"),
+        (["--provider", "openai"], "provider", "openai"),
+        (["--base-url", "http://localhost:11434/v1"], "base_url", "http://localhost:11434/v1"),
+        (["--api-key", "sk-test"], "api_key", "sk-test"),
+        (["--model", "llama3"], "model", "llama3"),
+        (["--allow-model", "a"], "allowed_models", ("a",)),
+        (["--allow-model", "a", "--allow-model", "b"], "allowed_models", ("a", "b")),
+        (["--demo-delay", "0"], "demo_delay", 0.0),
+        (["--demo-delay", "0.5"], "demo_delay", 0.5),
+        (["--upstream-max-retries", "0"], "upstream_max_retries", 0),
+        (["--upstream-connect-timeout", "2.5"], "upstream_connect_timeout", 2.5),
+        (["--include-usage", "false"], "include_usage", False),
+        (["--first-token-timeout", "0"], "first_token_timeout", 0.0),
+        (["--idle-timeout", "1.5"], "idle_timeout", 1.5),
+        (["--total-timeout", "3600"], "total_timeout", 3600.0),
+        (["--write-timeout", "2"], "write_timeout", 2.0),
+        (["--heartbeat", "0"], "heartbeat", 0.0),
+        (["--ndjson-keepalive", "true"], "ndjson_keepalive", True),
+        (["--flush-window", "0.02"], "flush_window", 0.02),
+        (["--flush-bytes", "4096"], "flush_bytes", 4096),
+        (["--cors-origin", "https://a.example", "--cors-origin", "https://b.example"], "cors_origins",
+         ("https://a.example", "https://b.example")),
+        (["--max-body-bytes", "1000"], "max_body_bytes", 1000),
+        (["--max-messages", "5"], "max_messages", 5),
+        (["--max-message-chars", "100"], "max_message_chars", 100),
+        (["--shutdown-grace", "0"], "shutdown_grace", 0.0),
+        (["--uvloop", "no"], "use_uvloop", False),
+        (["--rate", "30/m"], "rate", "30/m"),
+        (["--burst", "3"], "burst", 3),
+        (["--max-streams-per-client", "1"], "max_streams_per_client", 1),
+        (["--max-streams", "10"], "max_streams", 10),
+        (["--redis-url", "redis://127.0.0.1:6379/0"], "redis_url", "redis://127.0.0.1:6379/0"),
+        (["--redis-fail-open", "off"], "redis_fail_open", False),
+        (["--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"], "trusted_proxies", ("10.0.0.0/8", "::1")),
+        (["--api-keys-file", "/etc/keys"], "api_keys_file", "/etc/keys"),
+        (["--limits", "0"], "limits_enabled", False),
+        (["--port=9001"], "port", 9001),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)  # fmt: skip
+def test_command_line(argv: list[str], field: str, value: Any) -> None:
+    config = load_config(argv, {})
+    assert getattr(config, field) == value
+    assert type(getattr(config, field)) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("env", "field", "value"),
+    [
+        ({"LLM_RELAY_HOST": "::"}, "host", "::"),
+        ({"LLM_RELAY_PORT": "9000"}, "port", 9000),
+        ({"LLM_RELAY_PROVIDER": "demo"}, "provider", "demo"),
+        ({"LLM_RELAY_BASE_URL": "http://x/v1"}, "base_url", "http://x/v1"),
+        ({"OPENAI_BASE_URL": "http://y/v1"}, "base_url", "http://y/v1"),
+        ({"LLM_RELAY_API_KEY": "sk-a"}, "api_key", "sk-a"),
+        ({"OPENAI_API_KEY": "sk-b"}, "api_key", "sk-b"),
+        ({"LLM_RELAY_MODEL": "m1"}, "model", "m1"),
+        ({"OPENAI_MODEL": "m2"}, "model", "m2"),
+        # The relay's own name wins over the upstream's conventional one...
+        ({"LLM_RELAY_API_KEY": "sk-a", "OPENAI_API_KEY": "sk-b"}, "api_key", "sk-a"),
+        ({"LLM_RELAY_MODEL": "m1", "OPENAI_MODEL": "m2"}, "model", "m1"),
+        ({"LLM_RELAY_BASE_URL": "http://x/v1", "OPENAI_BASE_URL": "http://y/v1"}, "base_url", "http://x/v1"),
+        # ...unless it is empty, which counts as unset.
+        ({"LLM_RELAY_API_KEY": "", "OPENAI_API_KEY": "sk-b"}, "api_key", "sk-b"),
+        ({"LLM_RELAY_PORT": ""}, "port", 8080),
+        # Repeatable options are comma-separated in the environment.
+        ({"LLM_RELAY_ALLOW_MODEL": "a"}, "allowed_models", ("a",)),
+        ({"LLM_RELAY_ALLOW_MODEL": "a, b ,,c,"}, "allowed_models", ("a", "b", "c")),
+        ({"LLM_RELAY_CORS_ORIGIN": "https://a.example,https://b.example"}, "cors_origins",
+         ("https://a.example", "https://b.example")),
+        ({"LLM_RELAY_TRUSTED_PROXY": "10.0.0.0/8"}, "trusted_proxies", ("10.0.0.0/8",)),
+        ({"LLM_RELAY_DEMO_DELAY": "0.25"}, "demo_delay", 0.25),
+        ({"LLM_RELAY_UPSTREAM_MAX_RETRIES": "5"}, "upstream_max_retries", 5),
+        ({"LLM_RELAY_UPSTREAM_CONNECT_TIMEOUT": "3"}, "upstream_connect_timeout", 3.0),
+        ({"LLM_RELAY_INCLUDE_USAGE": "0"}, "include_usage", False),
+        ({"LLM_RELAY_FIRST_TOKEN_TIMEOUT": "7"}, "first_token_timeout", 7.0),
+        ({"LLM_RELAY_IDLE_TIMEOUT": "8"}, "idle_timeout", 8.0),
+        ({"LLM_RELAY_TOTAL_TIMEOUT": "9"}, "total_timeout", 9.0),
+        ({"LLM_RELAY_WRITE_TIMEOUT": "1"}, "write_timeout", 1.0),
+        ({"LLM_RELAY_HEARTBEAT": "0"}, "heartbeat", 0.0),
+        ({"LLM_RELAY_NDJSON_KEEPALIVE": "yes"}, "ndjson_keepalive", True),
+        ({"LLM_RELAY_FLUSH_WINDOW": "0.01"}, "flush_window", 0.01),
+        ({"LLM_RELAY_FLUSH_BYTES": "512"}, "flush_bytes", 512),
+        ({"LLM_RELAY_MAX_BODY_BYTES": "10"}, "max_body_bytes", 10),
+        ({"LLM_RELAY_MAX_MESSAGES": "2"}, "max_messages", 2),
+        ({"LLM_RELAY_MAX_MESSAGE_CHARS": "3"}, "max_message_chars", 3),
+        ({"LLM_RELAY_SHUTDOWN_GRACE": "1"}, "shutdown_grace", 1.0),
+        ({"LLM_RELAY_UVLOOP": "false"}, "use_uvloop", False),
+        ({"LLM_RELAY_RATE": "5/h"}, "rate", "5/h"),
+        ({"LLM_RELAY_BURST": "4"}, "burst", 4),
+        ({"LLM_RELAY_MAX_STREAMS_PER_CLIENT": "2"}, "max_streams_per_client", 2),
+        ({"LLM_RELAY_MAX_STREAMS": "3"}, "max_streams", 3),
+        ({"LLM_RELAY_REDIS_URL": "redis://r"}, "redis_url", "redis://r"),
+        ({"LLM_RELAY_REDIS_FAIL_OPEN": "off"}, "redis_fail_open", False),
+        ({"LLM_RELAY_API_KEYS_FILE": "/k"}, "api_keys_file", "/k"),
+        ({"LLM_RELAY_LIMITS": "off"}, "limits_enabled", False),
+        # Names are case-sensitive, and unrelated variables are ignored.
+        ({"llm_relay_port": "1"}, "port", 8080),
+        ({"LLM_RELAY_ALLOWED_MODELS": "a"}, "allowed_models", ()),
+    ],
+    ids=lambda value: ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
+)  # fmt: skip
+def test_environment(env: dict[str, str], field: str, value: Any) -> None:
+    config = load_config([], env)
+    assert getattr(config, field) == value
+    assert type(getattr(config, field)) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "field", "value"),
+    [
+        (["--port", "1"], {"LLM_RELAY_PORT": "2"}, "port", 1),
+        (["--api-key", "cli"], {"LLM_RELAY_API_KEY": "a", "OPENAI_API_KEY": "b"}, "api_key", "cli"),
+        (["--model", "cli"], {"OPENAI_MODEL": "env"}, "model", "cli"),
+        (["--include-usage", "true"], {"LLM_RELAY_INCLUDE_USAGE": "false"}, "include_usage", True),
+        (["--heartbeat", "0"], {"LLM_RELAY_HEARTBEAT": "5"}, "heartbeat", 0.0),
+        # A repeatable option given on the command line replaces the environment's list; it does not add to it.
+        (["--allow-model", "c"], {"LLM_RELAY_ALLOW_MODEL": "a,b"}, "allowed_models", ("c",)),
+        # The command line wins even over an environment value that would be refused.
+        (["--port", "1"], {"LLM_RELAY_PORT": "not a number"}, "port", 1),
+        # Other options still come from the environment.
+        (["--port", "1"], {"LLM_RELAY_HOST": "::1"}, "host", "::1"),
+    ],
+    ids=["port", "api-key", "model", "bool", "zero", "repeatable", "bad-env-unread", "others-from-env"],
+)
+def test_command_line_beats_environment(argv: list[str], env: dict[str, str], field: str, value: Any) -> None:
+    assert getattr(load_config(argv, env), field) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1", True), ("true", True), ("TRUE", True), ("Yes", True), ("on", True), (" true ", True),
+     ("0", False), ("false", False), ("False", False), ("no", False), ("OFF", False)],
+)  # fmt: skip
+def test_booleans(text: str, value: bool) -> None:
+    assert load_config(["--include-usage", text], {}).include_usage is value
+    assert load_config([], {"LLM_RELAY_INCLUDE_USAGE": text}).include_usage is value
+
+
+@pytest.mark.parametrize("text", ["", "2", "maybe", "y", "n", "truee", "t"])
+def test_invalid_boolean_on_command_line(text: str) -> None:
+    assert exits(["--include-usage", text]).code == 2
+
+
+@pytest.mark.parametrize("text", ["2", "maybe", "enabled"])
+def test_invalid_boolean_in_environment_names_the_variable(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exits([], {"LLM_RELAY_NDJSON_KEEPALIVE": text}).code == 2
+    assert "LLM_RELAY_NDJSON_KEEPALIVE" in capsys.readouterr().err
+
+
+# --- refused values -------------------------------------------------------------------------------------------------
+
+_NON_NEGATIVE_INTS = ["port", "upstream-max-retries", "flush-bytes", "max-body-bytes", "max-messages",
+                      "max-message-chars", "burst", "max-streams-per-client", "max-streams"]  # fmt: skip
+_NON_NEGATIVE_FLOATS = ["demo-delay", "upstream-connect-timeout", "first-token-timeout", "idle-timeout",
+                        "total-timeout", "write-timeout", "heartbeat", "flush-window", "shutdown-grace"]  # fmt: skip
+
+
+def env_name(option: str) -> str:
+    return "LLM_RELAY_" + option.upper().replace("-", "_")
+
+
+@pytest.mark.parametrize("option", _NON_NEGATIVE_INTS + _NON_NEGATIVE_FLOATS)
+def test_negative_number_on_command_line_is_refused(option: str) -> None:
+    assert exits([f"--{option}", "-1"]).code == 2
+
+
+@pytest.mark.parametrize("option", _NON_NEGATIVE_INTS + _NON_NEGATIVE_FLOATS)
+def test_negative_number_in_environment_is_refused(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exits([], {env_name(option): "-1"}).code == 2
+    assert env_name(option) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", _NON_NEGATIVE_FLOATS)
+def test_nan_seconds_are_refused(option: str) -> None:
+    # float() parses "nan", which passes `value < 0`; as a timeout it compares false with everything.
+    assert exits([f"--{option}", "nan"]).code == 2
+    assert exits([], {env_name(option): "NaN"}).code == 2
+
+
+@pytest.mark.parametrize("option", _NON_NEGATIVE_INTS)
+@pytest.mark.parametrize("text", ["1.5", "abc", "", "0x10"])
+def test_integer_options_refuse_non_integers(option: str, text: str) -> None:
+    assert exits([f"--{option}", text]).code == 2
+
+
+@pytest.mark.parametrize("port", ["65536", "70000"])
+def test_port_out_of_range_is_refused(port: str) -> None:
+    assert exits(["--port", port]).code == 2
+    assert exits([], {"LLM_RELAY_PORT": port}).code == 2
+
+
+def test_port_upper_bound_is_accepted() -> None:
+    assert load_config(["--port", "65535"], {}).port == 65535
+
+
+@pytest.mark.parametrize("value", ["bogus", "Demo", "OPENAI", "", "auto "])
+def test_provider_not_a_choice_on_command_line(value: str) -> None:
+    assert exits(["--provider", value]).code == 2
+
+
+@pytest.mark.parametrize("value", ["bogus", "Demo", "anthropic"])
+def test_provider_not_a_choice_in_environment(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # The command line checks `choices`; the environment must be held to the same list, or resolved_provider
+    # returns the typo and the app fails later, far from the cause.
+    assert exits([], {"LLM_RELAY_PROVIDER": value}).code == 2
+    assert "LLM_RELAY_PROVIDER" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rate", ["fast", "2/d", "2", "/s", "-1/s", "2/S", "nan/s"])
+def test_invalid_rate_is_refused(rate: str) -> None:
+    assert exits(["--rate", rate]).code == 2
+    assert exits([], {"LLM_RELAY_RATE": rate}).code == 2
+
+
+def test_unknown_option_is_refused() -> None:
+    assert exits(["--no-such-option", "1"]).code == 2
+
+
+# --- derived values -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "provider", "model"),
+    [
+        ([], {}, "demo", DEMO_MODEL),
+        ([], {"OPENAI_API_KEY": "sk-x"}, "openai", "gpt-4o-mini"),
+        (["--api-key", "sk-x"], {}, "openai", "gpt-4o-mini"),
+        ([], {"OPENAI_API_KEY": ""}, "demo", DEMO_MODEL),
+        (["--api-key", ""], {}, "demo", DEMO_MODEL),
+        (["--provider", "demo", "--api-key", "sk-x"], {}, "demo", DEMO_MODEL),
+        (["--provider", "openai"], {}, "openai", "gpt-4o-mini"),
+        ([], {"OPENAI_API_KEY": "sk-x", "OPENAI_MODEL": "gpt-4.1"}, "openai", "gpt-4.1"),
+        (["--model", "mine"], {}, "demo", "mine"),
+        (["--provider", "auto"], {"LLM_RELAY_API_KEY": "k"}, "openai", "gpt-4o-mini"),
+    ],
+    ids=["nothing", "env-key", "cli-key", "empty-env-key", "empty-cli-key", "demo-despite-key", "openai-no-key",
+         "model-from-env", "model-for-demo", "auto-explicit"],
+)  # fmt: skip
+def test_resolved_provider_and_model(argv: list[str], env: dict[str, str], provider: str, model: str) -> None:
+    config = load_config(argv, env)
+    assert config.resolved_provider == provider
+    assert config.resolved_model == model
+
+
+def test_with_changes_returns_a_new_config() -> None:
+    config = Config()
+    changed = config.with_changes(port=1)
+    assert (config.port, changed.port) == (8080, 1)
+
+
+def test_secrets_are_not_in_the_repr() -> None:
+    config = load_config(["--api-key", "sk-SECRET-1"], {"LLM_RELAY_REDIS_URL": "redis://:SECRET-2@host:6379/0"})
+    assert config.api_key == "sk-SECRET-1"
+    assert "SECRET" not in repr(config)
+
+
+# --- --help ---------------------------------------------------------------------------------------------------------
+
+
+def help_text(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str],
+              env: dict[str, str]) -> str:  # fmt: skip
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal; fix it so nothing depends on it
+    assert exits(argv, env).code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def long_options() -> list[str]:
+    return [
+        option[2:]
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    ]
+
+
+def test_help_mentions_every_options_env_var(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = help_text(capsys, monkeypatch, ["--help"], {})
+    options = long_options()
+    assert len(options) >= 30
+    for option in options:
+        assert f"--{option}" in text
+        # README: "Each has an environment variable: LLM_RELAY_ and the option's name".
+        assert env_name(option) in text, option
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL"):
+        assert name in text
+
+
+def test_help_never_prints_a_secret(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "OPENAI_API_KEY": "sk-live-SECRET-1",
+        "LLM_RELAY_API_KEY": "sk-live-SECRET-2",
+        "LLM_RELAY_REDIS_URL": "redis://:SECRET-3@redis:6379/0",
+    }
+    text = help_text(capsys, monkeypatch, ["--api-key", "sk-live-SECRET-4", "--help"], env)
+    assert "SECRET" not in text
+    assert "(secret)" in text
+
+
+def test_help_shows_defaults(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    text = help_text(capsys, monkeypatch, ["--help"], {})
+    assert "default 8080" in text
+    assert "default 127.0.0.1" in text
+
+
+def test_float_options_are_finite_by_default() -> None:
+    config = load_config([], {})
+    for name in ("demo_delay", "first_token_timeout", "idle_timeout", "total_timeout", "write_timeout", "heartbeat"):
+        assert math.isfinite(getattr(config, name))

@@ -1,0 +1,437 @@
+"""server/upstream_sse.py: the OpenAI ``chat.completion.chunk`` stream, in every byte chunking and line ending."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.errors import RelayError, UpstreamError, UpstreamProtocolError
+from server.events import Delta, Done, Event, Usage
+from server.upstream_sse import MAX_EVENT_BYTES, ChunkStreamDecoder
+
+
+def chunk(choices: list[dict[str, Any]] | None = None, usage: Any = None, **extra: Any) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` object as OpenAI sends it (all fields present, ``usage`` null until the end)."""
+    return {
+        "id": "chatcmpl-AbC123",
+        "object": "chat.completion.chunk",
+        "created": 1_735_000_000,
+        "model": "gpt-4o-mini-2024-07-18",
+        "service_tier": "default",
+        "system_fingerprint": "fp_0aa8d3e20b",
+        "choices": [] if choices is None else choices,
+        "usage": usage,
+        **extra,
+    }
+
+
+def choice(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def data_line(value: Any) -> bytes:
+    return b"data: " + json.dumps(value, separators=(",", ":")).encode() + b"\n\n"
+
+
+# What the openai API sends for a streamed reply with stream_options.include_usage: a role-only first chunk (with
+# an empty content), content chunks, an empty delta with the finish_reason, a usage chunk with no choices, [DONE].
+SAMPLE = b"".join(
+    [
+        data_line(chunk([choice({"role": "assistant", "content": "", "refusal": None})])),
+        data_line(chunk([choice({"content": "Hel"})])),
+        data_line(chunk([choice({"content": "lo, wörld 😀"})])),
+        data_line(chunk([choice({"content": "\n\n- a\r\n"})])),
+        data_line(chunk([choice({}, "stop")])),
+        data_line(
+            chunk(
+                [],
+                {
+                    "prompt_tokens": 9,
+                    "completion_tokens": 12,
+                    "total_tokens": 21,
+                    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                    "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+                },
+            )
+        ),
+        b"data: [DONE]\n\n",
+    ]
+)
+SAMPLE_EVENTS: list[Event] = [
+    Delta("Hel"),
+    Delta("lo, wörld 😀"),
+    Delta("\n\n- a\r\n"),
+    Done("stop", Usage(9, 12, 21)),
+]
+
+
+def decode(chunks: list[bytes]) -> list[Event]:
+    decoder = ChunkStreamDecoder()
+    events: list[Event] = []
+    for piece in chunks:
+        events.extend(decoder.feed(piece))
+    events.extend(decoder.end())
+    return events
+
+
+def decode_until_error(chunks: list[bytes]) -> tuple[list[Event], type[RelayError] | None]:
+    """The events delivered before the decoder raised, and the type of what it raised."""
+    decoder = ChunkStreamDecoder()
+    events: list[Event] = []
+    try:
+        for piece in chunks:
+            events.extend(decoder.feed(piece))
+        events.extend(decoder.end())
+    except RelayError as exc:
+        return events, type(exc)
+    return events, None
+
+
+def chunked(blob: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted(cuts)
+    return [blob[a:b] for a, b in zip([0, *points], [*points, len(blob)], strict=True)]
+
+
+# --- the real wire format -------------------------------------------------------------------------------------------
+
+
+def test_sample_stream() -> None:
+    assert decode([SAMPLE]) == SAMPLE_EVENTS
+
+
+def test_sample_stream_in_every_two_piece_split() -> None:
+    for cut in range(len(SAMPLE) + 1):
+        assert decode([SAMPLE[:cut], SAMPLE[cut:]]) == SAMPLE_EVENTS, cut
+
+
+def test_sample_stream_one_byte_at_a_time() -> None:
+    assert decode([SAMPLE[i : i + 1] for i in range(len(SAMPLE))]) == SAMPLE_EVENTS
+
+
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_sample_stream_in_any_chunking(line_end: bytes, data: st.DataObject) -> None:
+    # JSON escapes every CR and LF, so replacing the LFs of the framing changes nothing inside the data.
+    blob = SAMPLE.replace(b"\n", line_end)
+    cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=20))
+    assert decode(chunked(blob, cuts)) == SAMPLE_EVENTS
+
+
+def test_crlf_split_between_reads() -> None:
+    blob = SAMPLE.replace(b"\n", b"\r\n")
+    at = blob.index(b"\r\n") + 1  # between the CR and the LF of the first line end
+    assert decode([blob[:at], blob[at:]]) == SAMPLE_EVENTS
+
+
+def test_deltas_arrive_as_their_chunks_do() -> None:
+    decoder = ChunkStreamDecoder()
+    assert decoder.feed(data_line(chunk([choice({"role": "assistant", "content": ""})]))) == []
+    assert decoder.feed(data_line(chunk([choice({"content": "a"})]))) == [Delta("a")]
+    assert decoder.feed(b'data: {"choices":[{"delta":{"content":"b"}}]}\n') == []  # not dispatched yet
+    assert decoder.feed(b"\n") == [Delta("b")]
+    assert decoder.feed(b"data: [DONE]\n\n") == [Done(None, None)]
+    assert decoder.finished
+
+
+@pytest.mark.parametrize(
+    ("blob", "events"),
+    [
+        # Comments and other fields carry nothing (OpenRouter sends ": OPENROUTER PROCESSING" comments).
+        (b": OPENROUTER PROCESSING\n\n" + SAMPLE, SAMPLE_EVENTS),
+        (b"event: message\nid: 1\nretry: 100\n" + SAMPLE, SAMPLE_EVENTS),
+        (b':\ndata: {"choices":[{"delta":{"content":"x"}}]}\n: between\nid: 9\n\ndata: [DONE]\n\n',
+         [Delta("x"), Done()]),
+        # The space after the colon is optional.
+        (b'data:{"choices":[{"delta":{"content":"x"}}]}\n\ndata:[DONE]\n\n', [Delta("x"), Done()]),
+        # Multi-line data is joined with LF, which JSON takes as whitespace.
+        (b'data: {"choices":[{"delta":\ndata: {"content":"x"}}]}\n\ndata: [DONE]\n\n', [Delta("x"), Done()]),
+        # Blank lines without data dispatch nothing.
+        (b"\n\n\n" + SAMPLE, SAMPLE_EVENTS),
+        # Lines after [DONE] are not read.
+        (b'data: [DONE]\n\ndata: {"choices":[{"delta":{"content":"late"}}]}\n\n', [Done()]),
+        (b"data: [DONE]\n\ndata: not json\n\n", [Done()]),
+        # finish_reason and usage travel to Done.
+        (
+            data_line(chunk([choice({"content": "x"}, "length")], {"prompt_tokens": 1, "completion_tokens": 2,
+                                                                  "total_tokens": 3}))
+            + b"data: [DONE]\n\n",
+            [Delta("x"), Done("length", Usage(1, 2, 3))],
+        ),
+        (data_line(chunk([choice({}, "content_filter")])) + b"data: [DONE]\n\n", [Done("content_filter")]),
+        # A choices-less chunk with usage null changes nothing.
+        (data_line(chunk([], None)) + b"data: [DONE]\n\n", [Done()]),
+        # Unknown extra fields are ignored.
+        (data_line(chunk([choice({"content": "x", "tool_calls": None})], obfuscation="abc")) + b"data: [DONE]\n\n",
+         [Delta("x"), Done()]),
+    ],
+    ids=["comment", "other-fields", "interleaved", "no-space", "multi-line-data", "leading-blank-lines",
+         "after-done", "garbage-after-done", "finish-and-usage", "content-filter", "usage-null", "extra-fields"],
+)  # fmt: skip
+def test_stream_shapes(blob: bytes, events: list[Event]) -> None:
+    assert decode([blob]) == events
+    assert decode([blob[i : i + 1] for i in range(len(blob))]) == events
+
+
+def test_leading_bom_is_ignored() -> None:
+    # WHATWG HTML §9.2.6, which the module says it follows: "One leading U+FEFF BYTE ORDER MARK character must be
+    # ignored if any are present." Today the BOM turns the first line into an unknown field and the delta is lost.
+    blob = b"\xef\xbb\xbf" + b'data: {"choices":[{"delta":{"content":"first"}}]}\n\ndata: [DONE]\n\n'
+    assert decode([blob]) == [Delta("first"), Done()]
+    assert decode([blob[:2], blob[2:]]) == [Delta("first"), Done()]
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [{}, {"content": ""}, {"content": None}, {"role": "assistant"}, {"content": 5}, {"content": ["x"]},
+     {"refusal": "no"}, {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}],
+    ids=["empty", "empty-content", "null-content", "role-only", "number", "list", "refusal", "tool-call"],
+)  # fmt: skip
+def test_no_delta_without_text(delta: dict[str, Any]) -> None:
+    assert decode([data_line(chunk([choice(delta)])) + b"data: [DONE]\n\n"]) == [Done()]
+
+
+@pytest.mark.parametrize(
+    "delta_field",
+    [None, "text", 1, ["content"]],
+    ids=["null", "string", "number", "list"],
+)
+def test_a_delta_that_is_not_an_object_is_skipped(delta_field: Any) -> None:
+    assert decode([data_line({"choices": [{"delta": delta_field}]}) + b"data: [DONE]\n\n"]) == [Done()]
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": "9", "completion_tokens": 2, "total_tokens": 11},
+        {"prompt_tokens": 9, "completion_tokens": 2.0, "total_tokens": 11},
+        {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": True},
+        {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": None},
+        {"prompt_tokens": 9, "completion_tokens": 2},
+        {},
+    ],
+    ids=["string", "float", "bool", "null", "missing", "empty"],
+)
+def test_usage_with_bad_types_is_none(usage: dict[str, Any]) -> None:
+    assert decode([data_line(chunk([], usage)) + b"data: [DONE]\n\n"]) == [Done(None, None)]
+
+
+@pytest.mark.parametrize("usage", ["12", 12, ["prompt_tokens"], True], ids=["string", "number", "list", "bool"])
+def test_usage_that_is_not_an_object_keeps_what_came_before(usage: Any) -> None:
+    good = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    blob = data_line(chunk([], good)) + data_line(chunk([], usage)) + b"data: [DONE]\n\n"
+    assert decode([blob]) == [Done(None, Usage(1, 2, 3))]
+
+
+# --- failures ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b'{"choices": [',
+        b"[DONE",
+        b"[DONE] ",
+        b"DONE",
+        b"",
+        b'{"choices":[{"delta":{"content":"x"}}]} extra',
+        b'{"choices":[{"delta":{"content":"\xff"}}]}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"n": ' + b"9" * 5000 + b"}",  # beyond int()'s 4300-digit limit: json raises a plain ValueError
+    ],
+    ids=["text", "truncated", "done-truncated", "done-trailing-space", "done-no-brackets", "empty", "trailing",
+         "invalid-utf8", "deeply-nested", "huge-int"],
+)  # fmt: skip
+def test_malformed_json_is_a_protocol_error(payload: bytes) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode([b"data: " + payload + b"\n\n"])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"[]", b"[1]", b'"text"', b"42", b"null", b"true"],
+    ids=["empty-list", "list", "string", "number", "null", "bool"],
+)
+def test_json_that_is_not_an_object_is_a_protocol_error(payload: bytes) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode([b"data: " + payload + b"\n\n"])
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [{"0": {}}, "abc", [None], ["x"], [1], [[{"delta": {"content": "x"}}]]],
+    ids=["object", "string", "null-choice", "string-choice", "number-choice", "nested-list"],
+)
+def test_malformed_choices_are_a_protocol_error(choices: Any) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode([data_line({"choices": choices})])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"message": "The server had an error while processing your request.", "type": "server_error"},
+        {"message": "overloaded", "code": 503},
+        "internal error",
+    ],
+    ids=["openai", "vllm", "string"],
+)
+def test_error_object_in_stream_is_an_upstream_error(error: Any) -> None:
+    with pytest.raises(UpstreamError) as info:
+        decode([data_line(chunk([choice({"content": "x"})])), data_line({"error": error})])
+    assert type(info.value) is UpstreamError
+    assert info.value.status == 502
+    # The provider's own text is not shown to the user (errors.py: "never an exception's text").
+    assert "overloaded" not in info.value.message
+    assert "server_error" not in info.value.message
+
+
+def test_null_error_field_is_not_an_error() -> None:
+    assert decode([data_line(chunk([choice({"content": "x"})], error=None)) + b"data: [DONE]\n\n"]) == [
+        Delta("x"),
+        Done(),
+    ]
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        data_line(chunk([choice({"content": "x"})])) + data_line({"error": {"message": "boom"}}),
+        data_line(chunk([choice({"content": "x"})])) + b"data: not json\n\n",
+        data_line(chunk([choice({"content": "x"})])) + b"data: [1]\n\n",
+    ],
+    ids=["error-object", "malformed", "not-an-object"],
+)
+def test_text_before_a_failure_is_delivered_in_every_chunking(blob: bytes) -> None:
+    # The relay writes every event it gets before the error event. If the delta and the failure arrive in one
+    # network read, feed() raises and the delta it had already decoded is dropped: what the user sees would depend
+    # on TCP segmentation. Whatever the chunking, the user must get "x" and then the error.
+    _, error = decode_until_error([blob[i : i + 1] for i in range(len(blob))])
+    assert error is not None
+    for chunks in ([blob], [blob[:-1], blob[-1:]]):
+        assert decode_until_error(chunks) == ([Delta("x")], error)
+
+
+def feed_until_refused(decoder: ChunkStreamDecoder, piece: bytes, times: int) -> int:
+    """How many times `piece` was fed before the decoder raised UpstreamProtocolError; -1 if it never did."""
+    for count in range(1, times + 1):
+        try:
+            decoder.feed(piece)
+        except UpstreamProtocolError:
+            return count
+    return -1
+
+
+def test_oversized_line_is_refused_before_its_end_arrives() -> None:
+    decoder = ChunkStreamDecoder()
+    decoder.feed(b'data: {"choices":[{"delta":{"content":"')
+    # Refused once the held partial line passes MAX_EVENT_BYTES, not only when its line end finally arrives.
+    count = feed_until_refused(decoder, b"x" * 65536, 64)
+    assert MAX_EVENT_BYTES // 65536 <= count <= MAX_EVENT_BYTES // 65536 + 1
+
+
+def test_oversized_event_of_many_data_lines_is_refused() -> None:
+    decoder = ChunkStreamDecoder()
+    count = feed_until_refused(decoder, b"data: " + b" " * 65536 + b"\n", 64)
+    # 16 lines of 64 KiB are exactly MAX_EVENT_BYTES, still allowed; the 17th is one too many.
+    assert count == MAX_EVENT_BYTES // 65536 + 1
+
+
+def test_oversized_line_with_its_end_in_one_read_is_refused() -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode([b"data: " + b" " * (MAX_EVENT_BYTES + 1) + b"\n\n"])
+
+
+def test_a_large_but_sane_event_is_accepted() -> None:
+    text = "y" * (MAX_EVENT_BYTES // 2)
+    assert decode([data_line({"choices": [{"delta": {"content": text}}]}) + b"data: [DONE]\n\n"]) == [
+        Delta(text),
+        Done(),
+    ]
+
+
+def test_a_long_comment_stream_is_not_an_oversized_event() -> None:
+    # Many small lines that carry no data never add up to "an event".
+    blob = b": keep-alive\n" * (MAX_EVENT_BYTES // 10) + b"data: [DONE]\n\n"
+    assert decode([blob]) == [Done()]
+
+
+# --- the end of the body -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("blob", "events"),
+    [
+        # Some compatible servers omit [DONE] after a chunk with finish_reason: that reply is whole.
+        (data_line(chunk([choice({"content": "x"})])) + data_line(chunk([choice({}, "stop")])),
+         [Delta("x"), Done("stop")]),
+        (data_line(chunk([choice({}, "stop")])) + data_line(chunk([], {"prompt_tokens": 1, "completion_tokens": 2,
+                                                                       "total_tokens": 3})),
+         [Done("stop", Usage(1, 2, 3))]),
+        # The last event's blank line (or its whole line end) may be missing at EOF.
+        (b"data: [DONE]", [Done()]),
+        (b"data: [DONE]\n", [Done()]),
+        (b"data: [DONE]\r", [Done()]),
+        (data_line(chunk([choice({}, "stop")]))[:-2], [Done("stop")]),
+        (b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":"stop"}]}', [Delta("x"), Done("stop")]),
+    ],
+    ids=["finish-reason-no-done", "finish-and-usage-no-done", "done-no-line-end", "done-no-blank-line",
+         "done-cr-only", "finish-no-line-end", "delta-and-finish-no-line-end"],
+)  # fmt: skip
+def test_end(blob: bytes, events: list[Event]) -> None:
+    assert decode([blob]) == events
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b": only a comment\n\n",
+        data_line(chunk([choice({"role": "assistant", "content": ""})])),
+        data_line(chunk([choice({"content": "half a rep"})])),
+        data_line(chunk([choice({"content": "x"})])) + b'data: {"choices":[{"delta":{"content":"y"}',
+        data_line(chunk([choice({}, None)])),
+    ],
+    ids=["empty-body", "comment-only", "role-only", "content-no-finish", "cut-mid-chunk", "null-finish-reason"],
+)
+def test_end_without_done_or_finish_reason_is_a_protocol_error(blob: bytes) -> None:
+    decoder = ChunkStreamDecoder()
+    decoder.feed(blob)
+    with pytest.raises(UpstreamProtocolError):
+        decoder.end()
+
+
+def test_feed_and_end_after_done_return_nothing() -> None:
+    decoder = ChunkStreamDecoder()
+    assert decoder.feed(b"data: [DONE]\n\n") == [Done()]
+    assert decoder.finished
+    assert decoder.feed(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') == []
+    assert decoder.feed(b"data: not json\n\n") == []
+    assert decoder.end() == []
+    assert decoder.end() == []
+
+
+def test_end_twice_after_finish_reason_returns_nothing_the_second_time() -> None:
+    decoder = ChunkStreamDecoder()
+    decoder.feed(data_line(chunk([choice({}, "stop")])))
+    assert decoder.end() == [Done("stop")]
+    assert decoder.end() == []
+    assert decoder.feed(b"data: [DONE]\n\n") == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    contents=st.lists(st.text(max_size=8), max_size=8),
+    line_end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    data=st.data(),
+)
+def test_any_content_in_any_chunking(contents: list[str], line_end: bytes, data: st.DataObject) -> None:
+    blob = b"".join(data_line({"choices": [{"delta": {"content": text}}]}) for text in contents)
+    blob = (blob + b"data: [DONE]\n\n").replace(b"\n", line_end)
+    cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=12))
+    assert decode(chunked(blob, cuts)) == [*(Delta(text) for text in contents if text), Done()]
