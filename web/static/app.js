@@ -1,0 +1,375 @@
+/**
+ * The llm-relay chat page: a reference client for both transports of `/api/chat`.
+ *
+ * - EventSource: `GET /api/chat?prompt=...`, Server-Sent Events. Deltas are default `message` events, the end is
+ *   `event: done`, a failure is `event: error` with JSON. On either terminal event the page calls `close()`:
+ *   otherwise the browser reconnects when the server ends the response and a second generation starts.
+ * - fetch NDJSON: `POST /api/chat` with the conversation so far, one JSON object per line, read with
+ *   `readNDJSON` (ndjson.js). Stop aborts the request, which closes the connection; the server then cancels the
+ *   upstream request.
+ *
+ * Model output is only ever inserted as text (Text nodes, textContent), never parsed as HTML.
+ * The server's settings arrive as a JSON data block (`#relay-settings`), rendered by server/page.py.
+ */
+
+import { NDJSONError, readNDJSON } from "./ndjson.js";
+
+const settings = JSON.parse(document.getElementById("relay-settings").textContent);
+const CHAT_URL = new URL(`${settings.apiBase}/chat`, document.baseURI);
+const TRANSPORTS = { sse: "EventSource", ndjson: "fetch NDJSON" };
+
+const $ = (id) => document.getElementById(id);
+const view = {
+  transcript: $("transcript"),
+  emptyHint: $("empty-hint"),
+  form: $("composer"),
+  prompt: $("prompt"),
+  send: $("send"),
+  stop: $("stop"),
+  newChat: $("new-chat"),
+  status: $("status"),
+  transport: $("stat-transport"),
+  ttft: $("stat-ttft"),
+  tokens: $("stat-tokens"),
+  rate: $("stat-rate"),
+  state: $("stat-state"),
+};
+
+/** Finished turns as {role, content}: what fetch mode sends, so a second question sees the first answer. */
+const history = [];
+/** The AbortController of the reply being streamed, or null. */
+let active = null;
+/** Bumped by "New chat", so that a reply still finishing does not join the new conversation. */
+let conversation = 0;
+
+// -- transports ------------------------------------------------------------------------------------------------
+// Each streams one reply into `sink.delta(text)` and resolves with its outcome, one of:
+//   {kind: "done", finish_reason, usage}     the reply is complete
+//   {kind: "stopped"}                        the user pressed Stop
+//   {kind: "error", error: {type, message}}  the server reported an error (in-band, or as an HTTP refusal)
+//   {kind: "connection-error", message}      no answer from the server: network, refusal EventSource hides
+
+function errorFrom(data) {
+  try {
+    const { error } = JSON.parse(data);
+    if (error && typeof error.type === "string") return { type: error.type, message: String(error.message ?? "") };
+  } catch {
+    // fall through: not the documented shape
+  }
+  return { type: "protocol_error", message: "the server sent an error this page cannot read" };
+}
+
+function viaEventSource(prompt, sink, signal) {
+  return new Promise((resolve) => {
+    const url = new URL(CHAT_URL);
+    url.searchParams.set("prompt", prompt);
+    // No withCredentials: the API never uses cookies, and CORS with credentials would need more than it allows.
+    const source = new EventSource(url);
+    let settled = false;
+    const finish = (outcome) => {
+      if (settled) return;
+      settled = true;
+      source.close();
+      signal.removeEventListener("abort", onAbort);
+      resolve(outcome);
+    };
+    const onAbort = () => finish({ kind: "stopped" });
+    signal.addEventListener("abort", onAbort);
+
+    source.addEventListener("message", (event) => {
+      try {
+        sink.delta(JSON.parse(event.data).content);
+      } catch {
+        finish({ kind: "error", error: { type: "protocol_error", message: "a delta event is not JSON" } });
+      }
+    });
+    source.addEventListener("done", (event) => {
+      let done = {};
+      try {
+        done = JSON.parse(event.data);
+      } catch {
+        // the reply is complete either way
+      }
+      finish({ kind: "done", finish_reason: done.finish_reason, usage: done.usage });
+    });
+    // One listener, two kinds of "error": the server's `event: error` is a MessageEvent with JSON data; a
+    // connection error is a plain Event without data. The server resumes nothing yet, so a reconnection would
+    // start the reply over: close in both cases.
+    source.addEventListener("error", (event) => {
+      if (event instanceof MessageEvent) {
+        finish({ kind: "error", error: errorFrom(event.data) });
+      } else if (source.readyState === EventSource.CLOSED) {
+        finish({
+          kind: "connection-error",
+          message:
+            "the server refused the stream or could not be reached (EventSource cannot show why; " +
+            "fetch NDJSON shows the server's reason)",
+        });
+      } else {
+        finish({ kind: "connection-error", message: "the connection was lost before the reply ended" });
+      }
+    });
+  });
+}
+
+async function refusal(response) {
+  // A refusal before streaming is an HTTP status with {"error": {type, message}} (and Retry-After on 429).
+  let error;
+  try {
+    error = errorFrom(await response.text());
+  } catch {
+    error = { type: "protocol_error", message: "" };
+  }
+  if (error.type === "protocol_error") error = { type: `http_${response.status}`, message: response.statusText };
+  const retryAfter = response.headers.get("Retry-After");
+  if (retryAfter) error.message += ` (retry after ${retryAfter} s)`;
+  return { kind: "error", error, status: response.status };
+}
+
+async function viaFetch(messages, sink, signal) {
+  let response;
+  try {
+    response = await fetch(CHAT_URL, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
+      body: JSON.stringify({ messages }),
+      signal,
+    });
+  } catch (err) {
+    if (signal.aborted) return { kind: "stopped" };
+    return { kind: "connection-error", message: `the request failed: ${err.message}` };
+  }
+  if (!response.ok) return refusal(response);
+  try {
+    for await (const item of readNDJSON(response.body)) {
+      switch (item.type) {
+        case "delta":
+          sink.delta(item.content);
+          break;
+        case "done":
+          return { kind: "done", finish_reason: item.finish_reason, usage: item.usage };
+        case "error":
+          return { kind: "error", error: errorFrom(JSON.stringify(item)) };
+        default:
+        // "ping" keeps a quiet connection open; other types are for later versions: skip both.
+      }
+    }
+  } catch (err) {
+    if (signal.aborted) return { kind: "stopped" };
+    if (err instanceof NDJSONError) return { kind: "error", error: { type: "protocol_error", message: err.message } };
+    return { kind: "connection-error", message: `the connection was lost: ${err.message}` };
+  }
+  return { kind: "connection-error", message: "the stream ended before its done line" };
+}
+
+// -- the transcript --------------------------------------------------------------------------------------------
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+/** One question and its reply. The reply grows as a single Text node: text in, never markup. */
+class Turn {
+  constructor(prompt, transport) {
+    this.text = "";
+    this.node = element("article", "turn");
+    const question = element("section", "message user");
+    question.append(element("h2", "who", "You"), element("p", "text", prompt));
+    this.answer = element("section", "message assistant");
+    this.answer.dataset.state = "streaming";
+    this.answer.dataset.transport = transport;
+    const who = element("h2", "who", settings.model);
+    who.append(element("span", "via", ` · ${TRANSPORTS[transport]}`));
+    this.body = element("p", "text reply");
+    this.textNode = document.createTextNode("");
+    this.body.append(this.textNode);
+    this.answer.append(who, this.body);
+    this.node.append(question, this.answer);
+  }
+
+  append(text) {
+    this.text += text;
+    this.textNode.appendData(text);
+  }
+
+  end(state) {
+    this.answer.dataset.state = state;
+  }
+
+  /** A problem shown in the reply: `kind` is "error" (the server said so) or "connection-error" (it said nothing). */
+  problem(kind, title, detail) {
+    const box = element("p", `problem ${kind}`);
+    box.setAttribute("role", "alert");
+    box.append(element("strong", "", title), document.createTextNode(` ${detail}`));
+    this.answer.append(box);
+  }
+}
+
+function scrolledToEnd() {
+  const t = view.transcript;
+  return t.scrollHeight - t.scrollTop - t.clientHeight < 48;
+}
+
+function keepAtEnd(wasAtEnd) {
+  if (wasAtEnd) view.transcript.scrollTop = view.transcript.scrollHeight;
+}
+
+// -- the status line -------------------------------------------------------------------------------------------
+
+class Meter {
+  constructor() {
+    this.started = performance.now();
+    this.first = null;
+    this.last = null;
+    this.tokens = 0;
+  }
+
+  token() {
+    const now = performance.now();
+    if (this.first === null) this.first = now;
+    this.last = now;
+    this.tokens += 1;
+  }
+
+  get ttft() {
+    return this.first === null ? "–" : `${Math.round(this.first - this.started)} ms`;
+  }
+
+  get rate() {
+    // Tokens after the first over the time they took: the pace of the stream itself, not of the model's start.
+    if (this.tokens < 2 || this.last <= this.first) return "–";
+    return ((this.tokens - 1) / ((this.last - this.first) / 1000)).toFixed(1);
+  }
+
+  get seconds() {
+    return `${((performance.now() - this.started) / 1000).toFixed(1)} s`;
+  }
+}
+
+function showStats(meter) {
+  view.ttft.textContent = meter.ttft;
+  view.tokens.textContent = String(meter.tokens);
+  view.rate.textContent = meter.rate;
+}
+
+function showState(state, text) {
+  view.status.dataset.state = state;
+  view.state.textContent = text;
+}
+
+function selectedTransport() {
+  return view.form.elements.transport.value === "ndjson" ? "ndjson" : "sse";
+}
+
+function setBusy(busy) {
+  view.send.disabled = busy;
+  view.stop.disabled = !busy;
+  view.transcript.setAttribute("aria-busy", String(busy));
+  for (const input of view.form.elements.transport) input.disabled = busy;
+}
+
+// -- sending ---------------------------------------------------------------------------------------------------
+
+async function send(prompt) {
+  const transport = selectedTransport();
+  const startedIn = conversation;
+  const turn = new Turn(prompt, transport);
+  const meter = new Meter();
+  const controller = new AbortController();
+  active = controller;
+  view.emptyHint.hidden = true;
+  const wasAtEnd = scrolledToEnd();
+  view.transcript.append(turn.node);
+  keepAtEnd(wasAtEnd);
+  view.transport.textContent = TRANSPORTS[transport];
+  showStats(meter);
+  showState("streaming", "waiting for the first token…");
+  setBusy(true);
+
+  const sink = {
+    delta(text) {
+      if (typeof text !== "string") return;
+      const atEnd = scrolledToEnd();
+      if (meter.first === null) showState("streaming", "streaming…");
+      meter.token();
+      turn.append(text);
+      showStats(meter);
+      keepAtEnd(atEnd);
+    },
+  };
+  // The server caps the number of messages; the newest ones matter most.
+  const messages = [...history, { role: "user", content: prompt }].slice(-settings.maxMessages);
+  const outcome =
+    transport === "sse"
+      ? await viaEventSource(prompt, sink, controller.signal)
+      : await viaFetch(messages, sink, controller.signal);
+
+  active = null;
+  showStats(meter);
+  turn.end(outcome.kind);
+  switch (outcome.kind) {
+    case "done":
+      showState("done", `done · ${outcome.finish_reason ?? "?"} · ${meter.seconds}`);
+      break;
+    case "stopped":
+      showState("stopped", `stopped after ${meter.seconds}`);
+      break;
+    case "error":
+      turn.problem("error", "The server reported an error:", `${outcome.error.type}: ${outcome.error.message}`);
+      showState("error", `error · ${outcome.error.type}`);
+      break;
+    default:
+      turn.problem("connection-error", "Connection error:", outcome.message);
+      showState("connection-error", "connection error");
+  }
+  // A stopped reply stays in the conversation as far as it got; a failed turn is left out, so it can be retried.
+  if ((outcome.kind === "done" || outcome.kind === "stopped") && turn.text && startedIn === conversation) {
+    history.push({ role: "user", content: prompt }, { role: "assistant", content: turn.text });
+  }
+  keepAtEnd(wasAtEnd || scrolledToEnd());
+  setBusy(false);
+  view.prompt.focus();
+}
+
+view.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const prompt = view.prompt.value;
+  if (active || !prompt.trim()) return;
+  view.prompt.value = "";
+  send(prompt);
+});
+
+view.prompt.addEventListener("keydown", (event) => {
+  // Enter sends, Shift+Enter is a new line; not while an input method is composing a character.
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    if (!active) view.form.requestSubmit();
+  }
+});
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && active) active.abort();
+});
+
+view.stop.addEventListener("click", () => active?.abort());
+
+view.newChat.addEventListener("click", () => {
+  active?.abort();
+  conversation += 1;
+  history.length = 0;
+  for (const turn of view.transcript.querySelectorAll(".turn")) turn.remove();
+  view.emptyHint.hidden = false;
+  showState("idle", "ready");
+  view.prompt.focus();
+});
+
+view.form.addEventListener("change", (event) => {
+  if (event.target.name === "transport" && !active) view.transport.textContent = TRANSPORTS[selectedTransport()];
+});
+
+view.prompt.maxLength = settings.maxMessageChars;
+view.transport.textContent = TRANSPORTS[selectedTransport()];
+document.documentElement.dataset.ready = "true";
