@@ -11,6 +11,7 @@ when the URL carries the content hash the page links with (``?v=...``): those ar
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,16 @@ from .config import Config
 
 __all__ = ["PAGE_TEMPLATES", "STATIC_ROUTE", "WEB_DIR", "PageSettings", "content_security_policy", "setup_page"]
 
-WEB_DIR: Final = Path(__file__).resolve().parent.parent / "web"
+def _find_web_dir() -> Path:
+    # A source checkout (and an editable install) has web/ beside server/; a wheel installs it as data files
+    # under <prefix>/share/llm-relay/web (setup.cfg [options.data_files]).
+    beside = Path(__file__).resolve().parent.parent / "web"
+    if beside.is_dir():
+        return beside
+    return Path(sys.prefix) / "share" / "llm-relay" / "web"
+
+
+WEB_DIR: Final = _find_web_dir()
 # Own keys and route name, so that mounting the page into a host app never clobbers the host's Jinja environment
 # or its own "static" route.
 PAGE_TEMPLATES: Final = web.AppKey("llm_relay_templates", jinja2.Environment)
