@@ -25,7 +25,9 @@ def _event_loop_factory(config: Config) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our own events at INFO; libraries (httpx logs every upstream request at INFO) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("llm_relay").setLevel(logging.INFO)
     _event_loop_factory(config)
     provider = config.resolved_provider
     where = "the built-in demo model (simulated replies)" if provider == "demo" else "an OpenAI-compatible upstream"

@@ -61,6 +61,7 @@ def _stream_settings(config: Config) -> StreamSettings:
         idle_timeout=config.idle_timeout,
         total_timeout=config.total_timeout,
         write_timeout=config.write_timeout,
+        send_buffer=config.send_buffer,
         keepalive_interval=config.heartbeat,
         flush_window=config.flush_window,
         flush_bytes=config.flush_bytes,

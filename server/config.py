@@ -35,6 +35,7 @@ class Config:
     idle_timeout: float = 60.0
     total_timeout: float = 600.0
     write_timeout: float = 10.0
+    send_buffer: int = 0
     heartbeat: float = 15.0
     ndjson_keepalive: bool = False
     # Flush policy: 0/0 writes every frame the moment it exists; otherwise frames are held until the window
@@ -160,6 +161,12 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("idle-timeout", "longest gap between tokens, seconds (0 = no limit)", _non_negative(float)),
     _Option("total-timeout", "longest stream, seconds (0 = no limit)", _non_negative(float)),
     _Option("write-timeout", "seconds a client may stop reading before it is dropped", _non_negative(float)),
+    _Option(
+        "send-buffer",
+        "fix each stream socket's kernel send buffer to this many bytes, bounding what a client that stops "
+        "reading can hold in the kernel (0 = the kernel's autotuning)",
+        _non_negative(int),
+    ),
     _Option(
         "heartbeat",
         "seconds between SSE heartbeat comments on a quiet stream (0 = off)",

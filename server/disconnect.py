@@ -71,13 +71,31 @@ def _set_user_timeout(transport: asyncio.BaseTransport, milliseconds: int) -> in
     return previous
 
 
+def _set_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    # A fixed SO_SNDBUF turns off the kernel's send-buffer autotuning for this connection, which otherwise lets a
+    # client that stops reading park megabytes in kernel memory before our write timeout can even start.
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except (OSError, AttributeError):
+        return
+
+
 @contextmanager
 def watch_disconnect(
-    request: web.BaseRequest, on_lost: Callable[[], None], *, user_timeout: float = 0.0
+    request: web.BaseRequest,
+    on_lost: Callable[[], None],
+    *,
+    user_timeout: float = 0.0,
+    send_buffer: int = 0,
 ) -> Iterator[None]:
     """Call `on_lost` (once, from the event loop) if the client's connection closes inside this block.
 
     With `user_timeout` (seconds), a peer that stops acknowledging data for that long is treated as gone too.
+    With `send_buffer` (bytes), the connection's kernel send buffer is fixed at that size (it stays so for the
+    rest of the connection: the kernel cannot return a socket to autotuning).
     """
     transport = request.transport
     if transport is None or transport.is_closing():
@@ -90,6 +108,8 @@ def watch_disconnect(
     tap = _DisconnectTap(inner, on_lost)
     transport.set_protocol(tap)
     previous_timeout = _set_user_timeout(transport, int(user_timeout * 1000)) if user_timeout > 0 else None
+    if send_buffer > 0:
+        _set_send_buffer(transport, send_buffer)
     try:
         yield
     finally:

@@ -1,6 +1,6 @@
 """Entry point for gunicorn's aiohttp workers, configured from the environment (``LLM_RELAY_*``, ``OPENAI_*``):
 
-    gunicorn server.gunicorn:app --worker-class aiohttp.GunicornUVLoopWebWorker --workers 4 --bind 127.0.0.1:8080
+gunicorn server.gunicorn:app --worker-class aiohttp.GunicornUVLoopWebWorker --workers 4 --bind 127.0.0.1:8080
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from .config import Config
 
 __all__ = ["PAGE_TEMPLATES", "STATIC_ROUTE", "WEB_DIR", "PageSettings", "content_security_policy", "setup_page"]
 
+
 def _find_web_dir() -> Path:
     # A source checkout (and an editable install) has web/ beside server/; a wheel installs it as data files
     # under <prefix>/share/llm-relay/web (setup.cfg [options.data_files]).

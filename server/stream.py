@@ -36,8 +36,8 @@ log = logging.getLogger("llm_relay.stream")
 
 # What a stream may hold for a slow consumer before its provider task waits (and so stops reading the upstream):
 # the memory a client that stopped reading can cost us, on top of the transport's high-water mark.
-CHANNEL_CAPACITY = 1024  # events
-CHANNEL_CAPACITY_CHARS = 64 * 1024  # characters of content
+CHANNEL_CAPACITY = 512  # events
+CHANNEL_CAPACITY_CHARS = 16 * 1024  # characters of content
 PRODUCER_DRAIN_GRACE = 0.5  # after the end, time for the provider to read the upstream body to its end
 
 
@@ -49,6 +49,7 @@ class StreamSettings:
     idle_timeout: float = 60.0
     total_timeout: float = 600.0
     write_timeout: float = 10.0
+    send_buffer: int = 0
     keepalive_interval: float = 15.0
     flush_window: float = 0.0
     flush_bytes: int = 0
@@ -231,7 +232,12 @@ class RelayStream:
 
     async def run(self, request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        with watch_disconnect(request, self._on_client_lost, user_timeout=self.settings.write_timeout):
+        with watch_disconnect(
+            request,
+            self._on_client_lost,
+            user_timeout=self.settings.write_timeout,
+            send_buffer=self.settings.send_buffer,
+        ):
             self._producer = loop.create_task(self._produce(), name=f"llm-relay provider {self.id}")
             try:
                 return await self._consume(request, loop)

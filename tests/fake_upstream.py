@@ -202,7 +202,7 @@ class FakeUpstream:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    tokens = [f" tok{i}" for i in range(args.tokens)]
+    tokens = [f" tok{i}".ljust(args.token_bytes, ".") for i in range(args.tokens)]
     upstream = FakeUpstream(Behavior(tokens=tokens, delay=args.delay, chaos=args.chaos))
     url = await upstream.start(args.host, args.port)
     print(f"fake upstream at {url}", flush=True)
@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9001)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--token-bytes", type=int, default=0, help="pad every token to this length")
     parser.add_argument("--chaos", type=float, default=0.0, help="share of requests that get a random fault")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 
@@ -44,8 +45,15 @@ def make_openai_client(
     max_connections: int | None = None,
 ) -> openai.AsyncOpenAI:
     """An `AsyncOpenAI` client for streaming: no read timeout (the relay's own first-token and idle timeouts
-    apply) and a connection pool as large as the number of streams the server admits."""
-    http_client = openai.DefaultAsyncHttpxClient(
+    apply) and a connection pool as large as the number of streams the server admits.
+
+    The HTTP transport is aiohttp (the package's own ``DefaultAioHttpClient``), not its default httpx/anyio one:
+    anyio's socket stream queues whatever the event loop reads without limit, and under uvloop (which reads up to
+    32 times per wake-up) a stream whose client stopped reading buffered ~2 MB of upstream data. aiohttp's reader
+    pauses the socket above its high-water mark, so a stalled stream holds a bounded amount; it is also cheaper.
+    Its errors reach us mapped to the httpx exception types, so the failure mapping below is the same.
+    """
+    http_client = openai.DefaultAioHttpClient(
         timeout=httpx2.Timeout(None, connect=connect_timeout),
         limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=100),
     )
@@ -66,6 +74,22 @@ def _retry_after(headers: httpx2.Headers) -> float | None:
     except ValueError:
         return None  # an HTTP-date: rare from model APIs; the client gets no hint rather than a wrong one
     return seconds if seconds >= 0 else None
+
+
+def _refused(exc: BaseException) -> bool:
+    """A connection that was refused or could not resolve, reported as a connect *timeout*.
+
+    The aiohttp transport maps every ``aiohttp.ClientConnectionError`` to ``httpx.ConnectTimeout``, refusals and
+    DNS failures included; the original error is still in the chain of causes.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, aiohttp.ClientConnectorError) and not isinstance(seen, aiohttp.ServerTimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _status_error(exc: openai.APIStatusError) -> RelayError:
@@ -116,7 +140,9 @@ class OpenAIProvider:
                 tail = decoder.end()
                 if tail:
                     yield tail
-        except openai.APITimeoutError:
+        except openai.APITimeoutError as exc:
+            if _refused(exc):
+                raise UpstreamUnavailable("could not reach the model provider") from None
             raise UpstreamTimeout("the model provider did not answer in time") from None
         except openai.APIConnectionError:
             raise UpstreamUnavailable("could not reach the model provider") from None
