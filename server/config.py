@@ -195,10 +195,11 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("shutdown-grace", "seconds open streams get to finish on shutdown", _non_negative(float)),
     _Option("uvloop", "use uvloop when it is installed", _bool, field="use_uvloop"),
     _Option("reuse-port", "listen with SO_REUSEPORT, so several processes can share the port", _bool),
-    _Option("rate", "requests a client may start per time, e.g. 2/s or 30/m"),
+    _Option("rate", "requests a client may start per time, e.g. 2/s or 30/m (0/s = no rate limit)"),
     _Option("burst", "requests a client may start at once before the rate applies", _non_negative(int)),
-    _Option("max-streams-per-client", "concurrent streams per client", _non_negative(int)),
-    _Option("max-streams", "concurrent streams in all", _non_negative(int)),
+    _Option("max-streams-per-client", "concurrent streams per client (0 = no cap)", _non_negative(int)),
+    _Option("max-streams", "concurrent streams in all (0 = no cap)", _non_negative(int)),
+    _Option("max-tracked-clients", "client buckets kept in memory (in process)", _non_negative(int)),
     _Option("redis-url", "share limits between processes through this Redis, e.g. redis://127.0.0.1:6379/0"),
     _Option("redis-fail-open", "admit requests when Redis is unreachable (false: refuse them)", _bool),
     _Option(
@@ -273,6 +274,13 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             parse_rate(values["rate"])
         except ValueError as exc:
             parser.error(f"--rate: {exc}")
+    if "trusted_proxies" in values:
+        from .client_key import parse_networks
+
+        try:
+            parse_networks(values["trusted_proxies"])
+        except ValueError as exc:
+            parser.error(str(exc))
     return Config(**values)
 
 
