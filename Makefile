@@ -35,7 +35,9 @@ js-test: system-deps
 
 test: lint typecheck unit js-test
 
+# The peers (aiohttp-sse, sse-starlette, uvicorn, FastAPI, Flask, gunicorn) come with the bench extra.
 bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench $(ARGS)
 
 # SOAK_SECONDS=120 by default; -s shows the figures.

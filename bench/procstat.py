@@ -1,0 +1,79 @@
+"""CPU time and memory of a server's process tree, read from /proc (Linux only).
+
+The tree, not the pid alone: gunicorn serves from a worker process forked by its master.
+"""
+
+from __future__ import annotations
+
+import os
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    # /proc/<pid>/task/<tid>/children needs CONFIG_PROC_CHILDREN, which this kernel lacks: scan every process.
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces: the fields start after the last ')'.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    tree = [pid]
+    index = 0
+    while index < len(tree):
+        tree.extend(_children(tree[index]))
+        index += 1
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of `pids` (fields 14 and 15 of /proc/<pid>/stat), in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / _TICK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident set size (VmRSS of /proc/<pid>/status) of `pids`, summed, in bytes."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def core_busy_seconds(core: str) -> float:
+    """Busy time of one core (``cpu0``) from /proc/stat: everything but idle and iowait, in seconds."""
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(core.encode() + b" "):
+                values = [int(v) for v in line.split()[1:]]
+                idle = values[3] + values[4]
+                # guest time is already counted in user time
+                return (sum(values[:8]) - idle) / _TICK
+    return 0.0

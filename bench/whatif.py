@@ -1,0 +1,83 @@
+"""What-if variants of our server for the relay scenarios: measured proposals for server/, not shipped code.
+
+``python -m bench.ours --bench-variant NAME ...`` applies one before the server starts:
+
+* ``aiohttp-provider``: the upstream read with ``aiohttp.ClientSession`` directly, decoded by our own
+  `ChunkStreamDecoder`, with no openai or httpx objects per request or per chunk (our server already runs the
+  openai client on aiohttp, ``openai.DefaultAioHttpClient``; this goes one step further). A prototype: it maps only
+  the errors the bench can produce, so it shows what the hot path would cost, not a finished provider.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+VARIANTS = ("aiohttp-provider",)
+
+
+class AiohttpProvider:
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        }
+        self._session: Any = None
+
+    async def stream(self, request: Any) -> AsyncGenerator[Sequence[Any], None]:
+        import aiohttp
+
+        from server.errors import UpstreamError, UpstreamUnavailable
+        from server.upstream_sse import ChunkStreamDecoder
+
+        if self._session is None:
+            # No pool limit and no total timeout: the relay's own clocks bound a stream, as with the openai client.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            )
+        body = {
+            "model": request.model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            async with self._session.post(self._url, data=json.dumps(body).encode(), headers=self._headers) as response:
+                if response.status != 200:
+                    raise UpstreamError(f"the model provider answered HTTP {response.status}")
+                decoder = ChunkStreamDecoder()
+                async for data in response.content.iter_any():
+                    events = decoder.feed(data)
+                    if events:
+                        yield events
+                tail = decoder.end()
+                if tail:
+                    yield tail
+        except aiohttp.ClientError:
+            raise UpstreamUnavailable("could not reach the model provider") from None
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def apply(name: str) -> None:
+    if name == "aiohttp-provider":
+        import server.app
+
+        original = server.app.build_provider
+
+        def build_provider(config: Any) -> Any:
+            if config.resolved_provider == "openai":
+                return AiohttpProvider(config.base_url, config.api_key or "unused")
+            return original(config)
+
+        server.app.build_provider = build_provider
+    else:
+        raise SystemExit(f"unknown bench variant {name!r}; known: {', '.join(VARIANTS)}")
