@@ -165,6 +165,12 @@ def error_response(error: RelayError, extra_headers: dict[str, str] | None = Non
 class RelayStream:
     """A stream's identity (id, event sequence) and life (provider task, consumer, clocks)."""
 
+    # Thousands of these live at once on a busy server; slots keep each one small.
+    __slots__ = (
+        "_channel", "_client_gone", "_high_water", "_producer", "_response", "_shutdown", "chat", "extra_headers",
+        "framing", "id", "keepalive", "outcome", "provider", "seq", "settings",
+    )  # fmt: skip
+
     def __init__(
         self,
         provider: Provider,

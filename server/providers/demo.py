@@ -7,6 +7,7 @@ trip, and says plainly that it is simulated.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import AsyncGenerator, Sequence
 
@@ -37,8 +38,12 @@ _BODY = (
 )
 
 
-def demo_reply(request: ChatRequest) -> str:
-    """The full text the demo model answers `request` with."""
+# The body is the same for every reply: tokenized once, shared by every stream (an idle stream then holds only
+# its opening's few tokens, not a list of a few hundred).
+_BODY_TOKENS: tuple[str, ...] = tuple(_TOKEN.findall("\n\n" + _BODY))
+
+
+def _opening(request: ChatRequest) -> str:
     prompt = " ".join(request.last_user_text.split())
     if len(prompt) > _QUOTE_LIMIT:
         prompt = prompt[:_QUOTE_LIMIT].rstrip() + "…"
@@ -46,11 +51,17 @@ def demo_reply(request: ChatRequest) -> str:
     opening = f"You asked: “{prompt}”"
     if turn > 1:
         opening += f" (your message {turn} in this conversation)"
-    return opening + ".\n\n" + _BODY
+    return opening + "."
+
+
+def demo_reply(request: ChatRequest) -> str:
+    """The full text the demo model answers `request` with."""
+    return _opening(request) + "\n\n" + _BODY
 
 
 def demo_tokens(request: ChatRequest) -> list[str]:
-    return _TOKEN.findall(demo_reply(request))
+    """The tokens of `demo_reply`, in order; joined, they are the reply."""
+    return [*_TOKEN.findall(_opening(request)), *_BODY_TOKENS]
 
 
 class DemoProvider:
@@ -62,22 +73,24 @@ class DemoProvider:
         self.delay = delay
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
-        tokens = demo_tokens(request)
+        opening = _TOKEN.findall(_opening(request))
+        count = len(opening) + len(_BODY_TOKENS)
         finish = "stop"
-        if request.max_tokens is not None and len(tokens) > request.max_tokens:
-            tokens = tokens[: request.max_tokens]
+        if request.max_tokens is not None and count > request.max_tokens:
+            count = request.max_tokens
             finish = "length"
+        tokens = itertools.islice(itertools.chain(opening, _BODY_TOKENS), count)
         prompt_tokens = sum(len(_TOKEN.findall(m.content)) for m in request.messages)
-        done = Done(finish, Usage(prompt_tokens, len(tokens), prompt_tokens + len(tokens)))
+        done = Done(finish, Usage(prompt_tokens, count, prompt_tokens + count))
         if self.delay <= 0:
-            for start in range(0, len(tokens), _BATCH_AT_FULL_SPEED):
-                yield [Delta(t) for t in tokens[start : start + _BATCH_AT_FULL_SPEED]]
+            while batch := [Delta(t) for t in itertools.islice(tokens, _BATCH_AT_FULL_SPEED)]:
+                yield batch
                 await asyncio.sleep(0)
             yield [done]
             return
         loop = asyncio.get_running_loop()
         started = loop.time()
-        last = len(tokens) - 1
+        last = count - 1
         for index, token in enumerate(tokens):
             # Sleep until the token's due time rather than for a fixed delay, so the pace does not drift
             # when the loop is busy: a late token is followed by an earlier one.
@@ -86,7 +99,7 @@ class DemoProvider:
             if wait > 0:
                 await asyncio.sleep(wait)
             yield [Delta(token), done] if index == last else [Delta(token)]
-        if not tokens:
+        if not count:
             yield [done]
 
     async def aclose(self) -> None:
