@@ -246,7 +246,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"{meta['load_after']} after; other processes used {_num(noise.median)}% of the server's core during the "
         f"median measurement (up to {_num(noise.high)}%). Versions: {meta['versions']}.",
         "",
-        "Reproduce with `make bench` (see docs/bench.md for what each number means).",
+        "Reproduce with `make bench` (the README's Benchmarks section says what each number means).",
         "",
         "## Targets",
         "",
