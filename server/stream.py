@@ -20,7 +20,7 @@ import contextlib
 import logging
 import secrets
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -30,7 +30,7 @@ from .disconnect import watch_disconnect
 from .errors import RelayError, StreamTimeout
 from .events import Delta, Error, Event
 from .framing import Framing, encode_sse, json_bytes
-from .providers.base import Provider
+from .providers.base import Provider, collect_aborts
 
 log = logging.getLogger("llm_relay.stream")
 
@@ -167,8 +167,8 @@ class RelayStream:
 
     # Thousands of these live at once on a busy server; slots keep each one small.
     __slots__ = (
-        "_channel", "_client_gone", "_high_water", "_producer", "_response", "_shutdown", "chat", "extra_headers",
-        "framing", "id", "keepalive", "outcome", "provider", "seq", "settings",
+        "_aborts", "_channel", "_client_gone", "_high_water", "_producer", "_response", "_shutdown", "chat",
+        "extra_headers", "framing", "id", "keepalive", "outcome", "provider", "seq", "settings",
     )  # fmt: skip
 
     def __init__(
@@ -197,10 +197,12 @@ class RelayStream:
         self._client_gone = False
         self._shutdown = False
         self._high_water = 0
+        self._aborts: list[Callable[[], None]] = []
 
     # -- the provider task ------------------------------------------------------------------------------------
 
     async def _produce(self) -> None:
+        collect_aborts(self._aborts)  # this task's own context: the provider's on_abort() lands here
         failure: RelayError | None = None
         try:
             async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
@@ -225,6 +227,11 @@ class RelayStream:
     def _on_client_lost(self) -> None:
         # Called from the transport's connection_lost: cancel the upstream now, not at the next write.
         self._client_gone = True
+        for abort in self._aborts:
+            try:
+                abort()
+            except Exception:  # a failed early close only means the cancellation below does the work
+                log.exception("stream %s: the provider's abort callback failed", self.id)
         self._stop_producer()
         self._channel.close()
 

@@ -16,6 +16,7 @@ from server.app import create_app, create_relay_app
 from server.chat_request import ChatRequest
 from server.config import Config
 from server.events import Delta, Done, Event
+from server.providers.base import on_abort
 from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
@@ -284,3 +285,28 @@ async def test_half_open_peers_are_bounded_by_tcp_user_timeout(serve: ServeApp, 
         await resp.read()
     assert await api[RELAY].streams.wait_empty(5)
     assert user_timeout() == 0  # the keep-alive connection gets its old setting back
+
+
+async def test_a_providers_abort_callback_runs_when_the_client_leaves(serve: ServeApp) -> None:
+    aborted = asyncio.Event()
+
+    class AbortingProvider(ScriptedProvider):
+        async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
+            on_abort(aborted.set)
+            async for batch in super().stream(request):
+                yield batch
+
+    provider = AbortingProvider()
+    host = web.Application()
+    host.add_subapp("/api", create_relay_app(BASE, provider=provider))
+    base = await serve(host)
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(http.get(f"{base}/api/chat", params={"prompt": "x"}))
+        await provider.started.wait()
+        await provider.batches.put([Delta("first")])
+        resp = await request
+        await resp.content.readuntil(b"\n\n")
+        assert not aborted.is_set()
+        resp.close()
+        await asyncio.wait_for(aborted.wait(), 5)
+        await asyncio.wait_for(provider.closed.wait(), 5)

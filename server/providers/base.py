@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextvars import ContextVar
 from typing import Protocol
 
 from ..chat_request import ChatRequest
@@ -21,3 +22,21 @@ class Provider(Protocol):
     def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]: ...
 
     async def aclose(self) -> None: ...
+
+
+# A provider may register synchronous callbacks that release its upstream at once (close the socket) for the
+# stream it is serving. The relay calls them from the disconnect callback itself, before the provider task's
+# cancellation has worked its way through a busy event loop, so the upstream learns within the same loop turn.
+_abort_callbacks: ContextVar[list[Callable[[], None]] | None] = ContextVar("llm_relay_abort", default=None)
+
+
+def on_abort(callback: Callable[[], None]) -> None:
+    """Register `callback` to run (once, synchronously) if the client leaves; a no-op outside a relayed stream."""
+    callbacks = _abort_callbacks.get()
+    if callbacks is not None:
+        callbacks.append(callback)
+
+
+def collect_aborts(callbacks: list[Callable[[], None]]) -> None:
+    """Make `callbacks` the list `on_abort` appends to, for the current task's context."""
+    _abort_callbacks.set(callbacks)

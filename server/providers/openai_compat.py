@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..events import Event
 from ..upstream_sse import ChunkStreamDecoder
+from .base import on_abort
 
 
 def make_openai_client(
@@ -92,6 +93,17 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+def _abort_with(response: openai.AsyncAPIResponse[Any]) -> None:
+    """Let the relay close the upstream socket synchronously the moment its client leaves.
+
+    With the aiohttp transport, the body stream wraps an ``aiohttp.ClientResponse`` whose ``close()`` drops the
+    connection at once. Anything else (another transport, a renamed attribute) is left to the cancellation path.
+    """
+    raw = getattr(response.http_response.stream, "_aiohttp_response", None)
+    if isinstance(raw, aiohttp.ClientResponse):
+        on_abort(raw.close)
+
+
 def _status_error(exc: openai.APIStatusError) -> RelayError:
     status = exc.status_code
     if status == 429:
@@ -131,6 +143,7 @@ class OpenAIProvider:
             # Leaving this block in any way (end, error, or the relay closing the generator because the client
             # left) closes the HTTP response; an unfinished body cannot be reused, so the connection goes too.
             async with create(**self._arguments(request)) as response:
+                _abort_with(response)
                 decoder = ChunkStreamDecoder()
                 async for data in response.iter_bytes():
                     events = decoder.feed(data)
