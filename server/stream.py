@@ -239,7 +239,12 @@ class RelayStream:
         """End this stream soon with an in-band ``server_shutdown`` error (graceful shutdown)."""
         self._shutdown = True
         self._stop_producer()
-        self._channel.close(ServerShuttingDown("the server is restarting; reconnect to continue"))
+        self._channel.close(
+            ServerShuttingDown(
+                "the server is restarting; try again shortly",
+                retry_after=self.settings.reconnect_hint_ms / 1000,
+            )
+        )
 
     # -- the consumer -----------------------------------------------------------------------------------------
 
@@ -293,10 +298,10 @@ class RelayStream:
                     deadlines.append(started + settings.first_token_timeout)
             elif settings.idle_timeout:
                 deadlines.append(last_event_at + settings.idle_timeout)
-            if self.keepalive:
-                deadlines.append(last_write_at + settings.keepalive_interval)
             if held:
                 deadlines.append(held_since + settings.flush_window)
+            elif self.keepalive:  # held frames will go out soon anyway; no heartbeat is due then
+                deadlines.append(last_write_at + settings.keepalive_interval)
             deadline = min(deadlines) if deadlines else None
             if not channel.ready and (deadline is None or deadline > now):
                 await channel.wait(deadline)
@@ -358,14 +363,12 @@ class RelayStream:
             data = held[0] if len(held) == 1 else b"".join(held)
             held.clear()
             held_size = 0
-            if not await self._write(request, data):
+            if not await self._write(request, data, last=terminal is not None):
                 return self._response or web.Response(status=499)
             last_write_at = loop.time()
             if terminal is not None:
                 self._set_outcome(terminal)
                 assert self._response is not None
-                with contextlib.suppress(ConnectionError):
-                    await self._response.write_eof()
                 return self._response
 
     def _set_outcome(self, terminal: Event) -> None:
@@ -412,20 +415,27 @@ class RelayStream:
             self._high_water = request.transport.get_write_buffer_limits()[1]
         return response
 
-    async def _write(self, request: web.Request, data: bytes) -> bool:
-        """Write `data`; False if the client is gone or too slow (the stream is over then)."""
+    async def _write(self, request: web.Request, data: bytes, *, last: bool = False) -> bool:
+        """Write `data` (with the end of the body when `last`); False if the client is gone or too slow."""
         try:
             response = self._response or await self._prepare(request)
             transport = request.transport
-            if transport is not None and transport.get_write_buffer_size() + len(data) < self._high_water:
-                # Below the transport's high-water mark the protocol cannot be paused, so this write cannot
-                # wait on drain: no timer needed on the hot path.
+            if (
+                not last
+                and transport is not None
+                and not request.protocol.writing_paused
+                and transport.get_write_buffer_size() + len(data) < self._high_water
+            ):
+                # Not paused, and still below the high-water mark after this write: the protocol cannot pause,
+                # so the write cannot wait on drain and needs no timer on the hot path. (Once paused, it stays
+                # paused down to the low-water mark, hence the explicit check.)
                 await response.write(data)
             elif self.settings.write_timeout:
+                # write_eof() always drains, so the last write runs under the timer too.
                 async with asyncio.timeout(self.settings.write_timeout):
-                    await response.write(data)
+                    await (response.write_eof(data) if last else response.write(data))
             else:
-                await response.write(data)
+                await (response.write_eof(data) if last else response.write(data))
         except TimeoutError:
             # The client stopped reading: drop it rather than hold a growing buffer for it.
             self.outcome = "slow_client"

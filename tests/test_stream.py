@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
 import aiohttp
@@ -310,3 +311,23 @@ async def test_a_providers_abort_callback_runs_when_the_client_leaves(serve: Ser
         resp.close()
         await asyncio.wait_for(aborted.wait(), 5)
         await asyncio.wait_for(provider.closed.wait(), 5)
+
+
+async def test_held_frames_do_not_spin_the_loop_when_a_heartbeat_is_overdue(
+    serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    config = BASE.with_changes(heartbeat=0.05, flush_window=0.5)
+    base, provider, _ = await _serve_scripted(serve, config)
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert await resp.content.readuntil(b"\n\n") == b": ping\n\n"
+        await asyncio.sleep(0.04)  # the next heartbeat is nearly due
+        cpu_before = time.process_time()
+        await provider.batches.put([Delta("a")])  # held for the 0.5 s window, while the heartbeat falls due
+        await asyncio.sleep(0.4)
+        cpu_spent = time.process_time() - cpu_before
+        # A loop that spun while the frame was held would burn most of that time (client and server share this
+        # process); a parked one uses almost none.
+        assert cpu_spent < 0.2
+        await provider.batches.put([Done("stop")])
+        events = sse_events(await resp.read())
+    assert [kind for kind, _, _ in events] == ["message", "done"]
