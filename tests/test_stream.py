@@ -166,7 +166,8 @@ async def test_idle_timeout_mid_stream_is_an_in_band_error_and_closes_the_upstre
     fake_upstream.behavior = Behavior(tokens=["a", "b", "c"], fault="stall", fault_after=2)
     base = await serve(create_app(upstream_config(fake_upstream, idle_timeout=0.2)))
     async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
-        events = sse_events(await resp.read())
+        # Far below the 60 s first-token timeout: the idle clock, not that one, must end the stream.
+        events = sse_events(await asyncio.wait_for(resp.read(), 10))
     assert [kind for kind, _, _ in events] == ["message", "message", "error"]
     assert events[-1][1]["error"]["type"] == "timeout"
     await asyncio.wait_for(fake_upstream.last.client_gone.wait(), 5)
