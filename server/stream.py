@@ -97,10 +97,6 @@ class _Channel:
             finally:
                 self._producer_waiter = None
 
-    def poke(self) -> None:
-        """Wake the consumer without giving it anything (it re-reads the stream's state)."""
-        self._wake_consumer()
-
     def close(self, failure: RelayError | None = None) -> None:
         if self.closed:
             return
@@ -171,8 +167,7 @@ class RelayStream:
 
     # Thousands of these live at once on a busy server; slots keep each one small.
     __slots__ = (
-        "_aborts", "_channel", "_client_gone", "_high_water", "_last_event_at", "_last_write_at", "_producer",
-        "_request", "_response", "_shutdown", "_terminal_sent", "_waiting_for_writer", "_writing", "chat",
+        "_aborts", "_channel", "_client_gone", "_high_water", "_producer", "_response", "_shutdown", "chat",
         "extra_headers", "framing", "id", "keepalive", "outcome", "provider", "seq", "settings",
     )  # fmt: skip
 
@@ -203,13 +198,6 @@ class RelayStream:
         self._shutdown = False
         self._high_water = 0
         self._aborts: list[Callable[[], None]] = []
-        self._request: web.Request | None = None
-        # One writer at a time: the consumer, or the provider task writing its own batch (see _deliver).
-        self._writing = False
-        self._waiting_for_writer = False
-        self._terminal_sent: Event | None = None
-        self._last_event_at: float | None = None
-        self._last_write_at = 0.0
 
     # -- the provider task ------------------------------------------------------------------------------------
 
@@ -219,12 +207,7 @@ class RelayStream:
         try:
             async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
                 async for batch in batches:
-                    if self._terminal_sent is not None:
-                        continue  # reading on to the upstream's end only, for connection reuse
-                    if self._can_deliver():
-                        await self._deliver(batch)
-                    else:
-                        await self._channel.put(batch)
+                    await self._channel.put(batch)
         except RelayError as exc:
             failure = exc
         except asyncio.CancelledError:
@@ -234,51 +217,6 @@ class RelayStream:
             failure = InternalError("the relay failed while generating the reply")
         finally:
             self._channel.close(failure)
-
-    def _can_deliver(self) -> bool:
-        # The provider task writes a batch itself, saving a hand-off to the consumer task (a whole event-loop
-        # iteration on a busy server), when nothing is queued before it, nobody else is writing and frames are not
-        # being held for a flush window.
-        return (
-            not self._writing
-            and not self._channel.ready
-            and not self.settings.flush_window
-            and not self._client_gone
-            and self._request is not None
-        )
-
-    async def _deliver(self, batch: Sequence[Event]) -> None:
-        """Encode and write `batch` from the provider task; the consumer only hears of it at the end."""
-        assert self._request is not None
-        frames: list[bytes] = []
-        terminal: Event | None = None
-        for event in batch:
-            self.seq += 1
-            frames.append(self.framing.encode(self.seq, event))
-            if not isinstance(event, Delta):
-                terminal = event
-                break
-        loop = asyncio.get_running_loop()
-        first = self._last_event_at is None
-        self._last_event_at = loop.time()
-        self._writing = True
-        try:
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            written = await self._write(self._request, data, last=terminal is not None)
-        finally:
-            self._writing = False
-        self._last_write_at = loop.time()
-        if terminal is not None and written:
-            self._terminal_sent = terminal
-            self._channel.close()  # wakes the consumer, which ends the stream
-        elif not written:
-            self._client_gone = True  # gone or dropped as too slow; _write has set the outcome
-            self._channel.close()
-        elif self._waiting_for_writer or first:
-            # After the first event the consumer's clock switches from the first-token deadline to the idle one,
-            # which may be earlier: wake it to re-arm. Later events only move its deadlines later, so a timer set
-            # earlier just fires early and is re-armed then.
-            self._channel.poke()
 
     def _stop_producer(self) -> None:
         if self._producer is not None and not self._producer.done():
@@ -343,32 +281,14 @@ class RelayStream:
     async def _consume(self, request: web.Request, loop: asyncio.AbstractEventLoop) -> web.StreamResponse:
         settings = self.settings
         started = loop.time()
-        self._request = request
-        self._last_write_at = started
+        last_event_at: float | None = None
+        last_write_at = started
         held: list[bytes] = []
         held_size = 0
         held_since = 0.0
         framing = self.framing
         channel = self._channel
         while True:
-            if self._writing:
-                # The provider task is writing its own batch: wait for it to finish (it pokes us).
-                self._waiting_for_writer = True
-                try:
-                    if channel.ready:
-                        await asyncio.sleep(0)
-                    else:
-                        await channel.wait(None)
-                finally:
-                    self._waiting_for_writer = False
-                if not self._client_gone:
-                    continue
-            if self._terminal_sent is not None:
-                self._set_outcome(self._terminal_sent)
-                assert self._response is not None
-                return self._response
-            last_event_at = self._last_event_at
-            last_write_at = self._last_write_at
             now = loop.time()
             deadlines: list[float] = []
             if settings.total_timeout:
@@ -387,16 +307,13 @@ class RelayStream:
                 await channel.wait(deadline)
                 now = loop.time()
             if self._client_gone:
-                if self.outcome == "running":
-                    self.outcome = "disconnected"
+                self.outcome = "disconnected"
                 return self._response or web.Response(status=499)
-            if self._writing or self._terminal_sent is not None:
-                continue
 
             events = channel.take()
             terminal: Event | None = None
             if events:
-                self._last_event_at = last_event_at = now
+                last_event_at = now
                 if not held:
                     held_since = now
                 for event in events:
@@ -446,14 +363,9 @@ class RelayStream:
             data = held[0] if len(held) == 1 else b"".join(held)
             held.clear()
             held_size = 0
-            self._writing = True
-            try:
-                written = await self._write(request, data, last=terminal is not None)
-            finally:
-                self._writing = False
-            if not written:
+            if not await self._write(request, data, last=terminal is not None):
                 return self._response or web.Response(status=499)
-            self._last_write_at = loop.time()
+            last_write_at = loop.time()
             if terminal is not None:
                 self._set_outcome(terminal)
                 assert self._response is not None
