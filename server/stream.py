@@ -69,7 +69,9 @@ class InternalError(RelayError):
 class _Channel:
     """Provider → consumer hand-over: batches in, everything-so-far out, one waiter on each side."""
 
-    __slots__ = ("_chars", "_consumer_waiter", "_events", "_producer_waiter", "closed", "failure")
+    __slots__ = (
+        "_chars", "_consumer_waiter", "_events", "_producer_waiter", "_timer", "_timer_at", "closed", "failure",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._events: deque[Event] = deque()
@@ -78,6 +80,11 @@ class _Channel:
         self._producer_waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.failure: RelayError | None = None
+        # One timer per stream, re-armed only when a deadline comes earlier than the armed one: the deadlines
+        # mostly move later (each token pushes the idle one), so a timer per wait would be created and cancelled
+        # for every token. An early firing just makes the consumer re-check its clocks.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def _wake_consumer(self) -> None:
         waiter = self._consumer_waiter
@@ -120,25 +127,32 @@ class _Channel:
     def ready(self) -> bool:
         return bool(self._events) or self.closed
 
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._wake_consumer()
+
+    def dispose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def wait(self, deadline: float | None) -> bool:
-        """Wait until something is ready or `deadline` (loop time) passes; True if something is ready."""
+        """Wait until something is ready or `deadline` (loop time) passes (or a little earlier); True if something
+        is ready."""
         if self.ready:
             return True
         loop = asyncio.get_running_loop()
-        waiter = self._consumer_waiter = loop.create_future()
-        timer = None if deadline is None else loop.call_at(deadline, _resolve, waiter)
+        if deadline is not None and (self._timer is None or self._timer_at > deadline):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = loop.call_at(deadline, self._on_timer)
+        self._consumer_waiter = loop.create_future()
         try:
-            await waiter
+            await self._consumer_waiter
         finally:
             self._consumer_waiter = None
-            if timer is not None:
-                timer.cancel()
         return self.ready
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def new_stream_id() -> str:
@@ -263,6 +277,7 @@ class RelayStream:
                 self.outcome = "cancelled"
                 raise
             finally:
+                self._channel.dispose()
                 await self._finish_producer()
 
     async def _finish_producer(self) -> None:
