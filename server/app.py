@@ -15,8 +15,10 @@ from aiohttp import web
 
 from .admission import Limiter, NoLimits
 from .chat_request import RequestRules
+from .client_key import ClientIdentifier
 from .config import DEMO_MODEL, Config
 from .handlers import chat, healthz, json_errors
+from .limiter import build_limiter as build_backend_limiter
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
 from .state import RELAY, RelayState
 from .stream import StreamSettings
@@ -44,14 +46,10 @@ def build_provider(config: Config) -> Provider:
 def build_limiter(config: Config) -> Limiter:
     if not config.limits_enabled:
         return NoLimits()
-    from .limiter import build_limiter as build
-
-    return build(config)
+    return build_backend_limiter(config)
 
 
 def build_identify(config: Config) -> Callable[[web.Request], str]:
-    from .client_key import ClientIdentifier
-
     return ClientIdentifier.from_config(config)
 
 

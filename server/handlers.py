@@ -22,7 +22,7 @@ from .errors import (
 )
 from .framing import FRAMINGS
 from .negotiation import choose_framing
-from .state import RELAY, RelayState
+from .state import RELAY
 from .stream import RelayStream, error_response
 
 log = logging.getLogger("llm_relay.handlers")
@@ -63,7 +63,6 @@ def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
 async def chat(request: web.Request) -> web.StreamResponse:
     """``GET /chat?prompt=...`` (EventSource) and ``POST /chat`` with a JSON body (fetch)."""
     state = request.app[RELAY]
-    extra_headers: dict[str, str] = {}
     if request.method == hdrs.METH_GET and hdrs.LAST_EVENT_ID in request.headers:
         # Only a reconnecting EventSource sends Last-Event-ID. Starting the generation again would pay for a
         # second reply; 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3), so the browser gives up.
@@ -83,13 +82,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
         admission = await state.limiter.admit(client)
     except RelayError as error:
         return error_response(error)
-    extra_headers.update(admission.headers)
     stream = RelayStream(
         state.provider,
         chat_req,
         framing,
         state.stream_settings,
-        headers=extra_headers,
+        headers=dict(admission.headers),
         keepalive=framing.name == "sse" or state.config.ndjson_keepalive,
     )
     state.streams.add(stream)
@@ -127,4 +125,4 @@ async def json_errors(
         return error_response(error)
 
 
-__all__ = ["RelayState", "chat", "check_origin", "healthz", "json_errors", "read_body"]
+__all__ = ["chat", "check_origin", "healthz", "json_errors", "read_body"]
