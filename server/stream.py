@@ -1,16 +1,17 @@
 """One relayed stream, from the provider to the client's socket. Everything about a stream's life is here.
 
-Two tasks share a stream (see ARCHITECTURE.md):
+One task does the work: the request's own handler task iterates the provider, encodes each batch of events with
+the framing and writes it as one frame group (see ARCHITECTURE.md). No queue sits between the upstream and the
+client, so a client that stops reading stops the upstream read too (the provider is not asked for more while a
+write waits), and each token costs one task step, as in the plainest handler.
 
-* the **provider task** iterates the provider and pushes each batch of events into a small bounded channel;
-* the **consumer**, the request's own handler task, takes everything waiting in the channel, encodes it with
-  the framing, and writes it as one frame group. It also owns the clocks: first-token, idle and total timeouts,
-  heartbeats, the flush window and the write timeout.
-
-When the client leaves (`watch_disconnect`), the provider task is cancelled at once, which closes the upstream
-HTTP response, and the consumer returns. When the consumer ends for any other reason, the provider task is
-cancelled too: nothing outlives the request. The response is prepared lazily, on the first frame, so that a
-failure before any token (upstream down, rate limited) is still an HTTP status with a JSON body.
+Everything that must happen while the task waits on the provider comes from one timer per stream, re-armed only
+when a deadline comes earlier than the armed one: a first-token, idle or total timeout cancels the task (which
+closes the upstream) and ends the stream in band; a heartbeat or the end of a flush window is written by a short
+side task. When the client leaves (`watch_disconnect`), the provider's abort callbacks close the upstream socket
+at once and the task is cancelled, whatever the host runner's ``handler_cancellation`` setting. The response is
+prepared lazily, with the first frame, so that a failure before any token (upstream down, rate limited) is still
+an HTTP status with a JSON body.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -30,15 +30,17 @@ from .disconnect import watch_disconnect
 from .errors import RelayError, StreamTimeout
 from .events import Delta, Error, Event
 from .framing import Framing, encode_sse, json_bytes
-from .providers.base import Provider, collect_aborts
+from .providers.base import Provider, collect_aborts, stop_collecting
 
 log = logging.getLogger("llm_relay.stream")
 
-# What a stream may hold for a slow consumer before its provider task waits (and so stops reading the upstream):
-# the memory a client that stopped reading can cost us, on top of the transport's high-water mark.
-CHANNEL_CAPACITY = 512  # events
-CHANNEL_CAPACITY_CHARS = 16 * 1024  # characters of content
-PRODUCER_DRAIN_GRACE = 0.5  # after the end, time for the provider to read the upstream body to its end
+# After the last frame, how long the provider may go on reading the upstream body to its end (the bytes after
+# [DONE]), so that the upstream connection can go back to its pool instead of being closed.
+PROVIDER_DRAIN_GRACE = 0.5
+_EOF_MARKER = len(b"0\r\n\r\n")
+
+# Why a stream's own task was cancelled by the stream itself (see RelayStream._stop).
+_GONE, _TIMEOUT, _SHUTDOWN = "gone", "timeout", "shutdown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,95 +68,6 @@ class InternalError(RelayError):
     type = "internal_error"
 
 
-class _Channel:
-    """Provider → consumer hand-over: batches in, everything-so-far out, one waiter on each side."""
-
-    __slots__ = (
-        "_chars", "_consumer_waiter", "_events", "_producer_waiter", "_timer", "_timer_at", "closed", "failure",
-    )  # fmt: skip
-
-    def __init__(self) -> None:
-        self._events: deque[Event] = deque()
-        self._chars = 0
-        self._consumer_waiter: asyncio.Future[None] | None = None
-        self._producer_waiter: asyncio.Future[None] | None = None
-        self.closed = False
-        self.failure: RelayError | None = None
-        # One timer per stream, re-armed only when a deadline comes earlier than the armed one: the deadlines
-        # mostly move later (each token pushes the idle one), so a timer per wait would be created and cancelled
-        # for every token. An early firing just makes the consumer re-check its clocks.
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-
-    def _wake_consumer(self) -> None:
-        waiter = self._consumer_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def put(self, batch: Sequence[Event]) -> None:
-        self._events.extend(batch)
-        for event in batch:
-            if isinstance(event, Delta):
-                self._chars += len(event.content)
-        self._wake_consumer()
-        while (len(self._events) >= CHANNEL_CAPACITY or self._chars >= CHANNEL_CAPACITY_CHARS) and not self.closed:
-            self._producer_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._producer_waiter
-            finally:
-                self._producer_waiter = None
-
-    def close(self, failure: RelayError | None = None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.failure = failure
-        self._wake_consumer()
-        waiter = self._producer_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def take(self) -> list[Event]:
-        events = list(self._events)
-        self._events.clear()
-        self._chars = 0
-        waiter = self._producer_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        return events
-
-    @property
-    def ready(self) -> bool:
-        return bool(self._events) or self.closed
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._wake_consumer()
-
-    def dispose(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    async def wait(self, deadline: float | None) -> bool:
-        """Wait until something is ready or `deadline` (loop time) passes (or a little earlier); True if something
-        is ready."""
-        if self.ready:
-            return True
-        loop = asyncio.get_running_loop()
-        if deadline is not None and (self._timer is None or self._timer_at > deadline):
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = loop.call_at(deadline, self._on_timer)
-        self._consumer_waiter = loop.create_future()
-        try:
-            await self._consumer_waiter
-        finally:
-            self._consumer_waiter = None
-        return self.ready
-
-
 def new_stream_id() -> str:
     # Unique across processes and restarts (a later resume can look it up) and short enough for a header.
     return f"s-{secrets.token_hex(8)}"
@@ -177,11 +90,13 @@ def error_response(error: RelayError, extra_headers: dict[str, str] | None = Non
 
 
 class RelayStream:
-    """A stream's identity (id, event sequence) and life (provider task, consumer, clocks)."""
+    """A stream's identity (id, event sequence) and life (the provider loop, its clocks, its writes)."""
 
     # Thousands of these live at once on a busy server; slots keep each one small.
     __slots__ = (
-        "_aborts", "_channel", "_client_gone", "_high_water", "_producer", "_response", "_shutdown", "chat",
+        "_aborts", "_cancellable", "_client_gone", "_clock_blocked", "_held", "_held_since", "_held_size",
+        "_high_water", "_last_event_at", "_last_write_at", "_loop", "_request", "_response", "_shutdown",
+        "_side_write", "_started", "_stop_error", "_stop_reason", "_task", "_timer", "_timer_at", "_writing", "chat",
         "extra_headers", "framing", "id", "keepalive", "outcome", "provider", "seq", "settings",
     )  # fmt: skip
 
@@ -205,186 +120,261 @@ class RelayStream:
         self.extra_headers = headers or {}
         self.keepalive = keepalive and settings.keepalive_interval > 0
         self.outcome = "running"  # done | error | timeout | disconnected | slow_client | shutdown | cancelled
-        self._channel = _Channel()
-        self._producer: asyncio.Task[None] | None = None
+        self._aborts: list[Callable[[], None]] = []
+        self._task: asyncio.Task[object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._request: web.Request | None = None
         self._response: web.StreamResponse | None = None
+        self._high_water = 0
+        # True while the task is relaying and may be cancelled by the stream's own signals (_stop).
+        self._cancellable = False
+        self._stop_reason: str | None = None
+        self._stop_error: RelayError | None = None
         self._client_gone = False
         self._shutdown = False
-        self._high_water = 0
-        self._aborts: list[Callable[[], None]] = []
-
-    # -- the provider task ------------------------------------------------------------------------------------
-
-    async def _produce(self) -> None:
-        collect_aborts(self._aborts)  # this task's own context: the provider's on_abort() lands here
-        failure: RelayError | None = None
-        try:
-            async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
-                async for batch in batches:
-                    await self._channel.put(batch)
-        except RelayError as exc:
-            failure = exc
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("stream %s: the provider failed", self.id)
-            failure = InternalError("the relay failed while generating the reply")
-        finally:
-            self._channel.close(failure)
-
-    def _stop_producer(self) -> None:
-        if self._producer is not None and not self._producer.done():
-            self._producer.cancel()
+        # Frames encoded but not yet written (a flush window holds them; otherwise they go out at once).
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._held_since = 0.0
+        self._writing = False
+        self._side_write: asyncio.Task[None] | None = None
+        self._started = 0.0
+        self._last_event_at: float | None = None
+        self._last_write_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._clock_blocked = False
 
     # -- signals from outside ---------------------------------------------------------------------------------
 
+    def _stop(self, reason: str, error: RelayError | None = None) -> None:
+        """Cancel the relaying task (once) for `reason`; cancellation closes the provider and so the upstream."""
+        if not self._cancellable or self._task is None:
+            return
+        self._cancellable = False
+        self._stop_reason = reason
+        self._stop_error = error
+        self._task.cancel()
+
     def _on_client_lost(self) -> None:
-        # Called from the transport's connection_lost: cancel the upstream now, not at the next write.
+        # Called from the transport's connection_lost: close the upstream now, not at the next write.
         self._client_gone = True
         for abort in self._aborts:
             try:
                 abort()
             except Exception:  # a failed early close only means the cancellation below does the work
                 log.exception("stream %s: the provider's abort callback failed", self.id)
-        self._stop_producer()
-        self._channel.close()
+        self._stop(_GONE)
 
     def shutdown(self) -> None:
         """End this stream soon with an in-band ``server_shutdown`` error (graceful shutdown)."""
         self._shutdown = True
-        self._stop_producer()
-        self._channel.close(
+        self._stop(
+            _SHUTDOWN,
             ServerShuttingDown(
                 "the server is restarting; try again shortly",
                 retry_after=self.settings.reconnect_hint_ms / 1000,
-            )
+            ),
         )
 
-    # -- the consumer -----------------------------------------------------------------------------------------
+    # -- the clocks -------------------------------------------------------------------------------------------
+
+    def _next_deadline(self, *, writes: bool = True) -> float | None:
+        """The nearest deadline; without `writes`, only the timeouts (a write is in progress)."""
+        settings = self.settings
+        deadline: float | None = None
+        if settings.total_timeout:
+            deadline = self._started + settings.total_timeout
+        if self._last_event_at is None:
+            if settings.first_token_timeout:
+                due = self._started + settings.first_token_timeout
+                deadline = due if deadline is None or due < deadline else deadline
+        elif settings.idle_timeout:
+            due = self._last_event_at + settings.idle_timeout
+            deadline = due if deadline is None or due < deadline else deadline
+        if not writes:
+            return deadline
+        if self._held:
+            due = self._held_since + settings.flush_window
+            deadline = due if deadline is None or due < deadline else deadline
+        elif self.keepalive:  # held frames go out soon anyway; no heartbeat is due then
+            due = self._last_write_at + settings.keepalive_interval
+            deadline = due if deadline is None or due < deadline else deadline
+        return deadline
+
+    def _arm(self, *, writes: bool = True) -> None:
+        """Make sure the timer fires no later than the nearest deadline.
+
+        Deadlines mostly move later (each token pushes the idle one and each write the heartbeat), so the timer is
+        replaced only when a deadline comes earlier than the armed one; a timer that fires early just re-arms.
+        """
+        deadline = self._next_deadline(writes=writes)
+        if deadline is None or self._loop is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_clock)
+
+    def _on_clock(self) -> None:
+        self._timer = None
+        if not self._cancellable or self._loop is None or self._request is None:
+            return
+        now = self._loop.time()
+        timeout = self._expired(now)
+        if timeout is not None:
+            self._stop(_TIMEOUT, timeout)
+            return
+        if self._writing or self._side_write is not None:
+            # A write is in progress: held frames and heartbeats wait for its end, which re-arms the clock.
+            # Arming for them now would fire again at once, for as long as the write waits.
+            self._clock_blocked = True
+            self._arm(writes=False)
+            return
+        if self._held and now >= self._held_since + self.settings.flush_window:
+            self._write_aside(self._take_held())
+        elif not self._held and self.keepalive and now >= self._last_write_at + self.settings.keepalive_interval:
+            self._write_aside(self.framing.keepalive())
+        self._arm()
+
+    def _expired(self, now: float) -> StreamTimeout | None:
+        settings = self.settings
+        if settings.total_timeout and now >= self._started + settings.total_timeout:
+            return StreamTimeout("the reply took longer than the relay allows")
+        if self._last_event_at is None:
+            if settings.first_token_timeout and now >= self._started + settings.first_token_timeout:
+                return StreamTimeout("the model did not start answering in time")
+        elif settings.idle_timeout and now >= self._last_event_at + settings.idle_timeout:
+            return StreamTimeout("the model stopped answering mid-reply")
+        return None
+
+    # -- the relaying task ------------------------------------------------------------------------------------
 
     async def run(self, request: web.Request) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._request = request
         with watch_disconnect(
             request,
             self._on_client_lost,
             user_timeout=self.settings.write_timeout,
             send_buffer=self.settings.send_buffer,
         ):
-            self._producer = loop.create_task(self._produce(), name=f"llm-relay provider {self.id}")
+            # The provider runs in this task's context: its on_abort() callbacks land in this stream's list.
+            aborts = collect_aborts(self._aborts)
             try:
-                return await self._consume(request, loop)
-            except asyncio.CancelledError:
-                self.outcome = "cancelled"
-                raise
+                return await self._relay(request, loop)
             finally:
-                self._channel.dispose()
-                await self._finish_producer()
+                self._cancellable = False
+                stop_collecting(aborts)
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                side = self._side_write
+                if side is not None:
+                    side.cancel()
+                    await asyncio.wait({side})
 
-    async def _finish_producer(self) -> None:
-        producer = self._producer
-        if producer is None:
-            return
-        if not producer.done() and self.outcome == "done":
-            # Let it read the upstream body to its end (the chunk after [DONE]) so the connection is reused.
-            await asyncio.wait({producer}, timeout=PRODUCER_DRAIN_GRACE)
-        if not producer.done():
-            producer.cancel()
-            await asyncio.wait({producer})
-        if not producer.cancelled() and producer.exception() is not None:  # pragma: no cover - _produce catches
-            log.error("stream %s: provider task ended with %r", self.id, producer.exception())
+    async def _relay(self, request: web.Request, loop: asyncio.AbstractEventLoop) -> web.StreamResponse:
+        self._started = self._last_write_at = loop.time()
+        if self._client_gone:  # left before the stream began
+            self.outcome = "disconnected"
+            return web.Response(status=499)
+        self._cancellable = True
+        self._arm()
+        failure: RelayError
+        try:
+            try:
+                async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
+                    async for batch in batches:
+                        if await self._deliver(request, loop, batch):
+                            if self.outcome == "done":
+                                await self._read_to_end(batches)
+                            return self._response or web.Response(status=499)
+                        if self._client_gone:
+                            return self._response or web.Response(status=499)
+                failure = InternalError("the reply ended without finishing")
+            except RelayError as exc:
+                failure = exc
+        except asyncio.CancelledError:
+            self._cancellable = False
+            task = self._task
+            reason = self._stop_reason
+            if reason is None or task is None or task.uncancel() > 0:
+                # Cancelled from outside (the host's handler cancellation, the server going down): let it go on.
+                self.outcome = "disconnected" if self._client_gone else "cancelled"
+                raise
+            if reason == _GONE:
+                if self.outcome == "running":
+                    self.outcome = "disconnected"
+                return self._response or web.Response(status=499)
+            assert self._stop_error is not None
+            failure = self._stop_error
+        except Exception:
+            log.exception("stream %s: the provider failed", self.id)
+            failure = InternalError("the relay failed while generating the reply")
+        self._cancellable = False
+        return await self._fail(request, failure)
 
-    async def _consume(self, request: web.Request, loop: asyncio.AbstractEventLoop) -> web.StreamResponse:
-        settings = self.settings
-        started = loop.time()
-        last_event_at: float | None = None
-        last_write_at = started
-        held: list[bytes] = []
-        held_size = 0
-        held_since = 0.0
+    async def _deliver(self, request: web.Request, loop: asyncio.AbstractEventLoop, batch: Sequence[Event]) -> bool:
+        """Encode and write (or hold) `batch`; True when the stream has ended (terminal event or lost client)."""
+        now = loop.time()
+        first = self._last_event_at is None
+        self._last_event_at = now
+        held = self._held
+        if not held:
+            self._held_since = now
         framing = self.framing
-        channel = self._channel
-        while True:
-            now = loop.time()
-            deadlines: list[float] = []
-            if settings.total_timeout:
-                deadlines.append(started + settings.total_timeout)
-            if last_event_at is None:
-                if settings.first_token_timeout:
-                    deadlines.append(started + settings.first_token_timeout)
-            elif settings.idle_timeout:
-                deadlines.append(last_event_at + settings.idle_timeout)
-            if held:
-                deadlines.append(held_since + settings.flush_window)
-            elif self.keepalive:  # held frames will go out soon anyway; no heartbeat is due then
-                deadlines.append(last_write_at + settings.keepalive_interval)
-            deadline = min(deadlines) if deadlines else None
-            if not channel.ready and (deadline is None or deadline > now):
-                await channel.wait(deadline)
-                now = loop.time()
-            if self._client_gone:
-                self.outcome = "disconnected"
-                return self._response or web.Response(status=499)
-
-            events = channel.take()
-            terminal: Event | None = None
-            if events:
-                last_event_at = now
-                if not held:
-                    held_since = now
-                for event in events:
-                    self.seq += 1
-                    frame = framing.encode(self.seq, event)
-                    held.append(frame)
-                    held_size += len(frame)
-                    if not isinstance(event, Delta):
-                        terminal = event
-                        break
-            elif channel.closed:
-                failure = channel.failure
-                if failure is None:
-                    failure = InternalError("the reply ended without finishing")
-                if self._response is None and not held:
-                    self.outcome = "shutdown" if self._shutdown else "error"
-                    return error_response(failure)
-                self.seq += 1
-                if self._shutdown and self.framing.name == "sse" and isinstance(failure, ServerShuttingDown):
-                    # §9.2.6 retry: how long the browser waits before it reconnects to the restarted server.
-                    held.append(encode_sse(retry=self.settings.reconnect_hint_ms))
-                event = failure.to_event()
-                held.append(framing.encode(self.seq, event))
+        terminal: Event | None = None
+        for event in batch:
+            self.seq += 1
+            frame = framing.encode(self.seq, event)
+            held.append(frame)
+            self._held_size += len(frame)
+            if not isinstance(event, Delta):
                 terminal = event
-            else:
-                timeout = self._expired(now, started, last_event_at)
-                if timeout is not None:
-                    self._stop_producer()
-                    if self._response is None and not held:
-                        self.outcome = "timeout"
-                        return error_response(timeout)
-                    self.seq += 1
-                    terminal = timeout.to_event()
-                    held.append(framing.encode(self.seq, terminal))
-                elif self.keepalive and now >= last_write_at + settings.keepalive_interval and not held:
-                    held.append(framing.keepalive())
-
-            if not held:
-                continue
-            if (
-                terminal is None
-                and settings.flush_window
-                and (not settings.flush_bytes or held_size < settings.flush_bytes)
-                and now < held_since + settings.flush_window
-            ):
-                continue
-            data = held[0] if len(held) == 1 else b"".join(held)
-            held.clear()
-            held_size = 0
-            if not await self._write(request, data, last=terminal is not None):
-                return self._response or web.Response(status=499)
-            last_write_at = loop.time()
-            if terminal is not None:
+                break
+        if terminal is not None:
+            self._cancellable = False
+            if await self._flush(request, last=True):
                 self._set_outcome(terminal)
-                assert self._response is not None
-                return self._response
+            return True
+        settings = self.settings
+        if (
+            settings.flush_window
+            and (not settings.flush_bytes or self._held_size < settings.flush_bytes)
+            and now < self._held_since + settings.flush_window
+        ):
+            self._arm()  # the window's end may be the nearest deadline now
+            return False
+        if first:
+            self._arm()  # the idle deadline replaces the first-token one and may be earlier
+        return not await self._flush(request)
+
+    async def _read_to_end(self, batches: AsyncGenerator[Sequence[Event], None]) -> None:
+        """After the last frame, let the provider read the upstream body to its end so its connection is reused."""
+        with contextlib.suppress(TimeoutError, RelayError, ConnectionError):
+            async with asyncio.timeout(PROVIDER_DRAIN_GRACE):
+                async for _ in batches:
+                    pass
+
+    async def _fail(self, request: web.Request, failure: RelayError) -> web.StreamResponse:
+        """End the stream with `failure`: a JSON error response if nothing was sent yet, else in band."""
+        shutdown = isinstance(failure, ServerShuttingDown)
+        if self._response is None and not self._held and self._side_write is None:
+            self.outcome = "shutdown" if shutdown else "timeout" if isinstance(failure, StreamTimeout) else "error"
+            return error_response(failure)
+        self.seq += 1
+        if shutdown and self.framing.name == "sse":
+            # §9.2.6 retry: how long the browser waits before it reconnects to the restarted server.
+            self._held.append(encode_sse(retry=self.settings.reconnect_hint_ms))
+        event = failure.to_event()
+        self._held.append(self.framing.encode(self.seq, event))
+        if await self._flush(request, last=True):
+            self._set_outcome(event)
+        return self._response or web.Response(status=499)
 
     def _set_outcome(self, terminal: Event) -> None:
         if isinstance(terminal, Error):
@@ -397,19 +387,54 @@ class RelayStream:
         else:
             self.outcome = "done"
 
-    def _expired(self, now: float, started: float, last_event_at: float | None) -> StreamTimeout | None:
-        settings = self.settings
-        if settings.total_timeout and now >= started + settings.total_timeout:
-            return StreamTimeout("the reply took longer than the relay allows")
-        if last_event_at is None:
-            if settings.first_token_timeout and now >= started + settings.first_token_timeout:
-                return StreamTimeout("the model did not start answering in time")
-        elif settings.idle_timeout and now >= last_event_at + settings.idle_timeout:
-            return StreamTimeout("the model stopped answering mid-reply")
-        return None
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def _take_held(self) -> bytes:
+        held = self._held
+        data = held[0] if len(held) == 1 else b"".join(held)
+        held.clear()
+        self._held_size = 0
+        return data
+
+    async def _flush(self, request: web.Request, *, last: bool = False) -> bool:
+        """Write the held frames (and end the body when `last`); False if the client is gone or too slow."""
+        side = self._side_write
+        if side is not None:  # a heartbeat or a flush window's end is being written: frames stay in order
+            await asyncio.wait({side})
+        if self._client_gone:
+            return False
+        self._writing = True
+        try:
+            ok = await self._write(request, self._take_held(), last=last)
+        finally:
+            self._writing = False
+        if ok and self.keepalive:
+            self._last_write_at = asyncio.get_running_loop().time()
+        if self._clock_blocked:
+            self._clock_blocked = False
+            self._arm()
+        return ok
+
+    def _write_aside(self, data: bytes) -> None:
+        """Write `data` from a short side task while the relaying task waits on the provider (timer writes)."""
+        assert self._loop is not None
+        assert self._request is not None
+        self._side_write = self._loop.create_task(self._side(self._request, data))
+
+    async def _side(self, request: web.Request, data: bytes) -> None:
+        try:
+            ok = await self._write(request, data)
+        finally:
+            self._side_write = None
+        if ok:
+            self._last_write_at = asyncio.get_running_loop().time()
+            self._clock_blocked = False
+            self._arm()
+        else:
+            self._stop(_GONE)
 
     async def _prepare(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
+        response = _StreamResponse(
             status=200,
             headers={
                 "Content-Type": self.framing.content_type,
@@ -436,17 +461,15 @@ class RelayStream:
             response = self._response or await self._prepare(request)
             transport = request.transport
             if (
-                not last
-                and transport is not None
+                transport is not None
                 and not request.protocol.writing_paused
-                and transport.get_write_buffer_size() + len(data) < self._high_water
+                and transport.get_write_buffer_size() + len(data) + _EOF_MARKER < self._high_water
             ):
                 # Not paused, and still below the high-water mark after this write: the protocol cannot pause,
-                # so the write cannot wait on drain and needs no timer on the hot path. (Once paused, it stays
-                # paused down to the low-water mark, hence the explicit check.)
-                await response.write(data)
+                # so neither the write nor the drain of write_eof() can wait, and no timer is needed on the hot
+                # path. (Once paused, it stays paused down to the low-water mark, hence the explicit check.)
+                await (response.write_eof(data) if last else response.write(data))
             elif self.settings.write_timeout:
-                # write_eof() always drains, so the last write runs under the timer too.
                 async with asyncio.timeout(self.settings.write_timeout):
                     await (response.write_eof(data) if last else response.write(data))
             else:
@@ -454,7 +477,7 @@ class RelayStream:
         except TimeoutError:
             # The client stopped reading: drop it rather than hold a growing buffer for it.
             self.outcome = "slow_client"
-            self._stop_producer()
+            self._client_gone = True
             if request.transport is not None:
                 request.transport.abort()
             log.info("stream %s: client stopped reading; dropped after %.1fs", self.id, self.settings.write_timeout)
@@ -462,9 +485,14 @@ class RelayStream:
         except ConnectionError:
             self.outcome = "disconnected"
             self._client_gone = True
-            self._stop_producer()
             return False
         if self._client_gone:
             self.outcome = "disconnected"
             return False
         return True
+
+
+class _StreamResponse(web.StreamResponse):
+    # aiohttp sends a StreamResponse's head in its own packet at prepare(); we prepare only with the first frame,
+    # so let the head travel with it (one send instead of two per stream).
+    _send_headers_immediately = False

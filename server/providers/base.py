@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Protocol
 
 from ..chat_request import ChatRequest
@@ -25,7 +25,7 @@ class Provider(Protocol):
 
 
 # A provider may register synchronous callbacks that release its upstream at once (close the socket) for the
-# stream it is serving. The relay calls them from the disconnect callback itself, before the provider task's
+# stream it is serving. The relay calls them from the disconnect callback itself, before the stream's
 # cancellation has worked its way through a busy event loop, so the upstream learns within the same loop turn.
 _abort_callbacks: ContextVar[list[Callable[[], None]] | None] = ContextVar("llm_relay_abort", default=None)
 
@@ -37,6 +37,10 @@ def on_abort(callback: Callable[[], None]) -> None:
         callbacks.append(callback)
 
 
-def collect_aborts(callbacks: list[Callable[[], None]]) -> None:
-    """Make `callbacks` the list `on_abort` appends to, for the current task's context."""
-    _abort_callbacks.set(callbacks)
+def collect_aborts(callbacks: list[Callable[[], None]]) -> Token[list[Callable[[], None]] | None]:
+    """Make `callbacks` the list `on_abort` appends to, in the current context, until `stop_collecting`."""
+    return _abort_callbacks.set(callbacks)
+
+
+def stop_collecting(token: Token[list[Callable[[], None]] | None]) -> None:
+    _abort_callbacks.reset(token)
