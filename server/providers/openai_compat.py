@@ -1,9 +1,13 @@
 """Relay an OpenAI-compatible upstream (OpenAI, DeepSeek, vLLM, Ollama…) through the official `openai` client.
 
 The client builds and authenticates the request, applies its retries (which can only happen before the response
-starts, so never after a token was relayed) and maps HTTP failures to its error types. The body is read with
-``with_streaming_response`` and decoded by `ChunkStreamDecoder`, which costs a few microseconds per chunk instead
-of the ~100 µs of building a ``ChatCompletionChunk`` model per chunk.
+starts, so never after a token was relayed) and maps HTTP failures to its error types. The request goes through
+the client's own ``post`` (the way the package documents for requests it has no typed method for) asking for the
+raw, unread response, as ``with_streaming_response`` does; the body is decoded by `ChunkStreamDecoder`. Measured
+per request, ``chat.completions.with_streaming_response.create`` spends about 900 CPU-µs here, a third of it
+re-walking the messages through the typed-dict transform (a no-op for our plain strings); ``post`` with the same
+body spends about 680. Per chunk, `ChunkStreamDecoder` costs a few microseconds instead of the ~100 µs of building
+a ``ChatCompletionChunk`` model.
 
 Failure mapping (the messages never contain the API key or the upstream's own text, which can quote it):
 
@@ -23,6 +27,7 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
+from openai.types.chat import ChatCompletion
 
 from ..chat_request import ChatRequest
 from ..errors import (
@@ -35,6 +40,9 @@ from ..errors import (
 from ..events import Event
 from ..upstream_sse import ChunkStreamDecoder
 from .base import on_abort
+
+# The header `with_streaming_response` sets: the client returns the response unread, its body streamed.
+_RAW_STREAM: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
 
 
 def make_openai_client(
@@ -138,11 +146,16 @@ class OpenAIProvider:
         return arguments
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
-        create = self._client.chat.completions.with_streaming_response.create
         try:
+            response = await self._client.post(
+                "/chat/completions",
+                body=self._arguments(request),
+                cast_to=openai.AsyncAPIResponse[ChatCompletion],
+                options=_RAW_STREAM,
+            )
             # Leaving this block in any way (end, error, or the relay closing the generator because the client
             # left) closes the HTTP response; an unfinished body cannot be reused, so the connection goes too.
-            async with create(**self._arguments(request)) as response:
+            try:
                 _abort_with(response)
                 decoder = ChunkStreamDecoder()
                 async for data in response.iter_bytes():
@@ -153,6 +166,8 @@ class OpenAIProvider:
                 tail = decoder.end()
                 if tail:
                     yield tail
+            finally:
+                await response.close()
         except openai.APITimeoutError as exc:
             if _refused(exc):
                 raise UpstreamUnavailable("could not reach the model provider") from None
