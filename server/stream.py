@@ -1,15 +1,15 @@
 """One relayed stream, from the provider to the client's socket. Everything about a stream's life is here.
 
-One task does the work: the request's own handler task iterates the provider, encodes each batch of events with
-the framing and writes it as one frame group (see ARCHITECTURE.md). No queue sits between the upstream and the
-client, so a client that stops reading stops the upstream read too (the provider is not asked for more while a
-write waits), and each token costs one task step, as in the plainest handler.
+One task does the work: the stream's own task (the handler awaits it) iterates the provider, encodes each batch of
+events with the framing and writes it as one frame group (see ARCHITECTURE.md). No queue sits between the upstream
+and the client, so a client that stops reading stops the upstream read too (the provider is not asked for more
+while a write waits), and each token costs one task step, as in the plainest handler.
 
 Everything that must happen while the task waits on the provider comes from one timer per stream, re-armed only
 when a deadline comes earlier than the armed one: a first-token, idle or total timeout cancels the task (which
 closes the upstream) and ends the stream in band; a heartbeat or the end of a flush window is written by a short
 side task. When the client leaves (`watch_disconnect`), the provider's abort callbacks close the upstream socket
-at once and the task is cancelled, whatever the host runner's ``handler_cancellation`` setting. The response is
+at once and the stream's task is cancelled, whatever the host runner's ``handler_cancellation`` setting. The response is
 prepared lazily, with the first frame, so that a failure before any token (upstream down, rate limited) is still
 an HTTP status with a JSON body.
 """
@@ -30,7 +30,7 @@ from .disconnect import watch_disconnect
 from .errors import RelayError, StreamTimeout
 from .events import Delta, Error, Event
 from .framing import Framing, encode_sse, json_bytes
-from .providers.base import Provider, collect_aborts, stop_collecting
+from .providers.base import Provider, collect_aborts
 
 log = logging.getLogger("llm_relay.stream")
 
@@ -253,6 +253,14 @@ class RelayStream:
     # -- the relaying task ------------------------------------------------------------------------------------
 
     async def run(self, request: web.Request) -> web.StreamResponse:
+        """Relay the stream to `request`'s client; returns the response (or a JSON error response)."""
+        # The stream runs in a task of its own, which the stream's signals (timeouts, disconnect, shutdown) may
+        # cancel; the handler's task, which belongs to the host's server, is never cancelled by us. A cancellation
+        # of the handler's task (the host's handler_cancellation, a host timeout) reaches the stream's task too,
+        # and the handler's await ends only when the stream has finished unwinding (upstream closed).
+        return await asyncio.get_running_loop().create_task(self._run(request))
+
+    async def _run(self, request: web.Request) -> web.StreamResponse:
         loop = self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._request = request
@@ -262,13 +270,12 @@ class RelayStream:
             user_timeout=self.settings.write_timeout,
             send_buffer=self.settings.send_buffer,
         ):
-            # The provider runs in this task's context: its on_abort() callbacks land in this stream's list.
-            aborts = collect_aborts(self._aborts)
+            # The provider runs in this task: its on_abort() callbacks land in this stream's list.
+            collect_aborts(self._aborts)
             try:
                 return await self._relay(request, loop)
             finally:
                 self._cancellable = False
-                stop_collecting(aborts)
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
@@ -403,17 +410,46 @@ class RelayStream:
             await asyncio.wait({side})
         if self._client_gone:
             return False
-        self._writing = True
-        try:
-            ok = await self._write(request, self._take_held(), last=last)
-        finally:
-            self._writing = False
-        if ok and self.keepalive:
+        data = self._take_held()
+        response = self._response
+        if response is None:
+            try:  # prepare() only buffers the head (it travels with the first frame): it cannot wait
+                response = await self._prepare(request)
+            except ConnectionError:
+                return self._lost()
+        transport = request.transport
+        if (
+            transport is not None
+            and not request.protocol.writing_paused
+            and transport.get_write_buffer_size() + len(data) + _EOF_MARKER < self._high_water
+        ):
+            # The hot path. Not paused, and still below the high-water mark after this write: the protocol cannot
+            # pause, so neither the write nor the drain of write_eof() can wait, and no timer is needed. (Once
+            # paused, it stays paused down to the low-water mark, hence the explicit check.)
+            try:
+                await (response.write_eof(data) if last else response.write(data))
+            except ConnectionError:
+                return self._lost()
+            if self._client_gone:
+                return self._lost()
+        else:
+            self._writing = True
+            try:
+                if not await self._write(request, data, last=last):
+                    return False
+            finally:
+                self._writing = False
+        if self.keepalive:
             self._last_write_at = asyncio.get_running_loop().time()
         if self._clock_blocked:
             self._clock_blocked = False
             self._arm()
-        return ok
+        return True
+
+    def _lost(self) -> bool:
+        self.outcome = "disconnected"
+        self._client_gone = True
+        return False
 
     def _write_aside(self, data: bytes) -> None:
         """Write `data` from a short side task while the relaying task waits on the provider (timer writes)."""
@@ -456,20 +492,11 @@ class RelayStream:
         return response
 
     async def _write(self, request: web.Request, data: bytes, *, last: bool = False) -> bool:
-        """Write `data` (with the end of the body when `last`); False if the client is gone or too slow."""
+        """Write `data` (with the end of the body when `last`) under the write timeout, preparing the response
+        first if needed; False if the client is gone or too slow."""
         try:
             response = self._response or await self._prepare(request)
-            transport = request.transport
-            if (
-                transport is not None
-                and not request.protocol.writing_paused
-                and transport.get_write_buffer_size() + len(data) + _EOF_MARKER < self._high_water
-            ):
-                # Not paused, and still below the high-water mark after this write: the protocol cannot pause,
-                # so neither the write nor the drain of write_eof() can wait, and no timer is needed on the hot
-                # path. (Once paused, it stays paused down to the low-water mark, hence the explicit check.)
-                await (response.write_eof(data) if last else response.write(data))
-            elif self.settings.write_timeout:
+            if self.settings.write_timeout:
                 async with asyncio.timeout(self.settings.write_timeout):
                     await (response.write_eof(data) if last else response.write(data))
             else:
@@ -483,12 +510,9 @@ class RelayStream:
             log.info("stream %s: client stopped reading; dropped after %.1fs", self.id, self.settings.write_timeout)
             return False
         except ConnectionError:
-            self.outcome = "disconnected"
-            self._client_gone = True
-            return False
+            return self._lost()
         if self._client_gone:
-            self.outcome = "disconnected"
-            return False
+            return self._lost()
         return True
 
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from typing import Protocol
 
 from ..chat_request import ChatRequest
@@ -37,10 +37,6 @@ def on_abort(callback: Callable[[], None]) -> None:
         callbacks.append(callback)
 
 
-def collect_aborts(callbacks: list[Callable[[], None]]) -> Token[list[Callable[[], None]] | None]:
-    """Make `callbacks` the list `on_abort` appends to, in the current context, until `stop_collecting`."""
-    return _abort_callbacks.set(callbacks)
-
-
-def stop_collecting(token: Token[list[Callable[[], None]] | None]) -> None:
-    _abort_callbacks.reset(token)
+def collect_aborts(callbacks: list[Callable[[], None]]) -> None:
+    """Make `callbacks` the list `on_abort` appends to, for the current task's context."""
+    _abort_callbacks.set(callbacks)
