@@ -43,6 +43,7 @@ class Behavior:
     error_body: dict[str, Any] | None = None
     usage: bool = True
     crlf: bool = False  # use CRLF line endings, as some servers do
+    gzip: bool = False  # compress the body (Content-Encoding: gzip), as some proxies do
     chaos: float = 0.0  # the share of requests that get a random fault instead (soak tests)
 
 
@@ -153,6 +154,8 @@ class FakeUpstream:
             return web.json_response(error, status=b.status, headers=headers)
         eol = "\r\n" if b.crlf else "\n"
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        if b.gzip:
+            response.enable_compression(web.ContentCoding.gzip)
         await response.prepare(request)
 
         async def send(obj: dict[str, Any] | str) -> None:

@@ -11,10 +11,13 @@ import gc
 import time
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
+from openai.types.chat import ChatCompletion
 
 from server.app import create_app, setup
+from server.providers.openai_compat import aiohttp_response, make_openai_client
 from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
@@ -73,6 +76,21 @@ async def test_ndjson_relay(
         {"type": "done", "finish_reason": "stop"},
     ]
     assert "stream_options" not in fake_upstream.last.body
+
+
+async def test_a_compressed_upstream_body_is_decoded(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    # The body is read straight from aiohttp only when it is not compressed; a gzip body (some proxies compress
+    # event streams) takes the client's decoding path and still relays exactly.
+    fake_upstream.behavior = Behavior(tokens=["zip", "ped", " reply"], gzip=True)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}) as resp:
+        assert resp.status == 200
+        objects = ndjson_objects(await resp.read())
+    assert "".join(o["content"] for o in objects if o["type"] == "delta") == "zipped reply"
+    assert objects[-1]["type"] == "done"
+    assert fake_upstream.seen[0].headers.get("Accept-Encoding", "")  # the client did offer compression
 
 
 @pytest.mark.parametrize(
@@ -325,3 +343,24 @@ async def test_the_openai_client_retries_only_before_the_first_byte(
     async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
         assert sse_events(await resp.read())[-1][1]["error"]["type"] == "upstream_unavailable"
     assert len(fake_upstream.seen) == 1  # tokens were relayed: never retried
+
+
+async def test_the_upstream_body_is_read_from_the_aiohttp_response_it_can_close(fake_upstream: FakeUpstream) -> None:
+    # The provider reaches through two private names (httpx's bound stream, the package's aiohttp transport) to
+    # read the body directly and to close the socket synchronously when a client leaves. Pin them here, with the
+    # same client the server builds, so that an upgrade renaming them fails this test instead of silently
+    # falling back to the slower path without the synchronous close.
+    client = make_openai_client(base_url=fake_upstream.url, api_key=SECRET)
+    try:
+        response = await client.post(
+            "/chat/completions",
+            body={"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": True},
+            cast_to=openai.AsyncAPIResponse[ChatCompletion],
+            options={"headers": {"X-Stainless-Raw-Response": "stream"}},
+        )
+        raw = aiohttp_response(response)
+        assert isinstance(raw, aiohttp.ClientResponse)
+        assert b"[DONE]" in await raw.content.read()
+        await response.close()
+    finally:
+        await client.close()
