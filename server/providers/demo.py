@@ -64,6 +64,11 @@ def demo_tokens(request: ChatRequest) -> list[str]:
     return [*_TOKEN.findall(_opening(request)), *_BODY_TOKENS]
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class DemoProvider:
     """Streams `demo_reply` at one token per `delay` seconds (0: as fast as the relay takes them)."""
 
@@ -89,16 +94,23 @@ class DemoProvider:
             yield [done]
             return
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        delay = self.delay
+        due = loop.time()
         last = count - 1
         for index, token in enumerate(tokens):
-            # Sleep until the token's due time rather than for a fixed delay, so the pace does not drift
-            # when the loop is busy: a late token is followed by an earlier one.
-            due = started + (index + 1) * self.delay
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            yield [Delta(token), done] if index == last else [Delta(token)]
+            # Sleep until the token's due time rather than for a fixed delay, so the pace does not drift when the
+            # loop is busy: a late token is followed by an earlier one. (asyncio.sleep() would look up the running
+            # loop and read the clock again for every token.)
+            due += delay
+            if due > loop.time():
+                woken = loop.create_future()
+                timer = loop.call_at(due, _wake, woken)
+                try:
+                    await woken
+                except BaseException:
+                    timer.cancel()
+                    raise
+            yield (Delta(token), done) if index == last else (Delta(token),)
         if not count:
             yield [done]
 
