@@ -95,7 +95,7 @@ class RelayStream:
     # Thousands of these live at once on a busy server; slots keep each one small.
     __slots__ = (
         "_aborts", "_cancellable", "_client_gone", "_clock_blocked", "_held", "_held_since", "_held_size",
-        "_high_water", "_last_event_at", "_last_write_at", "_loop", "_request", "_response", "_shutdown",
+        "_high_water", "_last_event_at", "_last_write_at", "_loop", "_request", "_response",
         "_side_write", "_started", "_stop_error", "_stop_reason", "_task", "_timer", "_timer_at", "_writing", "chat",
         "extra_headers", "framing", "id", "keepalive", "outcome", "provider", "seq", "settings",
     )  # fmt: skip
@@ -131,7 +131,6 @@ class RelayStream:
         self._stop_reason: str | None = None
         self._stop_error: RelayError | None = None
         self._client_gone = False
-        self._shutdown = False
         # Frames encoded but not yet written (a flush window holds them; otherwise they go out at once).
         self._held: list[bytes] = []
         self._held_size = 0
@@ -168,7 +167,6 @@ class RelayStream:
 
     def shutdown(self) -> None:
         """End this stream soon with an in-band ``server_shutdown`` error (graceful shutdown)."""
-        self._shutdown = True
         self._stop(
             _SHUTDOWN,
             ServerShuttingDown(
@@ -179,12 +177,19 @@ class RelayStream:
 
     # -- the clocks -------------------------------------------------------------------------------------------
 
-    def _next_deadline(self, *, writes: bool = True) -> float | None:
-        """The nearest deadline; without `writes`, only the timeouts (a write is in progress)."""
+    def _next_deadline(self) -> float | None:
+        """The nearest deadline that applies now.
+
+        While the task writes, the provider is not being asked for anything, so the first-token and idle clocks
+        do not run (the write timeout guards the write); while any write is in progress, held frames and
+        heartbeats wait for its end, which re-arms the clock.
+        """
         settings = self.settings
         deadline: float | None = None
         if settings.total_timeout:
             deadline = self._started + settings.total_timeout
+        if self._writing:
+            return deadline
         if self._last_event_at is None:
             if settings.first_token_timeout:
                 due = self._started + settings.first_token_timeout
@@ -192,7 +197,7 @@ class RelayStream:
         elif settings.idle_timeout:
             due = self._last_event_at + settings.idle_timeout
             deadline = due if deadline is None or due < deadline else deadline
-        if not writes:
+        if self._side_write is not None:
             return deadline
         if self._held:
             due = self._held_since + settings.flush_window
@@ -202,13 +207,13 @@ class RelayStream:
             deadline = due if deadline is None or due < deadline else deadline
         return deadline
 
-    def _arm(self, *, writes: bool = True) -> None:
+    def _arm(self) -> None:
         """Make sure the timer fires no later than the nearest deadline.
 
         Deadlines mostly move later (each token pushes the idle one and each write the heartbeat), so the timer is
         replaced only when a deadline comes earlier than the armed one; a timer that fires early just re-arms.
         """
-        deadline = self._next_deadline(writes=writes)
+        deadline = self._next_deadline()
         if deadline is None or self._loop is None:
             return
         if self._timer is not None:
@@ -228,12 +233,10 @@ class RelayStream:
             self._stop(_TIMEOUT, timeout)
             return
         if self._writing or self._side_write is not None:
-            # A write is in progress: held frames and heartbeats wait for its end, which re-arms the clock.
-            # Arming for them now would fire again at once, for as long as the write waits.
+            # A write is in progress: held frames and heartbeats wait for its end, which re-arms the clock
+            # (_next_deadline leaves them out meanwhile, or the timer would fire again at once until then).
             self._clock_blocked = True
-            self._arm(writes=False)
-            return
-        if self._held and now >= self._held_since + self.settings.flush_window:
+        elif self._held and now >= self._held_since + self.settings.flush_window:
             self._write_aside(self._take_held())
         elif not self._held and self.keepalive and now >= self._last_write_at + self.settings.keepalive_interval:
             self._write_aside(self.framing.keepalive())
@@ -243,6 +246,8 @@ class RelayStream:
         settings = self.settings
         if settings.total_timeout and now >= self._started + settings.total_timeout:
             return StreamTimeout("the reply took longer than the relay allows")
+        if self._writing:  # not waiting on the provider: its clocks do not run (see _next_deadline)
+            return None
         if self._last_event_at is None:
             if settings.first_token_timeout and now >= self._started + settings.first_token_timeout:
                 return StreamTimeout("the model did not start answering in time")
@@ -296,11 +301,12 @@ class RelayStream:
             try:
                 async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
                     async for batch in batches:
-                        if await self._deliver(request, loop, batch):
+                        if await self._deliver(request, loop, batch) or self._client_gone:
+                            # From here on the stream's signals must not cancel the provider's own cleanup
+                            # (closing the upstream response), which `aclosing` awaits on the way out.
+                            self._cancellable = False
                             if self.outcome == "done":
                                 await self._read_to_end(batches)
-                            return self._response or web.Response(status=499)
-                        if self._client_gone:
                             return self._response or web.Response(status=499)
                 failure = InternalError("the reply ended without finishing")
             except RelayError as exc:
@@ -308,25 +314,36 @@ class RelayStream:
         except asyncio.CancelledError:
             self._cancellable = False
             task = self._task
-            reason = self._stop_reason
-            if reason is None or task is None or task.uncancel() > 0:
+            if self._stop_reason is None or task is None or task.uncancel() > 0:
                 # Cancelled from outside (the host's handler cancellation, the server going down): let it go on.
                 self.outcome = "disconnected" if self._client_gone else "cancelled"
                 raise
-            if reason == _GONE:
-                if self.outcome == "running":
-                    self.outcome = "disconnected"
-                return self._response or web.Response(status=499)
-            assert self._stop_error is not None
-            failure = self._stop_error
+            return await self._stopped(request)
         except Exception:
-            log.exception("stream %s: the provider failed", self.id)
+            if self._stop_reason is None:
+                log.exception("stream %s: the provider failed", self.id)
             failure = InternalError("the relay failed while generating the reply")
         self._cancellable = False
+        if self._stop_reason is not None and self._task is not None:
+            # The stream had stopped itself, and the provider turned that cancellation into an error of its own:
+            # the stop's reason (client gone, timeout, shutdown) is what ends the stream.
+            self._task.uncancel()
+            return await self._stopped(request)
         return await self._fail(request, failure)
+
+    async def _stopped(self, request: web.Request) -> web.StreamResponse:
+        """End a stream that stopped itself (`_stop`): nothing more if the client left, else the stop's error."""
+        if self._stop_reason == _GONE:
+            if self.outcome == "running":
+                self.outcome = "disconnected"
+            return self._response or web.Response(status=499)
+        assert self._stop_error is not None
+        return await self._fail(request, self._stop_error)
 
     async def _deliver(self, request: web.Request, loop: asyncio.AbstractEventLoop, batch: Sequence[Event]) -> bool:
         """Encode and write (or hold) `batch`; True when the stream has ended (terminal event or lost client)."""
+        if not batch:  # nothing arrived: not a first token, and nothing to send
+            return False
         now = loop.time()
         first = self._last_event_at is None
         self._last_event_at = now
@@ -362,10 +379,12 @@ class RelayStream:
 
     async def _read_to_end(self, batches: AsyncGenerator[Sequence[Event], None]) -> None:
         """After the last frame, let the provider read the upstream body to its end so its connection is reused."""
-        with contextlib.suppress(TimeoutError, RelayError, ConnectionError):
+        try:
             async with asyncio.timeout(PROVIDER_DRAIN_GRACE):
                 async for _ in batches:
                     pass
+        except Exception:  # the client has its whole reply: whatever the upstream does now changes nothing for it
+            log.debug("stream %s: the upstream failed after the end of the reply", self.id, exc_info=True)
 
     async def _fail(self, request: web.Request, failure: RelayError) -> web.StreamResponse:
         """End the stream with `failure`: a JSON error response if nothing was sent yet, else in band."""
@@ -405,6 +424,19 @@ class RelayStream:
 
     async def _flush(self, request: web.Request, *, last: bool = False) -> bool:
         """Write the held frames (and end the body when `last`); False if the client is gone or too slow."""
+        # While this runs the timer writes nothing itself (held frames are ours) and the provider's clocks stop.
+        self._writing = True
+        try:
+            if not await self._flush_held(request, last):
+                return False
+        finally:
+            self._writing = False
+        if self._clock_blocked:
+            self._clock_blocked = False
+            self._arm()
+        return True
+
+    async def _flush_held(self, request: web.Request, last: bool) -> bool:
         side = self._side_write
         if side is not None:  # a heartbeat or a flush window's end is being written: frames stay in order
             await asyncio.wait({side})
@@ -413,7 +445,7 @@ class RelayStream:
         data = self._take_held()
         response = self._response
         if response is None:
-            try:  # prepare() only buffers the head (it travels with the first frame): it cannot wait
+            try:  # prepare() only buffers the head, which travels with the first frame
                 response = await self._prepare(request)
             except ConnectionError:
                 return self._lost()
@@ -432,18 +464,16 @@ class RelayStream:
                 return self._lost()
             if self._client_gone:
                 return self._lost()
-        else:
-            self._writing = True
-            try:
-                if not await self._write(request, data, last=last):
-                    return False
-            finally:
-                self._writing = False
-        if self.keepalive:
-            self._last_write_at = asyncio.get_running_loop().time()
-        if self._clock_blocked:
-            self._clock_blocked = False
-            self._arm()
+            if self.keepalive:
+                self._last_write_at = asyncio.get_running_loop().time()
+            return True
+        if not await self._write(request, data, last=last):
+            return False
+        # The write may have waited for the client: the idle clock restarts now that the provider is asked again.
+        now = asyncio.get_running_loop().time()
+        self._last_write_at = now
+        if self._last_event_at is not None:
+            self._last_event_at = now
         return True
 
     def _lost(self) -> bool:
@@ -460,6 +490,9 @@ class RelayStream:
     async def _side(self, request: web.Request, data: bytes) -> None:
         try:
             ok = await self._write(request, data)
+        except Exception:  # not a lost or slow client (those are False): end the stream rather than hang it
+            log.exception("stream %s: a heartbeat or held frames could not be written", self.id)
+            ok = False
         finally:
             self._side_write = None
         if ok:
