@@ -7,6 +7,7 @@ fake upstream: it must see its connection close although the relay never writes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 
@@ -16,7 +17,10 @@ import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletion
 
-from server.app import create_app, setup
+from server.app import _rules, build_provider, create_app, setup
+from server.chat_request import from_query
+from server.config import Config
+from server.events import Delta
 from server.providers.openai_compat import aiohttp_response, make_openai_client
 from server.state import RELAY
 
@@ -364,3 +368,23 @@ async def test_the_upstream_body_is_read_from_the_aiohttp_response_it_can_close(
         await response.close()
     finally:
         await client.close()
+
+
+async def test_a_batch_holds_at_most_one_bounded_read_of_the_upstream(fake_upstream: FakeUpstream) -> None:
+    # A stalled client holds what the stream has taken from the upstream but not yet written: the transport's
+    # high-water mark plus one batch. So a batch must stay small even when the upstream has sent far more than
+    # that meanwhile (2 MB here, read while the relay is busy elsewhere).
+    fake_upstream.behavior = Behavior(tokens=["x" * 500] * 4000)
+    provider = build_provider(upstream_config(fake_upstream))
+    largest = total = 0
+    try:
+        async with contextlib.aclosing(provider.stream(from_query({"prompt": "x"}, _rules(Config())))) as batches:
+            async for batch in batches:
+                size = sum(len(event.content) for event in batch if isinstance(event, Delta))
+                largest = max(largest, size)
+                total += size
+                await asyncio.sleep(0.01)  # a slow consumer: the upstream's bytes pile up in the meantime
+    finally:
+        await provider.aclose()
+    assert total == 500 * 4000
+    assert largest <= 20_000
