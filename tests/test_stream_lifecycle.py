@@ -882,9 +882,9 @@ async def test_an_exception_in_the_provider_after_tokens_is_an_in_band_internal_
 async def test_a_provider_failing_after_the_terminal_event_does_not_make_a_finished_stream_an_error(
     serve: ServeApp, http: aiohttp.ClientSession
 ) -> None:
-    # BUG (server/stream.py, _relay + _read_to_end): after Done, _read_to_end drains the provider inside the try
-    # whose `except Exception` sends the stream to _fail(); the write_eof of an already-ended response is a no-op,
-    # but _fail still sets the outcome to "error" (and seq + 1) for a reply the client received complete.
+    # After Done, the provider is drained for connection reuse; a failure then must not send the stream to the
+    # error path (the write_eof of an already-ended response is a no-op, so only the outcome would be wrong: "error"
+    # for a reply the client received complete).
     base, provider, api = await _serve_scripted(serve, BASE)
     provider.put([Delta("a"), Done("stop")], RuntimeError("after the end"))
     async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
@@ -897,10 +897,9 @@ async def test_a_provider_failing_after_the_terminal_event_does_not_make_a_finis
 
 
 async def test_a_providers_async_cleanup_runs_to_its_end_when_a_slow_client_is_dropped(serve: ServeApp) -> None:
-    # BUG (server/stream.py, _relay: the returns inside `async with aclosing(...)` while _cancellable is still
-    # True): a dropped slow client returns from the loop, and aclosing awaits the generator's aclose(); the
-    # transport.abort() of the drop then reaches _on_client_lost -> _stop(_GONE), which cancels the task in the
-    # middle of the provider's own cleanup (its `finally` awaits, like the openai provider's response.close()).
+    # A dropped slow client returns from the loop, and aclosing awaits the generator's aclose(); the
+    # transport.abort() of the drop then reaches _on_client_lost -> _stop(_GONE), which must not cancel the task in
+    # the middle of the provider's own cleanup (its `finally` awaits, like the openai provider's response.close()).
     cleaned = asyncio.Event()
 
     class CarefulProvider(ScriptedProvider):
@@ -927,11 +926,9 @@ async def test_a_providers_async_cleanup_runs_to_its_end_when_a_slow_client_is_d
 
 
 async def test_a_slow_but_reading_client_is_not_told_the_model_went_idle(serve: ServeApp) -> None:
-    # BUG (server/stream.py, _on_clock/_expired while a write waits): the idle clock runs from the last batch the
-    # provider gave, and the provider is not asked for more while a write waits on the client; so one write that
-    # waits longer than idle_timeout (allowed: the write timeout is longer) ends the stream in band with "the
-    # model stopped answering mid-reply", although the model had more ready all along. The channel design
-    # checked its clocks only between writes, so it did not.
+    # The provider is not asked for more while a write waits on the client, so the idle clock must not run then:
+    # otherwise one write that waits longer than idle_timeout (allowed: the write timeout is longer) would end the
+    # stream in band with "the model stopped answering mid-reply", although the model had more ready all along.
     provider = EndlessProvider(64_000, 12)
     config = BASE.with_changes(idle_timeout=0.25, write_timeout=5.0, send_buffer=32_768)
     host, api = _relay_host(config, provider)
