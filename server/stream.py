@@ -390,7 +390,7 @@ class RelayStream:
         """End the stream with `failure`: a JSON error response if nothing was sent yet, else in band."""
         shutdown = isinstance(failure, ServerShuttingDown)
         if self._response is None and not self._held and self._side_write is None:
-            self.outcome = "shutdown" if shutdown else "timeout" if isinstance(failure, StreamTimeout) else "error"
+            self._set_outcome(failure.to_event())
             return error_response(failure)
         self.seq += 1
         if shutdown and self.framing.name == "sse":
@@ -414,6 +414,12 @@ class RelayStream:
             self.outcome = "done"
 
     # -- writing ----------------------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        # The loop's clock without asyncio.get_running_loop(), which on this Python makes a getpid() system call
+        # each time (seen with strace): this runs for every written frame when heartbeats are on.
+        assert self._loop is not None
+        return self._loop.time()
 
     def _take_held(self) -> bytes:
         held = self._held
@@ -465,12 +471,12 @@ class RelayStream:
             if self._client_gone:
                 return self._lost()
             if self.keepalive:
-                self._last_write_at = asyncio.get_running_loop().time()
+                self._last_write_at = self._now()
             return True
         if not await self._write(request, data, last=last):
             return False
         # The write may have waited for the client: the idle clock restarts now that the provider is asked again.
-        now = asyncio.get_running_loop().time()
+        now = self._now()
         self._last_write_at = now
         if self._last_event_at is not None:
             self._last_event_at = now
@@ -496,7 +502,7 @@ class RelayStream:
         finally:
             self._side_write = None
         if ok:
-            self._last_write_at = asyncio.get_running_loop().time()
+            self._last_write_at = self._now()
             self._clock_blocked = False
             self._arm()
         else:
