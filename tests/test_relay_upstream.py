@@ -12,16 +12,14 @@ import gc
 import time
 
 import aiohttp
-import openai
 import pytest
 from aiohttp import web
-from openai.types.chat import ChatCompletion
 
 from server.app import _rules, build_provider, create_app, setup
 from server.chat_request import from_query
 from server.config import Config
 from server.events import Delta
-from server.providers.openai_compat import aiohttp_response, make_openai_client
+from server.providers.openai_compat import aiohttp_response, make_openai_client, post_chat_stream
 from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
@@ -356,11 +354,8 @@ async def test_the_upstream_body_is_read_from_the_aiohttp_response_it_can_close(
     # falling back to the slower path without the synchronous close.
     client = make_openai_client(base_url=fake_upstream.url, api_key=SECRET)
     try:
-        response = await client.post(
-            "/chat/completions",
-            body={"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": True},
-            cast_to=openai.AsyncAPIResponse[ChatCompletion],
-            options={"headers": {"X-Stainless-Raw-Response": "stream"}},
+        response = await post_chat_stream(
+            client, {"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": True}
         )
         raw = aiohttp_response(response)
         assert isinstance(raw, aiohttp.ClientResponse)

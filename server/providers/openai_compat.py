@@ -106,6 +106,16 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+async def post_chat_stream(client: openai.AsyncOpenAI, body: dict[str, Any]) -> openai.AsyncAPIResponse[Any]:
+    """POST `body` to ``/chat/completions`` through `client`, returning the response with its body unread."""
+    return await client.post(
+        "/chat/completions",
+        body=body,
+        cast_to=openai.AsyncAPIResponse[ChatCompletion],
+        options=_RAW_STREAM,
+    )
+
+
 def aiohttp_response(response: openai.AsyncAPIResponse[Any]) -> aiohttp.ClientResponse | None:
     """The ``aiohttp.ClientResponse`` under the client's response, when the transport is the package's aiohttp one.
 
@@ -183,12 +193,7 @@ class OpenAIProvider:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
         try:
-            response = await self._client.post(
-                "/chat/completions",
-                body=self._arguments(request),
-                cast_to=openai.AsyncAPIResponse[ChatCompletion],
-                options=_RAW_STREAM,
-            )
+            response = await post_chat_stream(self._client, self._arguments(request))
             # Leaving this block in any way (end, error, or the relay closing the generator because the client
             # left) closes the HTTP response; an unfinished body cannot be reused, so the connection goes too.
             try:
