@@ -16,16 +16,21 @@ def _children(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # The command name is in parentheses and may contain spaces: the fields start after the last ')'.
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[1]) == pid:
+        fields = _stat_fields(int(entry))
+        if fields is not None and int(fields[1]) == pid:
             found.append(int(entry))
     return found
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (field 3 onwards), or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces: the fields start after the last ')'.
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
 def process_tree(pid: int) -> list[int]:
@@ -42,13 +47,9 @@ def cpu_seconds(pids: list[int]) -> float:
     """User plus system CPU time of `pids` (fields 14 and 15 of /proc/<pid>/stat), in seconds."""
     ticks = 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])
     return ticks / _TICK
 
 

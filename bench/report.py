@@ -172,28 +172,18 @@ def checks(rows: list[Row], plan: dict[str, Any]) -> list[Check]:
         if case != "under load":
             left = max(abs(r["left_tasks"]) + abs(r["left_generators"]) for r in found)
             out.append(_check(f"{goal}: zero tasks or generators left", left, lambda v: v == 0, "{v:.0f} left"))
-    mine = stat(rows, "relay-fast", "server_cpu_us_per_frame", target=ours).median
-    peer_name, peer = _best_peer(rows, "relay-fast", "server_cpu_us_per_frame", True)
-    if mine is not None and peer.median:
-        out.append(
-            _check(
-                "full relay: ≤ 1/4 of best peer's CPU per token",
-                mine / peer.median,
-                lambda v: v <= 0.25,
-                f"{mine:.1f} µs = {{v:.2f}}x {peer_name}",
+    for scenario, label in (("relay-fast", "full relay"), ("relay-paced", "paced relay")):
+        mine = stat(rows, scenario, "server_cpu_us_per_frame", target=ours).median
+        peer_name, peer = _best_peer(rows, scenario, "server_cpu_us_per_frame", True)
+        if mine is not None and peer.median:
+            out.append(
+                _check(
+                    f"{label}: ≤ 1/4 of best peer's CPU per token",
+                    mine / peer.median,
+                    lambda v: v <= 0.25,
+                    f"{mine:.1f} µs = {{v:.2f}}x {peer_name}",
+                )
             )
-        )
-    mine = stat(rows, "relay-paced", "server_cpu_us_per_frame", target=ours).median
-    peer_name, peer = _best_peer(rows, "relay-paced", "server_cpu_us_per_frame", True)
-    if mine is not None and peer.median:
-        out.append(
-            _check(
-                "paced relay: ≤ 1/4 of best peer's CPU per token",
-                mine / peer.median,
-                lambda v: v <= 0.25,
-                f"{mine:.1f} µs = {{v:.2f}}x {peer_name}",
-            )
-        )
     level = plan["relay_paced_streams"]
     s = stat(rows, "relay-paced", "stretch_p50", target=ours).median
     out.append(_check(f"{level} relayed streams: cadence stretch ≤ 1.05", s, lambda v: v <= 1.05, "{v:.3f}"))
