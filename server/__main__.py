@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, load_config
+from .gc_tuning import tune_for_server
 
 
 def _event_loop_factory(config: Config) -> None:
@@ -34,8 +35,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("llm_relay").info(
         "relaying %s as model %s on http://%s:%d/", where, config.resolved_model, config.host, config.port
     )
+    app = create_app(config)
+    if config.gc_tuning:
+        # Once the startup hooks have run (the upstream client is built then), the process-wide GC settings.
+        async def _tune(_app: web.Application) -> None:
+            tune_for_server()
+
+        app.on_startup.append(_tune)
     web.run_app(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
         shutdown_timeout=config.shutdown_grace,

@@ -33,8 +33,10 @@ __all__ = [
 ]
 
 _COMPACT: Final = {"separators": (",", ":"), "allow_nan": False}
-_encode_str_utf8 = json.JSONEncoder(ensure_ascii=False).encode
-_encode_str_ascii = json.JSONEncoder(ensure_ascii=True).encode
+# The encoders json.dumps itself uses for a str (C when available), called directly on the hot path of every
+# delta: JSONEncoder.encode would add a Python-level call per token.
+_encode_str_utf8 = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
+_encode_str_ascii = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.py_encode_basestring_ascii
 
 
 def json_bytes(value: object) -> bytes:

@@ -375,6 +375,19 @@ class RelayStream:
             return False
         if first:
             self._arm()  # the idle deadline replaces the first-token one and may be earlier
+        response = self._response
+        if response is not None and self._side_write is None and self._fits(request, self._held_size):
+            # The path of nearly every token: the write cannot wait (see _fits), so none of _flush's bookkeeping
+            # for writes that can is needed, and no timer either.
+            try:
+                await response.write(self._take_held())
+            except ConnectionError:
+                return not self._lost()
+            if self._client_gone:
+                return not self._lost()
+            if self.keepalive:
+                self._last_write_at = now
+            return False
         return not await self._flush(request)
 
     async def _read_to_end(self, batches: AsyncGenerator[Sequence[Event], None]) -> None:
@@ -455,15 +468,7 @@ class RelayStream:
                 response = await self._prepare(request)
             except ConnectionError:
                 return self._lost()
-        transport = request.transport
-        if (
-            transport is not None
-            and not request.protocol.writing_paused
-            and transport.get_write_buffer_size() + len(data) + _EOF_MARKER < self._high_water
-        ):
-            # The hot path. Not paused, and still below the high-water mark after this write: the protocol cannot
-            # pause, so neither the write nor the drain of write_eof() can wait, and no timer is needed. (Once
-            # paused, it stays paused down to the low-water mark, hence the explicit check.)
+        if self._fits(request, len(data)):
             try:
                 await (response.write_eof(data) if last else response.write(data))
             except ConnectionError:
@@ -481,6 +486,20 @@ class RelayStream:
         if self._last_event_at is not None:
             self._last_event_at = now
         return True
+
+    def _fits(self, request: web.Request, size: int) -> bool:
+        """True when writing `size` more bytes (and then the end of the body) cannot wait for the client.
+
+        Not paused, and still below the high-water mark after the write: the protocol cannot pause, so neither the
+        write nor the drain of write_eof() can wait, and no timer is needed. (Once paused, it stays paused down to
+        the low-water mark, hence the explicit check.)
+        """
+        transport = request.transport
+        return (
+            transport is not None
+            and not request.protocol.writing_paused
+            and transport.get_write_buffer_size() + size + _EOF_MARKER < self._high_water
+        )
 
     def _lost(self) -> bool:
         self.outcome = "disconnected"

@@ -51,6 +51,7 @@ def exits(argv: list[str], environ: dict[str, str] | None = None) -> SystemExit:
         ("include_usage", True),
         ("shutdown_grace", 5),
         ("use_uvloop", True),
+        ("gc_tuning", True),
     ],
 )
 def test_defaults(field: str, value: Any) -> None:
@@ -103,6 +104,7 @@ def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--max-message-chars", "100"], "max_message_chars", 100),
         (["--shutdown-grace", "0"], "shutdown_grace", 0.0),
         (["--uvloop", "no"], "use_uvloop", False),
+        (["--gc-tuning", "false"], "gc_tuning", False),
         (["--rate", "30/m"], "rate", "30/m"),
         (["--burst", "3"], "burst", 3),
         (["--max-streams-per-client", "1"], "max_streams_per_client", 1),
