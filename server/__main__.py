@@ -11,7 +11,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import Config, load_config
-from .gc_tuning import tune_for_server
+from .gc_tuning import apply_after_startup
 
 
 def _event_loop_factory(config: Config) -> None:
@@ -37,11 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     app = create_app(config)
     if config.gc_tuning:
-        # Once the startup hooks have run (the upstream client is built then), the process-wide GC settings.
-        async def _tune(_app: web.Application) -> None:
-            tune_for_server()
-
-        app.on_startup.append(_tune)
+        apply_after_startup(app)
     web.run_app(
         app,
         host=config.host,

@@ -9,8 +9,13 @@ from aiohttp import web
 
 from .app import create_app
 from .config import load_config
+from .gc_tuning import apply_after_startup
 
 
 async def app() -> web.Application:
     """Each worker process builds its own app (and its own upstream client) after the fork."""
-    return create_app(load_config([]))
+    config = load_config([])
+    application = create_app(config)
+    if config.gc_tuning:  # a worker process is the relay's own, like `python -m server`
+        apply_after_startup(application)
+    return application

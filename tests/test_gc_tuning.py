@@ -66,6 +66,28 @@ def test_gc_tuning_false_leaves_pythons_defaults() -> None:
     assert defaults["frozen"] == 0
 
 
+def test_the_gunicorn_worker_app_applies_them_too() -> None:
+    probe = """
+import asyncio, gc, json
+from aiohttp import web
+from server.gunicorn import app
+
+async def go():
+    runner = web.AppRunner(await app())
+    await runner.setup()
+    print(json.dumps({"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}))
+    await runner.cleanup()
+asyncio.run(go())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin"}, check=True,
+    )  # fmt: skip
+    settings = json.loads(done.stdout.strip().splitlines()[-1])
+    assert settings["threshold"] == [YOUNG_THRESHOLD, *OLDER_THRESHOLDS]
+    assert settings["frozen"] > 10_000
+
+
 async def test_an_embedding_app_keeps_its_own_gc_settings() -> None:
     before = (gc.get_threshold(), gc.get_freeze_count())
     host = web.Application()
