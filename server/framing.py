@@ -32,7 +32,9 @@ __all__ = [
     "json_bytes",
 ]
 
-_COMPACT: Final = {"separators": (",", ":"), "allow_nan": False}
+# Built once: json.dumps with any non-default option builds a new JSONEncoder on every call.
+_dumps_utf8: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_dumps_ascii: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
 # The encoders json.dumps itself uses for a str (C when available), called directly on the hot path of every
 # delta: JSONEncoder.encode would add a Python-level call per token.
 _encode_str_utf8 = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
@@ -46,9 +48,9 @@ def json_bytes(value: object) -> bytes:
     text is re-encoded with ``\\u`` escapes, which JSON readers turn back into the very same string.
     """
     try:
-        return json.dumps(value, ensure_ascii=False, **_COMPACT).encode()  # type: ignore[arg-type]
+        return _dumps_utf8(value).encode()
     except UnicodeEncodeError:
-        return json.dumps(value, ensure_ascii=True, **_COMPACT).encode()  # type: ignore[arg-type]
+        return _dumps_ascii(value).encode()
 
 
 def _json_str(text: str) -> bytes:

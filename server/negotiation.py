@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from .errors import NotAcceptable, RequestError
 
 _MEDIA = {"text/event-stream": "sse", "application/x-ndjson": "ndjson"}
@@ -40,7 +42,15 @@ def choose_framing(accept: str | None, format_override: str | None) -> str:
         if format_override not in _MEDIA.values():
             raise RequestError("format must be 'sse' or 'ndjson'")
         return format_override
-    if accept is None or not accept.strip():
+    if accept is None:
+        return "sse"
+    return _from_accept(accept)
+
+
+# Clients send the same few Accept values again and again; parsing one costs more than the rest of this module.
+@lru_cache(maxsize=256)
+def _from_accept(accept: str) -> str:
+    if not accept.strip():
         return "sse"
     ranges: list[tuple[str, float]] = []
     for item in accept.split(","):

@@ -15,6 +15,7 @@ from .events import Delta, Done, Event, Usage
 
 MAX_EVENT_BYTES = 1 << 20  # one chunk larger than this is not a token stream; refuse to buffer it
 _BOM = b"\xef\xbb\xbf"
+_decode_json = json.JSONDecoder().decode
 
 
 class ChunkStreamDecoder:
@@ -103,7 +104,10 @@ class ChunkStreamDecoder:
             events.append(Done(self._finish_reason, self._usage))
             return
         try:
-            chunk = json.loads(payload)
+            # §9.2.5: the stream is UTF-8. Decoding here spares json.loads its encoding detection per chunk
+            # (which also let a BOM before the JSON through; so does this).
+            text = payload.decode()
+            chunk = _decode_json(text[1:] if text.startswith("\ufeff") else text)
         except (ValueError, RecursionError):  # ValueError: JSONDecodeError, UnicodeDecodeError, int() digit limit
             raise UpstreamProtocolError("the model provider sent a malformed stream chunk") from None
         if not isinstance(chunk, dict):

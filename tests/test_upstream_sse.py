@@ -185,6 +185,11 @@ def test_leading_bom_is_ignored() -> None:
     assert decode([blob[:2], blob[2:]]) == [Delta("first"), Done()]
 
 
+def test_a_bom_before_a_chunks_json_is_skipped_like_json_loads_of_bytes_does() -> None:
+    blob = b'data: \xef\xbb\xbf{"choices":[{"delta":{"content":"x"}}]}\n\ndata: [DONE]\n\n'
+    assert decode([blob]) == [Delta("x"), Done()]
+
+
 @pytest.mark.parametrize(
     "delta",
     [{}, {"content": ""}, {"content": None}, {"role": "assistant"}, {"content": 5}, {"content": ["x"]},
