@@ -65,10 +65,22 @@ def _set_user_timeout(transport: asyncio.BaseTransport, milliseconds: int) -> in
         return None
     try:
         previous = int(sock.getsockopt(socket.IPPROTO_TCP, option))
-        sock.setsockopt(socket.IPPROTO_TCP, option, milliseconds)
+        if previous != milliseconds:
+            sock.setsockopt(socket.IPPROTO_TCP, option, milliseconds)
     except (OSError, AttributeError):  # not TCP (a Unix socket), or a transport without socket options
         return None
     return previous
+
+
+def _restore_user_timeout(transport: asyncio.BaseTransport, milliseconds: int) -> None:
+    # Only a set: the value it replaces is ours. (uvloop makes a socket object for every get or set call.)
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
+    except (OSError, AttributeError):
+        return
 
 
 def _set_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
@@ -107,7 +119,8 @@ def watch_disconnect(
         raise RuntimeError("cannot watch a connection whose protocol is not an asyncio.Protocol")
     tap = _DisconnectTap(inner, on_lost)
     transport.set_protocol(tap)
-    previous_timeout = _set_user_timeout(transport, int(user_timeout * 1000)) if user_timeout > 0 else None
+    ours = int(user_timeout * 1000)
+    previous_timeout = _set_user_timeout(transport, ours) if user_timeout > 0 else None
     if send_buffer > 0:
         _set_send_buffer(transport, send_buffer)
     try:
@@ -115,5 +128,5 @@ def watch_disconnect(
     finally:
         if transport.get_protocol() is tap:
             transport.set_protocol(inner)
-        if previous_timeout is not None and not transport.is_closing():
-            _set_user_timeout(transport, previous_timeout)
+        if previous_timeout is not None and previous_timeout != ours and not transport.is_closing():
+            _restore_user_timeout(transport, previous_timeout)
