@@ -72,25 +72,13 @@ def _set_user_timeout(transport: asyncio.BaseTransport, milliseconds: int) -> in
     return previous
 
 
-def _restore_user_timeout(transport: asyncio.BaseTransport, milliseconds: int) -> None:
-    # Only a set: the value it replaces is ours. (uvloop makes a socket object for every get or set call.)
+def _set_option(transport: asyncio.BaseTransport, level: int, option: int, value: int) -> None:
+    """`setsockopt` on the transport's socket; one without options (not TCP, or no socket) stays as it is."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
-    except (OSError, AttributeError):
-        return
-
-
-def _set_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
-    # A fixed SO_SNDBUF turns off the kernel's send-buffer autotuning for this connection, which otherwise lets a
-    # client that stops reading park megabytes in kernel memory before our write timeout can even start.
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        sock.setsockopt(level, option, value)
     except (OSError, AttributeError):
         return
 
@@ -122,11 +110,14 @@ def watch_disconnect(
     ours = int(user_timeout * 1000)
     previous_timeout = _set_user_timeout(transport, ours) if user_timeout > 0 else None
     if send_buffer > 0:
-        _set_send_buffer(transport, send_buffer)
+        # A fixed SO_SNDBUF turns off the kernel's send-buffer autotuning for this connection, which otherwise
+        # lets a client that stops reading park megabytes in kernel memory before our write timeout can start.
+        _set_option(transport, socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     try:
         yield
     finally:
         if transport.get_protocol() is tap:
             transport.set_protocol(inner)
         if previous_timeout is not None and previous_timeout != ours and not transport.is_closing():
-            _restore_user_timeout(transport, previous_timeout)
+            # Only a set: the value it replaces is ours (uvloop makes a socket object for every get or set).
+            _set_option(transport, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, previous_timeout)
