@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -83,41 +82,59 @@ def _set_option(transport: asyncio.BaseTransport, level: int, option: int, value
         return
 
 
-@contextmanager
-def watch_disconnect(
-    request: web.BaseRequest,
-    on_lost: Callable[[], None],
-    *,
-    user_timeout: float = 0.0,
-    send_buffer: int = 0,
-) -> Iterator[None]:
+class watch_disconnect:  # lower case: a context manager used like a function, as contextlib's own are
     """Call `on_lost` (once, from the event loop) if the client's connection closes inside this block.
 
     With `user_timeout` (seconds), a peer that stops acknowledging data for that long is treated as gone too.
     With `send_buffer` (bytes), the connection's kernel send buffer is fixed at that size (it stays so for the
     rest of the connection: the kernel cannot return a socket to autotuning).
+
+    A class rather than a ``@contextmanager`` generator: it is entered once per stream, and the generator's
+    machinery cost more than the work itself (and a few hundred bytes more per open stream).
     """
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        on_lost()
-        yield
-        return
-    inner = transport.get_protocol()
-    if not isinstance(inner, asyncio.Protocol):  # pragma: no cover - aiohttp's is always one
-        raise RuntimeError("cannot watch a connection whose protocol is not an asyncio.Protocol")
-    tap = _DisconnectTap(inner, on_lost)
-    transport.set_protocol(tap)
-    ours = int(user_timeout * 1000)
-    previous_timeout = _set_user_timeout(transport, ours) if user_timeout > 0 else None
-    if send_buffer > 0:
-        # A fixed SO_SNDBUF turns off the kernel's send-buffer autotuning for this connection, which otherwise
-        # lets a client that stops reading park megabytes in kernel memory before our write timeout can start.
-        _set_option(transport, socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-    try:
-        yield
-    finally:
+
+    __slots__ = ("_on_lost", "_ours", "_previous_timeout", "_send_buffer", "_tap", "_transport")
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        on_lost: Callable[[], None],
+        *,
+        user_timeout: float = 0.0,
+        send_buffer: int = 0,
+    ) -> None:
+        self._transport = request.transport
+        self._on_lost = on_lost
+        self._ours = int(user_timeout * 1000)
+        self._send_buffer = send_buffer
+        self._tap: _DisconnectTap | None = None
+        self._previous_timeout: int | None = None
+
+    def __enter__(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            self._on_lost()
+            return
+        inner = transport.get_protocol()
+        if not isinstance(inner, asyncio.Protocol):  # pragma: no cover - aiohttp's is always one
+            raise RuntimeError("cannot watch a connection whose protocol is not an asyncio.Protocol")
+        self._tap = _DisconnectTap(inner, self._on_lost)
+        transport.set_protocol(self._tap)
+        if self._ours > 0:
+            self._previous_timeout = _set_user_timeout(transport, self._ours)
+        if self._send_buffer > 0:
+            # A fixed SO_SNDBUF turns off the kernel's send-buffer autotuning for this connection, which otherwise
+            # lets a client that stops reading park megabytes in kernel memory before our write timeout can start.
+            _set_option(transport, socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer)
+
+    def __exit__(self, *exc_info: object) -> None:
+        transport, tap = self._transport, self._tap
+        if transport is None or tap is None:
+            return
+        self._tap = None
         if transport.get_protocol() is tap:
-            transport.set_protocol(inner)
-        if previous_timeout is not None and previous_timeout != ours and not transport.is_closing():
+            transport.set_protocol(tap._inner)
+        previous = self._previous_timeout
+        if previous is not None and previous != self._ours and not transport.is_closing():
             # Only a set: the value it replaces is ours (uvloop makes a socket object for every get or set).
-            _set_option(transport, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, previous_timeout)
+            _set_option(transport, socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, previous)

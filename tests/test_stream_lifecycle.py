@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from server import stream as stream_module
 from server.app import create_relay_app
 from server.chat_request import ChatRequest
 from server.config import Config
@@ -894,6 +895,99 @@ async def test_a_provider_failing_after_the_terminal_event_does_not_make_a_finis
     assert await registry.wait_empty(5)
     assert provider.closed.is_set()
     assert registry.outcomes == ["done"]
+
+
+class LingeringProvider(ScriptedProvider):
+    """After its last batch it keeps waiting, as an upstream whose body does not end; once cancelled it does
+    what `on_cancel` says: "raise" the cancellation, "swallow" it (the generator just ends) or turn it into an
+    "error" of its own."""
+
+    def __init__(self, on_cancel: str) -> None:
+        super().__init__()
+        self.on_cancel = on_cancel
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
+        try:
+            async for batch in super().stream(request):
+                yield batch
+        except asyncio.CancelledError:
+            if self.on_cancel == "error":
+                raise UpstreamError("the upstream read was cut") from None
+            if self.on_cancel == "raise":
+                raise
+
+
+@pytest.mark.parametrize("on_cancel", ["raise", "swallow", "error"])
+async def test_a_provider_still_reading_after_the_reply_gets_the_grace_then_is_closed(
+    serve: ServeApp, monkeypatch: pytest.MonkeyPatch, on_cancel: str
+) -> None:
+    # After Done the provider may read on (the upstream's tail, for connection reuse), for PROVIDER_DRAIN_GRACE at
+    # most. However it takes the cancellation that ends that, the stream is "done", and the stream's task is not
+    # left cancelled: the keep-alive connection serves the next stream.
+    monkeypatch.setattr(stream_module, "PROVIDER_DRAIN_GRACE", 0.3)
+    probe = TaskProbe()
+    provider = LingeringProvider(on_cancel)
+    host, api = _relay_host(BASE, provider, middlewares=[probe])
+    base = await serve(host)
+    loop = asyncio.get_running_loop()
+    reader, writer = await _connect(base)
+    provider.put([Delta("a"), Done("stop")])  # and then nothing: the provider waits
+    _send_get(writer, "/api/chat?prompt=x")
+    status, _, body = await asyncio.wait_for(_read_response(reader), 5)
+    replied = loop.time()
+    assert status == 200
+    assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
+    registry = _registry(api)
+    assert await registry.wait_empty(5)
+    assert 0.2 <= loop.time() - replied < 3
+    assert provider.closed.is_set()
+    assert registry.outcomes == ["done"]
+    for _ in range(100):  # the probe notes the handler's end a few loop turns after the registry is empty
+        if probe.after:
+            break
+        await asyncio.sleep(0.01)
+    assert probe.after == [("returned", 0, False)]
+    task = registry.seen[0]._task  # the stream's own task: the drain's cancellation was taken back
+    assert task is not None
+    assert task.cancelling() == 0
+    provider.put([Delta("b"), Done("stop")], None)
+    _send_get(writer, "/api/chat?prompt=y")
+    status, _, body = await asyncio.wait_for(_read_response(reader), 5)
+    assert status == 200
+    assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
+    await _close(writer)
+
+
+async def test_a_host_cancellation_during_the_drain_after_the_reply_goes_on(
+    serve: ServeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host's own deadline falls while the provider is still being read after Done: the cancellation is the
+    # host's, not the drain's, so it must come out of the handler (the reply itself was already complete).
+    monkeypatch.setattr(stream_module, "PROVIDER_DRAIN_GRACE", 5.0)
+    cancelled: list[bool] = []
+
+    @web.middleware
+    async def host_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(0.3):
+                return await handler(request)
+        except TimeoutError:
+            cancelled.append(True)
+            raise
+
+    provider = LingeringProvider("raise")
+    host, api = _relay_host(BASE, provider, middlewares=[host_deadline])
+    base = await serve(host)
+    reader, writer = await _connect(base)
+    provider.put([Delta("a"), Done("stop")])
+    _send_get(writer, "/api/chat?prompt=x")
+    status, _, body = await asyncio.wait_for(_read_response(reader), 5)
+    assert status == 200
+    assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
+    assert await _registry(api).wait_empty(3)  # well before the 5 s grace: the host's deadline ended it
+    assert cancelled == [True]
+    assert provider.closed.is_set()
+    await _close(writer)
 
 
 async def test_a_providers_async_cleanup_runs_to_its_end_when_a_slow_client_is_dropped(serve: ServeApp) -> None:
