@@ -49,7 +49,8 @@ class Config:
     shutdown_grace: float = 5.0
     reconnect_hint_ms: int = 3000
     use_uvloop: bool = True
-    # Standalone server only: freeze startup objects and collect the young generation less often (gc_tuning.py).
+    # The relay's own processes only (python -m server, the gunicorn app): freeze the startup objects and collect
+    # the young generation less often (gc_tuning.py).
     gc_tuning: bool = True
     reuse_port: bool = False
     # Admission control (see server/limits.py): a per-client token bucket and concurrency caps.
@@ -196,7 +197,11 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max-message-chars", "longest message, in characters", _non_negative(int)),
     _Option("shutdown-grace", "seconds open streams get to finish on shutdown", _non_negative(float)),
     _Option("uvloop", "use uvloop when it is installed", _bool, field="use_uvloop"),
-    _Option("gc-tuning", "tune the garbage collector for streaming (standalone server only)", _bool),
+    _Option(
+        "gc-tuning",
+        "tune the garbage collector for streaming (this process and gunicorn workers, never an embedding app)",
+        _bool,
+    ),
     _Option("reuse-port", "listen with SO_REUSEPORT, so several processes can share the port", _bool),
     _Option("rate", "requests a client may start per time, e.g. 2/s or 30/m (0/s = no rate limit)"),
     _Option("burst", "requests a client may start at once before the rate applies", _non_negative(int)),

@@ -37,7 +37,9 @@ log = logging.getLogger("llm_relay.stream")
 # After the last frame, how long the provider may go on reading the upstream body to its end (the bytes after
 # [DONE]), so that the upstream connection can go back to its pool instead of being closed.
 PROVIDER_DRAIN_GRACE = 0.5
-_EOF_MARKER = len(b"0\r\n\r\n")
+# What aiohttp's chunked encoding adds to a write: its size line (at most 16 hex digits) and CRLFs, and after the
+# last one the zero-size chunk that ends the body.
+_FRAMING_BYTES = 16 + 4 + len(b"0\r\n\r\n")
 
 # Why a stream's own task was cancelled by the stream itself (see RelayStream._stop).
 _GONE, _TIMEOUT, _SHUTDOWN = "gone", "timeout", "shutdown"
@@ -515,15 +517,15 @@ class RelayStream:
     def _fits(self, request: web.Request, size: int) -> bool:
         """True when writing `size` more bytes (and then the end of the body) cannot wait for the client.
 
-        Not paused, and still below the high-water mark after the write: the protocol cannot pause, so neither the
-        write nor the drain of write_eof() can wait, and no timer is needed. (Once paused, it stays paused down to
-        the low-water mark, hence the explicit check.)
+        Not paused, and still below the high-water mark after the write with the chunked encoding's own bytes: the
+        protocol cannot pause, so neither the write nor the drain of write_eof() can wait, and no timer is needed.
+        (Once paused, it stays paused down to the low-water mark, hence the explicit check.)
         """
         transport = request.transport
         return (
             transport is not None
             and not request.protocol.writing_paused
-            and transport.get_write_buffer_size() + size + _EOF_MARKER < self._high_water
+            and transport.get_write_buffer_size() + size + _FRAMING_BYTES < self._high_water
         )
 
     def _lost(self) -> bool:

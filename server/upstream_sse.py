@@ -104,9 +104,10 @@ class ChunkStreamDecoder:
             events.append(Done(self._finish_reason, self._usage))
             return
         try:
-            # §9.2.5: the stream is UTF-8. Decoding here spares json.loads its encoding detection per chunk
-            # (which also let a BOM before the JSON through; so does this).
-            text = payload.decode()
+            # §9.2.5: the stream is UTF-8. Decoding here spares json.loads its encoding detection per chunk, with
+            # what json.loads does for UTF-8: surrogates encoded in it (CESU-8, Java's "modified UTF-8") pass,
+            # and so does a BOM before the JSON. (Unlike json.loads, a chunk in UTF-16 or UTF-32 is refused.)
+            text = payload.decode("utf-8", "surrogatepass")
             chunk = _decode_json(text[1:] if text.startswith("\ufeff") else text)
         except (ValueError, RecursionError):  # ValueError: JSONDecodeError, UnicodeDecodeError, int() digit limit
             raise UpstreamProtocolError("the model provider sent a malformed stream chunk") from None

@@ -440,3 +440,18 @@ def test_any_content_in_any_chunking(contents: list[str], line_end: bytes, data:
     blob = (blob + b"data: [DONE]\n\n").replace(b"\n", line_end)
     cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=12))
     assert decode(chunked(blob, cuts)) == [*(Delta(text) for text in contents if text), Done()]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # CESU-8 / Java "modified UTF-8": U+1F600 as two encoded surrogates. json.loads(bytes) decodes with
+        # errors="surrogatepass", so the old decoder read it (and json_bytes relays it as \ud83d\ude00).
+        b'{"choices":[{"delta":{"content":"\xed\xa0\xbd\xed\xb8\x80"}}]}',
+        b'{"choices":[{"delta":{"content":"a\xed\xa0\x80"}}]}',  # one encoded lone surrogate
+    ],
+    ids=["cesu8-pair", "lone"],
+)
+def test_chunk_json_accepts_what_json_loads_of_bytes_accepts(payload: bytes) -> None:
+    expected = json.loads(payload)["choices"][0]["delta"]["content"]
+    assert decode([b"data: " + payload + b"\n\ndata: [DONE]\n\n"]) == [Delta(expected), Done()]
