@@ -718,7 +718,10 @@ async def test_the_provider_is_closed_and_the_stream_released_on_each_ending(
 async def test_the_provider_is_closed_when_the_client_leaves(serve: ServeApp, when: str) -> None:
     pending = when == "while-a-heartbeat-write-is-pending"
     config = BASE.with_changes(heartbeat=0.03) if pending else BASE
-    base, provider, api = await _serve_scripted(serve, config, prepare_delay=0.5 if pending else 0.0)
+    probe = TaskProbe()
+    base, provider, api = await _serve_scripted(
+        serve, config, prepare_delay=0.5 if pending else 0.0, middlewares=[probe]
+    )
     reader, writer = await _connect(base)
     _send_get(writer, "/api/chat?prompt=x")
     await asyncio.wait_for(provider.started.wait(), 5)
@@ -736,6 +739,8 @@ async def test_the_provider_is_closed_when_the_client_leaves(serve: ServeApp, wh
     assert registry.outcomes == ["disconnected"]
     assert registry.closed_at_end == [1]
     await _wait_until(lambda: not _relay_tasks())
+    # The stream cancelled the handler's task to stop, and took that back: the host's task came back clean.
+    assert probe.after == [("returned", 0, False)]
     await _assert_released(registry)
     await _close(writer)
 
@@ -922,7 +927,7 @@ async def test_a_provider_still_reading_after_the_reply_gets_the_grace_then_is_c
     serve: ServeApp, monkeypatch: pytest.MonkeyPatch, on_cancel: str
 ) -> None:
     # After Done the provider may read on (the upstream's tail, for connection reuse), for PROVIDER_DRAIN_GRACE at
-    # most. However it takes the cancellation that ends that, the stream is "done", and the stream's task is not
+    # most. However it takes the cancellation that ends that, the stream is "done", and the handler's task is not
     # left cancelled: the keep-alive connection serves the next stream.
     monkeypatch.setattr(stream_module, "PROVIDER_DRAIN_GRACE", 0.3)
     probe = TaskProbe()
@@ -947,7 +952,7 @@ async def test_a_provider_still_reading_after_the_reply_gets_the_grace_then_is_c
             break
         await asyncio.sleep(0.01)
     assert probe.after == [("returned", 0, False)]
-    task = registry.seen[0]._task  # the stream's own task: the drain's cancellation was taken back
+    task = registry.seen[0]._task  # the task the stream ran in: the drain's cancellation was taken back
     assert task is not None
     assert task.cancelling() == 0
     provider.put([Delta("b"), Done("stop")], None)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Protocol
 
 from ..chat_request import ChatRequest
@@ -37,6 +37,11 @@ def on_abort(callback: Callable[[], None]) -> None:
         callbacks.append(callback)
 
 
-def collect_aborts(callbacks: list[Callable[[], None]]) -> None:
-    """Make `callbacks` the list `on_abort` appends to, for the current task's context."""
-    _abort_callbacks.set(callbacks)
+def collect_aborts(callbacks: list[Callable[[], None]]) -> Token[list[Callable[[], None]] | None]:
+    """Make `callbacks` the list `on_abort` appends to, in the current context, until `stop_collecting_aborts`."""
+    return _abort_callbacks.set(callbacks)
+
+
+def stop_collecting_aborts(token: Token[list[Callable[[], None]] | None]) -> None:
+    """The stream is over: `on_abort` in the rest of the task (the host's code) registers nothing."""
+    _abort_callbacks.reset(token)
