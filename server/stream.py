@@ -97,8 +97,8 @@ class RelayStream:
 
     # Thousands of these live at once on a busy server; slots keep each one small.
     __slots__ = (
-        "_aborts", "_cancellable", "_client_gone", "_clock_blocked", "_held", "_held_since", "_held_size",
-        "_high_water", "_last_event_at", "_last_write_at", "_loop", "_request", "_response",
+        "_aborts", "_base_cancels", "_cancellable", "_client_gone", "_clock_blocked", "_held", "_held_since",
+        "_held_size", "_high_water", "_last_event_at", "_last_write_at", "_loop", "_owed", "_request", "_response",
         "_side_write", "_started", "_stop_error", "_stop_reason", "_task", "_timer", "_timer_at", "_writing", "chat",
         "extra_headers", "framing", "id", "keepalive", "outcome", "provider", "seq", "settings",
     )  # fmt: skip
@@ -131,6 +131,10 @@ class RelayStream:
         self._high_water = 0
         # True while the task is relaying and may be cancelled by the stream's own signals (_stop).
         self._cancellable = False
+        # The host's task may come in with cancellations already counted: ours are those above that count.
+        self._base_cancels = 0
+        # True from a stop's cancel() until it is taken back (Task.uncancel), which every way out of the stream does.
+        self._owed = False
         self._stop_reason: str | None = None
         self._stop_error: RelayError | None = None
         self._client_gone = False
@@ -156,7 +160,14 @@ class RelayStream:
         self._cancellable = False
         self._stop_reason = reason
         self._stop_error = error
+        self._owed = True
         self._task.cancel()
+
+    def _take_back(self) -> bool:
+        """Take back the stop's cancellation (once); True if one of the host's is still counted."""
+        assert self._task is not None
+        self._owed = False
+        return self._task.uncancel() > self._base_cancels
 
     def _on_client_lost(self) -> None:
         # Called from the transport's connection_lost: close the upstream now, not at the next write.
@@ -272,6 +283,8 @@ class RelayStream:
         """
         loop = self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
+        assert self._task is not None
+        self._base_cancels = self._task.cancelling()
         self._request = request
         with watch_disconnect(
             request,
@@ -284,15 +297,17 @@ class RelayStream:
             try:
                 return await self._relay(request, loop)
             finally:
-                self._cancellable = False
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-                side = self._side_write
-                if side is not None:
-                    side.cancel()
-                    await asyncio.wait({side})
-                stop_collecting_aborts(collecting)
+                try:
+                    self._cancellable = False
+                    if self._timer is not None:
+                        self._timer.cancel()
+                        self._timer = None
+                    side = self._side_write
+                    if side is not None:
+                        side.cancel()
+                        await asyncio.wait({side})
+                finally:
+                    stop_collecting_aborts(collecting)
 
     async def _relay(self, request: web.Request, loop: asyncio.AbstractEventLoop) -> web.StreamResponse:
         self._started = self._last_write_at = loop.time()
@@ -310,6 +325,8 @@ class RelayStream:
                             # From here on the stream's signals must not cancel the provider's own cleanup
                             # (closing the upstream response), which `aclosing` awaits on the way out.
                             self._cancellable = False
+                            if self._owed and self._take_back():  # the provider absorbed a stop
+                                raise asyncio.CancelledError
                             if self.outcome == "done":
                                 await self._read_to_end(batches)
                             return self._response or web.Response(status=499)
@@ -319,7 +336,7 @@ class RelayStream:
         except asyncio.CancelledError:
             self._cancellable = False
             task = self._task
-            if self._stop_reason is None or task is None or task.uncancel() > 0:
+            if self._stop_reason is None or task is None or not self._owed or self._take_back():
                 # Cancelled from outside (the host's handler cancellation, the server going down): let it go on.
                 self.outcome = "disconnected" if self._client_gone else "cancelled"
                 raise
@@ -329,10 +346,11 @@ class RelayStream:
                 log.exception("stream %s: the provider failed", self.id)
             failure = InternalError("the relay failed while generating the reply")
         self._cancellable = False
-        if self._stop_reason is not None and self._task is not None:
+        if self._owed:
             # The stream had stopped itself, and the provider turned that cancellation into an error of its own:
             # the stop's reason (client gone, timeout, shutdown) is what ends the stream.
-            self._task.uncancel()
+            if self._take_back():
+                raise asyncio.CancelledError
             return await self._stopped(request)
         return await self._fail(request, failure)
 
@@ -426,7 +444,7 @@ class RelayStream:
             # Take back our cancellation however the provider ended (it may have turned it into an error, or
             # swallowed it); one from the host as well goes on.
             log.debug("stream %s: the upstream had not ended %.1fs after the reply", self.id, PROVIDER_DRAIN_GRACE)
-            if task.uncancel() > 0:
+            if task.uncancel() > self._base_cancels:
                 raise asyncio.CancelledError
 
     async def _fail(self, request: web.Request, failure: RelayError) -> web.StreamResponse:
