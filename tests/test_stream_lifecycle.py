@@ -331,6 +331,18 @@ def _relay_tasks() -> list[asyncio.Task[Any]]:
     return running
 
 
+async def _serves_another_stream(
+    provider: ScriptedProvider, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """The keep-alive connection serves the next stream, start to end, then is closed."""
+    provider.put([Delta("b"), Done("stop")], None)
+    _send_get(writer, "/api/chat?prompt=y")
+    status, _, body = await asyncio.wait_for(_read_response(reader), 5)
+    assert status == 200
+    assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
+    await _close(writer)
+
+
 def _side_tasks() -> list[asyncio.Task[Any]]:
     return [t for t in _relay_tasks() if getattr(t.get_coro(), "__qualname__", "") == "RelayStream._side"]
 
@@ -843,12 +855,7 @@ async def test_a_cancellation_from_the_host_is_not_taken_for_the_streams_own(ser
     assert _registry(api).outcomes == ["cancelled"]
     assert _registry(api).closed_at_end == [1]
     # And the connection is still good for the next request.
-    provider.put([Delta("b"), Done("stop")], None)
-    _send_get(writer, "/api/chat?prompt=y")
-    status, _, body = await asyncio.wait_for(_read_response(reader), 5)
-    assert status == 200
-    assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
-    await _close(writer)
+    await _serves_another_stream(provider, reader, writer)
 
 
 # -- (g) a provider that raises mid-reply --------------------------------------------------------------------------
@@ -955,12 +962,7 @@ async def test_a_provider_still_reading_after_the_reply_gets_the_grace_then_is_c
     task = registry.seen[0]._task  # the task the stream ran in: the drain's cancellation was taken back
     assert task is not None
     assert task.cancelling() == 0
-    provider.put([Delta("b"), Done("stop")], None)
-    _send_get(writer, "/api/chat?prompt=y")
-    status, _, body = await asyncio.wait_for(_read_response(reader), 5)
-    assert status == 200
-    assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
-    await _close(writer)
+    await _serves_another_stream(provider, reader, writer)
 
 
 async def test_a_host_cancellation_during_the_drain_after_the_reply_goes_on(
