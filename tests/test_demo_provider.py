@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Sequence
 
 from server.chat_request import ChatRequest, Message
@@ -40,9 +41,9 @@ async def test_the_paced_reply_is_the_whole_reply_and_no_token_comes_before_its_
 
 async def test_streams_due_in_the_same_tick_share_one_timer_and_all_wake() -> None:
     loop = asyncio.get_running_loop()
-    pacer = _Pacer(loop)
+    pacer = _Pacer()
     due = loop.time() + 0.05
-    waiters = [loop.create_task(pacer.wait_until(due)) for _ in range(20)]
+    waiters = [loop.create_task(pacer.wait_until(loop, due)) for _ in range(20)]
     await asyncio.sleep(0)
     assert len(pacer._timers) == 1
     assert len(pacer._waiting) == 1
@@ -54,12 +55,12 @@ async def test_streams_due_in_the_same_tick_share_one_timer_and_all_wake() -> No
 
 async def test_a_cancelled_wait_leaves_nothing_behind_and_spares_the_others_of_its_tick() -> None:
     loop = asyncio.get_running_loop()
-    pacer = _Pacer(loop)
+    pacer = _Pacer()
     far = loop.time() + 3600
-    alone = loop.create_task(pacer.wait_until(far))
+    alone = loop.create_task(pacer.wait_until(loop, far))
     near = loop.time() + 0.05
-    leaving = loop.create_task(pacer.wait_until(near))
-    staying = loop.create_task(pacer.wait_until(near))
+    leaving = loop.create_task(pacer.wait_until(loop, near))
+    staying = loop.create_task(pacer.wait_until(loop, near))
     await asyncio.sleep(0)
     assert len(pacer._timers) == 2
     alone.cancel()
@@ -84,3 +85,20 @@ async def test_a_stream_closed_while_waiting_for_its_next_token_leaves_the_pacer
     (pacer,) = provider._pacers.values()
     assert pacer._timers == {}
     assert pacer._waiting == {}
+
+
+async def test_the_provider_does_not_keep_a_finished_loop_alive() -> None:
+    # One pacer per loop, kept in a WeakKeyDictionary: a pacer holding its loop would keep every loop the provider
+    # ever ran on (each test's, say) alive.
+    provider = DemoProvider(delay=0.001)
+
+    def run_once() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(_collect(provider, _chat(max_tokens=2)))
+        finally:
+            loop.close()
+
+    await asyncio.to_thread(run_once)
+    gc.collect()
+    assert len(provider._pacers) == 0

@@ -75,22 +75,23 @@ class _Pacer:
     is due at most one tick late.
     """
 
-    __slots__ = ("_loop", "_timers", "_waiting")
+    # No reference to its loop: the provider keeps one pacer per loop in a WeakKeyDictionary, whose keys a value
+    # holding them would keep alive.
+    __slots__ = ("_timers", "_waiting")
     TICK = 0.001
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._waiting: dict[int, list[asyncio.Future[None]]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
 
-    async def wait_until(self, due: float) -> None:
-        """Return once the loop's clock has reached `due` (rounded up to the tick)."""
+    async def wait_until(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        """Return once `loop`'s clock has reached `due` (rounded up to the tick)."""
         tick = math.ceil(due / self.TICK)
         waiting = self._waiting.get(tick)
         if waiting is None:
             waiting = self._waiting[tick] = []
-            self._timers[tick] = self._loop.call_at(tick * self.TICK, self._fire, tick)
-        woken: asyncio.Future[None] = self._loop.create_future()
+            self._timers[tick] = loop.call_at(tick * self.TICK, self._fire, tick)
+        woken: asyncio.Future[None] = loop.create_future()
         waiting.append(woken)
         try:
             await woken
@@ -138,7 +139,7 @@ class DemoProvider:
         loop = asyncio.get_running_loop()
         pacer = self._pacers.get(loop)
         if pacer is None:
-            pacer = self._pacers[loop] = _Pacer(loop)
+            pacer = self._pacers[loop] = _Pacer()
         delay = self.delay
         due = loop.time()
         last = count - 1
@@ -147,7 +148,7 @@ class DemoProvider:
             # loop is busy: a late token is followed by an earlier one.
             due += delay
             if due > loop.time():
-                await pacer.wait_until(due)
+                await pacer.wait_until(loop, due)
             yield (Delta(token), done) if index == last else (Delta(token),)
         if not count:
             yield [done]
