@@ -160,6 +160,11 @@ class RelayStream:
         self._cancellable = False
         self._stop_reason = reason
         self._stop_error = error
+        self._cancel_owed()
+
+    def _cancel_owed(self) -> None:
+        """Cancel the task for a reason of the stream's own: a cancellation owed back (`_take_back`)."""
+        assert self._task is not None
         self._owed = True
         self._task.cancel()
 
@@ -417,34 +422,26 @@ class RelayStream:
         """After the last frame, let the provider read the upstream body to its end so its connection is reused.
 
         At most PROVIDER_DRAIN_GRACE: then the task is cancelled, as asyncio.timeout() would do, by a plain timer
-        (asyncio.timeout cost a tenth of a short stream's CPU: its object, and a task and a loop lookup).
+        (asyncio.timeout cost a tenth of a short stream's CPU: its object, and a task and a loop lookup). The
+        cancellation is owed back like a stop's; the stream's signals no longer cancel by now (`_cancellable`).
         """
-        loop, task = self._loop, self._task
-        assert loop is not None
-        assert task is not None
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            task.cancel()
-
-        timer = loop.call_at(loop.time() + PROVIDER_DRAIN_GRACE, expire)
+        assert self._loop is not None
+        timer = self._loop.call_at(self._loop.time() + PROVIDER_DRAIN_GRACE, self._cancel_owed)
         try:
             async for _ in batches:
                 pass
         except asyncio.CancelledError:
-            if not expired:  # the host's cancellation: it goes on
+            if not self._owed:  # the host's cancellation: it goes on
                 raise
         except Exception:  # the client has its whole reply: whatever the upstream does now changes nothing for it
             log.debug("stream %s: the upstream failed after the end of the reply", self.id, exc_info=True)
         finally:
             timer.cancel()
-        if expired:
+        if self._owed:
             # Take back our cancellation however the provider ended (it may have turned it into an error, or
             # swallowed it); one from the host as well goes on.
             log.debug("stream %s: the upstream had not ended %.1fs after the reply", self.id, PROVIDER_DRAIN_GRACE)
-            if task.uncancel() > self._base_cancels:
+            if self._take_back():
                 raise asyncio.CancelledError
 
     async def _fail(self, request: web.Request, failure: RelayError) -> web.StreamResponse:
