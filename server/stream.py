@@ -406,7 +406,8 @@ class RelayStream:
         response = self._response
         if response is not None and self._side_write is None and self._fits(request, self._held_size):
             # The path of nearly every token: the write cannot wait (see _fits), so none of _flush's bookkeeping
-            # for writes that can is needed, and no timer either.
+            # for writes that can is needed, and no timer either. It is `_write(..., can_wait=False)` written out:
+            # the call would be one more coroutine per token (+0.3 CPU-µs per frame in a paced A/B, 4 pairs).
             try:
                 await response.write(self._take_held())
             except ConnectionError:
@@ -514,12 +515,8 @@ class RelayStream:
             except ConnectionError:
                 return self._lost()
         if self._fits(request, len(data)):
-            try:
-                await (response.write_eof(data) if last else response.write(data))
-            except ConnectionError:
-                return self._lost()
-            if self._client_gone:
-                return self._lost()
+            if not await self._write(request, data, last=last, can_wait=False):
+                return False
             if self.keepalive:
                 self._last_write_at = self._now()
             return True
@@ -594,12 +591,13 @@ class RelayStream:
             self._high_water = request.transport.get_write_buffer_limits()[1]
         return response
 
-    async def _write(self, request: web.Request, data: bytes, *, last: bool = False) -> bool:
-        """Write `data` (with the end of the body when `last`) under the write timeout, preparing the response
-        first if needed; False if the client is gone or too slow."""
+    async def _write(self, request: web.Request, data: bytes, *, last: bool = False, can_wait: bool = True) -> bool:
+        """Write `data` (with the end of the body when `last`), preparing the response first if needed; False if
+        the client is gone or too slow. A write that `can_wait` runs under the write timeout; one that cannot
+        (`_fits` said so) needs no timer."""
         try:
             response = self._response or await self._prepare(request)
-            if self.settings.write_timeout:
+            if can_wait and self.settings.write_timeout:
                 async with asyncio.timeout(self.settings.write_timeout):
                     await (response.write_eof(data) if last else response.write(data))
             else:
