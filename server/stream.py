@@ -340,9 +340,9 @@ class RelayStream:
                 failure = exc
         except asyncio.CancelledError:
             self._cancellable = False
-            task = self._task
-            if self._stop_reason is None or task is None or not self._owed or self._take_back():
-                # Cancelled from outside (the host's handler cancellation, the server going down): let it go on.
+            if not self._owed or self._take_back():
+                # Not ours (nothing owed: the host's handler cancellation, the server going down), or the host's
+                # as well as ours: let it go on.
                 self.outcome = "disconnected" if self._client_gone else "cancelled"
                 raise
             return await self._stopped(request)
