@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, Sequence
 
 import pytest
 from aiohttp import web
 
-from server.chat_request import ChatRequest
-from server.events import Delta, Done, Event
+from server.events import Delta, Done
 from server.providers import base as providers_base
 
 from .conftest import ServeApp
@@ -22,6 +20,7 @@ from .test_stream_lifecycle import (  # noqa: F401  (_close_raw_clients: the aut
     Handler,
     LingeringProvider,
     ScriptedProvider,
+    Step,
     TaskProbe,
     _close_raw_clients,
     _connect,
@@ -31,6 +30,7 @@ from .test_stream_lifecycle import (  # noqa: F401  (_close_raw_clients: the aut
     _send_get,
     _the_stream,
     _wait_until,
+    host_deadline,
 )
 from .wire import sse_events
 
@@ -40,19 +40,8 @@ class WaitForProvider(ScriptedProvider):
     read timeout on an upstream). On 3.11, wait_for returns the result and drops the cancellation when the
     awaited read completed in the same loop turn as the cancel."""
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
-        self.opened += 1
-        self.closed.clear()
-        self.started.set()
-        try:
-            while (step := await asyncio.wait_for(self.steps.get(), 30)) is not None:
-                if isinstance(step, BaseException):
-                    raise step
-                self.pulls += 1
-                yield step
-        finally:
-            self.finished += 1
-            self.closed.set()
+    async def next_step(self) -> Step:
+        return await asyncio.wait_for(self.steps.get(), 30)
 
 
 @pytest.mark.parametrize("host", ["probe", "host-deadline"])
@@ -141,16 +130,11 @@ async def test_the_abort_collection_is_reset_when_the_host_cancels_during_the_si
     provider = ScriptedProvider()
     after: list[object] = []
 
-    @web.middleware
-    async def host_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            async with asyncio.timeout(0.3):
-                return await handler(request)
-        except TimeoutError:
-            after.append(providers_base._abort_callbacks.get())
-            return web.Response(status=504)
+    def answer() -> web.StreamResponse:
+        after.append(providers_base._abort_callbacks.get())
+        return web.Response(status=504)
 
-    host_app, _api = _relay_host(BASE.with_changes(heartbeat=0.03), provider, middlewares=[host_deadline])
+    host_app, _api = _relay_host(BASE.with_changes(heartbeat=0.03), provider, middlewares=[host_deadline(0.3, answer)])
 
     async def slow_prepare(request: web.Request, response: web.StreamResponse) -> None:
         try:

@@ -62,7 +62,7 @@ class ScriptedProvider:
         self.closed.clear()
         self.started.set()
         try:
-            while (step := await self.steps.get()) is not None:
+            while (step := await self.next_step()) is not None:
                 if isinstance(step, BaseException):
                     raise step
                 self.pulls += 1
@@ -70,6 +70,10 @@ class ScriptedProvider:
         finally:
             self.finished += 1
             self.closed.set()
+
+    async def next_step(self) -> Step:
+        """What the test put next (the upstream's next read)."""
+        return await self.steps.get()
 
     def put(self, *steps: Step) -> None:
         for step in steps:
@@ -150,6 +154,21 @@ def _relay_host(
     api[RELAY].streams = RecordingRegistry(lambda: getattr(provider, "finished", 0))
     host.add_subapp("/api", api)
     return host, api
+
+
+def host_deadline(seconds: float, answer: Callable[[], web.StreamResponse]) -> Any:
+    """A host middleware with a deadline of its own on the handler: when it falls, `answer()` (from the handler's
+    task, after the stream has unwound) gives the host's response, or raises."""
+
+    @web.middleware
+    async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(seconds):
+                return await handler(request)
+        except TimeoutError:
+            return answer()
+
+    return deadline
 
 
 class TaskProbe:
@@ -836,16 +855,11 @@ async def test_a_cancellation_from_the_host_is_not_taken_for_the_streams_own(ser
     # stream must let it through (closing the provider), so the host's timeout turns it into its own answer.
     seen: list[str] = []
 
-    @web.middleware
-    async def host_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            async with asyncio.timeout(0.15):
-                return await handler(request)
-        except TimeoutError:
-            seen.append("host timeout")
-            return web.Response(status=503, text="host deadline")
+    def answer() -> web.StreamResponse:
+        seen.append("host timeout")
+        return web.Response(status=503, text="host deadline")
 
-    base, provider, api = await _serve_scripted(serve, BASE, middlewares=[host_deadline])
+    base, provider, api = await _serve_scripted(serve, BASE, middlewares=[host_deadline(0.15, answer)])
     reader, writer = await _connect(base)
     _send_get(writer, "/api/chat?prompt=x")
     status, _, body = await asyncio.wait_for(_read_response(reader), 5)
@@ -973,17 +987,12 @@ async def test_a_host_cancellation_during_the_drain_after_the_reply_goes_on(
     monkeypatch.setattr(stream_module, "PROVIDER_DRAIN_GRACE", 5.0)
     cancelled: list[bool] = []
 
-    @web.middleware
-    async def host_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            async with asyncio.timeout(0.3):
-                return await handler(request)
-        except TimeoutError:
-            cancelled.append(True)
-            raise
+    def answer() -> web.StreamResponse:
+        cancelled.append(True)
+        raise TimeoutError
 
     provider = LingeringProvider("raise")
-    host, api = _relay_host(BASE, provider, middlewares=[host_deadline])
+    host, api = _relay_host(BASE, provider, middlewares=[host_deadline(0.3, answer)])
     base = await serve(host)
     reader, writer = await _connect(base)
     provider.put([Delta("a"), Done("stop")])
