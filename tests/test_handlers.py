@@ -8,7 +8,7 @@ import io
 import aiohttp
 import pytest
 
-from server.app import create_app
+from server.app import create_app, create_relay_app
 from server.chat_request import ChatRequest, Message
 from server.config import Config
 from server.providers.demo import demo_reply, demo_tokens
@@ -142,13 +142,16 @@ async def _error(resp: aiohttp.ClientResponse) -> dict[str, str]:
         ("DELETE", "/api/chat", {}, 405, "method_not_allowed"),
         ("HEAD", "/api/chat", {}, 405, "method_not_allowed"),
         ("GET", "/api/nothing-here", {}, 404, "not_found"),
+        ("GET", "/api", {}, 404, "not_found"),
+        ("POST", "/api/chat/", {}, 404, "not_found"),
+        ("DELETE", "/api/healthz", {}, 405, "method_not_allowed"),
         ("GET", "/api/chat?prompt=hi", {"headers": {"Origin": "https://evil.example"}}, 403, "forbidden"),
     ],
     ids=[
         "no-prompt", "empty-prompt", "bad-format", "max-tokens-0", "temperature-text", "model-not-allowed",
         "accept-html", "invalid-json", "invalid-utf8", "json-array", "empty-messages", "content-not-string",
         "bad-role", "too-many-messages", "message-too-long", "unknown-field", "text-plain", "too-large",
-        "put", "delete", "head", "unknown-path", "foreign-origin",
+        "put", "delete", "head", "unknown-path", "the-prefix", "trailing-slash", "healthz-delete", "foreign-origin",
     ],
 )  # fmt: skip
 async def test_bad_input_gets_a_json_error_and_the_server_keeps_going(
@@ -162,15 +165,24 @@ async def test_bad_input_gets_a_json_error_and_the_server_keeps_going(
 ) -> None:
     async with http.request(method, f"{base}{path}", **kwargs) as resp:  # type: ignore[arg-type]
         assert resp.status == status
+        allow = "GET" if path.endswith("healthz") else "GET,POST"
         if method == "HEAD":
-            assert resp.headers["Allow"] == "GET,POST"
+            assert resp.headers["Allow"] == allow
         else:
             assert (await _error(resp))["type"] == type_
             if status == 405:
-                assert resp.headers["Allow"] == "GET,POST"
+                assert resp.headers["Allow"] == allow
     async with http.get(f"{base}/api/chat", params={"prompt": "still there?"}) as resp:
         assert resp.status == 200
         assert sse_events(await resp.read())[-1][0] == "done"
+
+
+def test_the_api_runs_no_middleware() -> None:
+    # A middleware would sit in every stream's chain of awaits for its whole life (and aiohttp then adds a wrapper
+    # of its own for each application of the chain): the API's 404s and 405s are routes (tested above).
+    assert not create_app(FAST).middlewares
+    assert not create_relay_app(FAST).middlewares
+    assert not create_relay_app(FAST.with_changes(cors_origins=("https://a.example",))).middlewares
 
 
 async def test_chunked_body_over_the_limit_is_refused_without_reading_it_all(

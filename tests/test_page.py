@@ -313,3 +313,13 @@ async def test_without_cors_origins_only_the_same_origin_may_call(base: str, htt
         assert resp.status == 200
         assert_no_cors(resp.headers)
         await resp.read()
+
+
+async def test_with_cors_other_methods_still_get_a_json_405_naming_options(
+    cors_base: str, http: aiohttp.ClientSession
+) -> None:
+    # The 405 route is added after CORS's preflight route: the preflight still works (above), and Allow names it.
+    async with http.put(f"{cors_base}/api/chat", headers={"Origin": ALLOWED}) as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "GET,OPTIONS,POST"
+        assert (await resp.json())["error"]["type"] == "method_not_allowed"
