@@ -1,0 +1,54 @@
+"""The token path writes its chunks to the transport itself (`RelayStream._deliver`): what aiohttp's writer would
+have done must still hold, chunked (HTTP/1.1) or close-delimited (HTTP/1.0), and the writer's byte count, which
+access logs report, must still cover every byte the client got."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import ClassVar
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from server.app import create_app
+from server.config import Config
+
+CONFIG = Config(provider="demo", demo_delay=0.001, limits_enabled=False, heartbeat=0.0)
+
+
+class _Lengths(AbstractAccessLogger):
+    seen: ClassVar[list[int]] = []
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.seen.append(response.body_length)
+
+
+async def _raw_get(port: int, path: str, http10: bool = False) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    version = "1.0" if http10 else "1.1"
+    writer.write(f"GET {path} HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+async def test_access_log_counts_every_byte_the_client_got() -> None:
+    runner = web.AppRunner(create_app(CONFIG), access_log_class=_Lengths, access_log=logging.getLogger("test"))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        _Lengths.seen.clear()
+        for http10 in (False, True):
+            raw = await _raw_get(port, "/api/chat?prompt=count%20me", http10=http10)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert (b"transfer-encoding: chunked" in head.lower()) is not http10
+            if not http10:
+                assert body.endswith(b"\r\n0\r\n\r\n")
+            assert b"event: done" in body
+            await asyncio.sleep(0.05)  # the access log entry is written once the handler has returned
+            assert _Lengths.seen[-1] == len(raw)
+    finally:
+        await runner.cleanup()
