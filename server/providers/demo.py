@@ -86,6 +86,15 @@ class _Pacer:
 
     async def wait_until(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
         """Return once `loop`'s clock has reached `due` (rounded up to the tick)."""
+        woken = self.wake_at(loop, due)
+        try:
+            await woken
+        except BaseException:
+            self.forget(woken, due)
+            raise
+
+    def wake_at(self, loop: asyncio.AbstractEventLoop, due: float) -> asyncio.Future[None]:
+        """A future that `due`'s tick resolves; whoever stops waiting for it before then calls `forget`."""
         tick = math.ceil(due / self.TICK)
         waiting = self._waiting.get(tick)
         if waiting is None:
@@ -93,16 +102,20 @@ class _Pacer:
             self._timers[tick] = loop.call_at(tick * self.TICK, self._fire, tick)
         woken: asyncio.Future[None] = loop.create_future()
         waiting.append(woken)
-        try:
-            await woken
-        except BaseException:
-            # Cancelled (the stream ended): nothing of it stays behind, however far away its tick is.
-            if not woken.done() or woken.cancelled():
-                waiting.remove(woken)
-                if not waiting and self._waiting.get(tick) is waiting:
-                    del self._waiting[tick]
-                    self._timers.pop(tick).cancel()
-            raise
+        return woken
+
+    def forget(self, woken: asyncio.Future[None], due: float) -> None:
+        """The waiter of `woken` left (cancelled: its stream ended): nothing of it stays, however far its tick."""
+        if woken.done() and not woken.cancelled():
+            return  # its tick came: nothing is left of it
+        tick = math.ceil(due / self.TICK)
+        waiting = self._waiting.get(tick)
+        if waiting is None or woken not in waiting:  # cancelled after its tick had fired
+            return
+        waiting.remove(woken)
+        if not waiting:
+            del self._waiting[tick]
+            self._timers.pop(tick).cancel()
 
     def _fire(self, tick: int) -> None:
         del self._timers[tick]
@@ -148,7 +161,13 @@ class DemoProvider:
             # loop is busy: a late token is followed by an earlier one.
             due += delay
             if due > loop.time():
-                await pacer.wait_until(loop, due)
+                # pacer.wait_until() written out: one coroutine less to make, resume and suspend per token.
+                woken = pacer.wake_at(loop, due)
+                try:
+                    await woken
+                except BaseException:
+                    pacer.forget(woken, due)
+                    raise
             yield (Delta(token), done) if index == last else (Delta(token),)
         if not count:
             yield [done]
