@@ -11,13 +11,13 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import aiohttp_cors
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from .admission import Limiter, NoLimits
 from .chat_request import RequestRules
 from .client_key import ClientIdentifier
 from .config import DEMO_MODEL, Config
-from .handlers import chat, healthz, method_not_allowed, not_found
+from .handlers import chat, healthz, json_errors
 from .limiter import build_limiter as build_backend_limiter
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
 from .state import RELAY, RelayState
@@ -98,7 +98,7 @@ def create_relay_app(
 
     `provider` and `limiter` default to what `config` describes; pass your own to reuse a client.
     """
-    api = web.Application(client_max_size=config.max_body_bytes)
+    api = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
     state = RelayState(
         config=config,
         provider=provider or build_provider(config),
@@ -117,27 +117,9 @@ def create_relay_app(
     api.router.add_get("/healthz", healthz, allow_head=False)
     if config.cors_origins:
         _setup_cors(api, config.cors_origins, routes)
-    _add_json_refusals(api)
     api.cleanup_ctx.append(_lifecycle)
     api.on_shutdown.append(_end_streams)
     return api
-
-
-def _add_json_refusals(api: web.Application) -> None:
-    """aiohttp's own 404 and 405 become JSON errors like every other refusal of the API: routes, not a middleware.
-
-    Any middleware puts aiohttp's per-application wrappers into every request's chain of awaits, which a stream
-    keeps for its whole life and resumes on every token: three more coroutine frames, measured at several
-    CPU-µs per frame with 500 paced streams, and several hundred bytes per open stream. So each resource gets a
-    last route for every other method (405 with ``Allow``), and the API last catch-all routes (404). Added last:
-    aiohttp refuses a route after a catch-all one, and CORS adds its OPTIONS route before.
-    """
-    for resource in list(api.router.resources()):
-        if isinstance(resource, web.Resource):  # every resource of the API is one (plain paths)
-            allowed = {route.method for route in resource}
-            resource.add_route(hdrs.METH_ANY, method_not_allowed(allowed))
-    api.router.add_route(hdrs.METH_ANY, "", not_found)  # the prefix itself (``/api``), mounted
-    api.router.add_route(hdrs.METH_ANY, "/{path:.*}", not_found)
 
 
 def _setup_cors(api: web.Application, origins: tuple[str, ...], routes: Sequence[web.AbstractRoute]) -> None:

@@ -7,7 +7,7 @@ is a proper status with a JSON body ``{"error": {"type", "message"}}``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
@@ -107,20 +107,22 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
-async def not_found(request: web.Request) -> web.Response:
-    """Every path of the API that no route claims (the sub-application's last, catch-all route)."""
-    return error_response(NotFound("no such endpoint"))
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own 404 and 405 become JSON errors like every other refusal of the API."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allow = exc.headers.get(hdrs.ALLOW, "")
+        return error_response(
+            MethodNotAllowed(f"use one of: {allow}" if allow else "method not allowed"), {hdrs.ALLOW: allow}
+        )
+    except web.HTTPNotFound:
+        return error_response(NotFound("no such endpoint"))
+    except RelayError as error:
+        return error_response(error)
 
 
-def method_not_allowed(allowed: Iterable[str]) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """A handler for every method of a resource but `allowed` (RFC 9110 §15.5.6: 405 with ``Allow``)."""
-    allow = ",".join(sorted(allowed))
-    message = f"use one of: {allow}"
-
-    async def refuse(request: web.Request) -> web.Response:
-        return error_response(MethodNotAllowed(message), {hdrs.ALLOW: allow})
-
-    return refuse
-
-
-__all__ = ["chat", "check_origin", "healthz", "method_not_allowed", "not_found", "read_body"]
+__all__ = ["chat", "check_origin", "healthz", "json_errors", "read_body"]
