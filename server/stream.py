@@ -25,6 +25,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
+from aiohttp.http import StreamWriter
 
 from .chat_request import ChatRequest
 from .disconnect import watch_disconnect
@@ -418,6 +419,8 @@ class RelayStream:
             data = self._take_held()
             if self._chunked:
                 data = b"%x\r\n%b\r\n" % (len(data), data)
+            # The writer's count is what access logs report. (Its buffer_size only paces aiohttp's own drain()
+            # calls, every 64 KiB it writes; this path never needs one, see _fits.)
             request.writer.output_size += len(data)
             transport.write(data)
             if self.keepalive:
@@ -596,10 +599,18 @@ class RelayStream:
         if request.transport is not None:
             self._high_water = request.transport.get_write_buffer_limits()[1]
         # The token path frames chunks itself only where aiohttp's writer would add nothing but the chunk's frame:
-        # no compression, no Content-Length, a body at all (not HEAD). None of them can happen to this response
-        # today (aiohttp 3.14 calls on_response_prepare after the head is built); checked once, so it stays so.
-        self._direct = not response.compression and request.writer.length is None and request.method != hdrs.METH_HEAD
-        self._chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
+        # aiohttp's own writer, no compression, no Content-Length, a body at all (not HEAD). None of them can
+        # happen to this response today (on_response_prepare hooks run once aiohttp has settled how the body is
+        # framed); checked once, so that it stays so. Chunked or not is what the writer does, as it frames the
+        # heartbeats and the end of the body the same way.
+        writer = request.writer
+        self._direct = (
+            isinstance(writer, StreamWriter)
+            and not response.compression
+            and writer.length is None
+            and request.method != hdrs.METH_HEAD
+        )
+        self._chunked = isinstance(writer, StreamWriter) and writer.chunked
         return response
 
     async def _write(self, request: web.Request, data: bytes, *, last: bool = False, can_wait: bool = True) -> bool:

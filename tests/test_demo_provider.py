@@ -74,6 +74,24 @@ async def test_a_cancelled_wait_leaves_nothing_behind_and_spares_the_others_of_i
     assert pacer._waiting == {}
 
 
+async def test_a_waiter_that_leaves_after_its_tick_was_made_again_leaves_the_new_one_alone() -> None:
+    # The waiter's future is cancelled, its tick fires (skipping it) and a newcomer makes the same tick again
+    # before the waiter's own clean-up runs: that clean-up must not touch the newcomer's tick.
+    loop = asyncio.get_running_loop()
+    pacer = _Pacer()
+    due = loop.time() + 0.005
+    old = pacer.wake_at(loop, due)
+    old.cancel()
+    while pacer._timers:  # its tick fires
+        await asyncio.sleep(0.001)
+    new = pacer.wake_at(loop, due)
+    pacer.forget(old, due)
+    assert [len(w) for w in pacer._waiting.values()] == [1]
+    await asyncio.wait_for(new, 2)
+    assert pacer._timers == {}
+    assert pacer._waiting == {}
+
+
 async def test_a_stream_closed_while_waiting_for_its_next_token_leaves_the_pacer_empty() -> None:
     provider = DemoProvider(delay=3600)
     stream = provider.stream(_chat())

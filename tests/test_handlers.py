@@ -8,7 +8,7 @@ import io
 import aiohttp
 import pytest
 
-from server.app import create_app, create_relay_app
+from server.app import create_app
 from server.chat_request import ChatRequest, Message
 from server.config import Config
 from server.providers.demo import demo_reply, demo_tokens
@@ -175,14 +175,6 @@ async def test_bad_input_gets_a_json_error_and_the_server_keeps_going(
     async with http.get(f"{base}/api/chat", params={"prompt": "still there?"}) as resp:
         assert resp.status == 200
         assert sse_events(await resp.read())[-1][0] == "done"
-
-
-def test_the_api_runs_no_middleware() -> None:
-    # A middleware would sit in every stream's chain of awaits for its whole life (and aiohttp then adds a wrapper
-    # of its own for each application of the chain): the API's 404s and 405s are routes (tested above).
-    assert not create_app(FAST).middlewares
-    assert not create_relay_app(FAST).middlewares
-    assert not create_relay_app(FAST.with_changes(cors_origins=("https://a.example",))).middlewares
 
 
 async def test_chunked_body_over_the_limit_is_refused_without_reading_it_all(

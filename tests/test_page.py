@@ -9,15 +9,17 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import aiohttp
+import aiohttp_cors
 import pytest
 from aiohttp import web
 from markupsafe import escape
 
-from server.app import create_app
+from server.app import create_app, setup
 from server.config import Config
 from server.page import WEB_DIR, PageSettings, content_security_policy, setup_page
 
 from .conftest import ServeApp
+from .wire import sse_events
 
 FAST = Config(provider="demo", demo_delay=0.0, limits_enabled=False, heartbeat=0.0)
 ALLOWED = "http://allowed.example:3000"
@@ -322,4 +324,23 @@ async def test_with_cors_other_methods_still_get_a_json_405_naming_options(
     async with http.put(f"{cors_base}/api/chat", headers={"Origin": ALLOWED}) as resp:
         assert resp.status == 405
         assert resp.headers["Allow"] == "GET,OPTIONS,POST"
+        assert (await resp.json())["error"]["type"] == "method_not_allowed"
+
+
+async def test_a_host_that_adds_cors_to_all_its_routes_can_embed_the_api(
+    serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    # aiohttp-cors' own recipe, `for route in app.router.routes(): cors.add(route)`, reaches the mounted API's
+    # routes too: they must be ones it accepts (aiohttp-cors refuses a route for every method, "*").
+    host = web.Application()
+    setup(host, FAST.with_changes(cors_origins=()))
+    cors = aiohttp_cors.setup(host, defaults={ALLOWED: aiohttp_cors.ResourceOptions()})  # type: ignore[no-untyped-call]
+    for route in list(host.router.routes()):
+        cors.add(route)
+    base = await serve(host)
+    async with http.get(f"{base}/api/chat", params={"prompt": "hi"}) as resp:
+        assert resp.status == 200
+        assert sse_events(await resp.read())[-1][0] == "done"
+    async with http.put(f"{base}/api/chat") as resp:
+        assert resp.status == 405
         assert (await resp.json())["error"]["type"] == "method_not_allowed"
