@@ -604,13 +604,9 @@ class RelayStream:
         # framed); checked once, so that it stays so. Chunked or not is what the writer does, as it frames the
         # heartbeats and the end of the body the same way.
         writer = request.writer
-        self._direct = (
-            isinstance(writer, StreamWriter)
-            and not response.compression
-            and writer.length is None
-            and request.method != hdrs.METH_HEAD
-        )
-        self._chunked = isinstance(writer, StreamWriter) and writer.chunked
+        if isinstance(writer, StreamWriter):
+            self._direct = not response.compression and writer.length is None and request.method != hdrs.METH_HEAD
+            self._chunked = writer.chunked
         return response
 
     async def _write(self, request: web.Request, data: bytes, *, last: bool = False, can_wait: bool = True) -> bool:

@@ -43,8 +43,7 @@ async def test_streams_due_in_the_same_tick_share_one_timer_and_all_wake() -> No
     loop = asyncio.get_running_loop()
     pacer = _Pacer()
     due = loop.time() + 0.05
-    waiters = [loop.create_task(pacer.wait_until(loop, due)) for _ in range(20)]
-    await asyncio.sleep(0)
+    waiters = [pacer.wake_at(loop, due) for _ in range(20)]
     assert len(pacer._timers) == 1
     assert len(pacer._waiting) == 1
     await asyncio.wait_for(asyncio.gather(*waiters), 2)
@@ -57,15 +56,16 @@ async def test_a_cancelled_wait_leaves_nothing_behind_and_spares_the_others_of_i
     loop = asyncio.get_running_loop()
     pacer = _Pacer()
     far = loop.time() + 3600
-    alone = loop.create_task(pacer.wait_until(loop, far))
+    alone = pacer.wake_at(loop, far)
     near = loop.time() + 0.05
-    leaving = loop.create_task(pacer.wait_until(loop, near))
-    staying = loop.create_task(pacer.wait_until(loop, near))
-    await asyncio.sleep(0)
+    leaving = pacer.wake_at(loop, near)
+    staying = pacer.wake_at(loop, near)
     assert len(pacer._timers) == 2
+    # What a waiter does when it is cancelled (the demo model's generator, when its stream ends).
     alone.cancel()
+    pacer.forget(alone, far)
     leaving.cancel()
-    await asyncio.gather(alone, leaving, return_exceptions=True)
+    pacer.forget(leaving, near)
     # The hour-away tick is gone with its timer; the near one still has its other waiter.
     assert len(pacer._timers) == 1
     assert [len(w) for w in pacer._waiting.values()] == [1]
