@@ -17,11 +17,13 @@ from .admission import Limiter, NoLimits
 from .chat_request import RequestRules
 from .client_key import ClientIdentifier
 from .config import DEMO_MODEL, Config
-from .handlers import chat, healthz, json_errors
+from .generation import GenerationSettings
+from .handlers import chat, healthz, json_errors, stop, stream
 from .limiter import build_limiter as build_backend_limiter
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
+from .reader import ReaderSettings
+from .registry import RegistrySettings, StreamRegistry
 from .state import RELAY, RelayState
-from .stream import StreamSettings
 
 log = logging.getLogger("llm_relay")
 
@@ -61,17 +63,34 @@ def _anyone(request: web.Request) -> str:
     return "anyone"
 
 
-def _stream_settings(config: Config) -> StreamSettings:
-    return StreamSettings(
+def _generation_settings(config: Config) -> GenerationSettings:
+    return GenerationSettings(
         first_token_timeout=config.first_token_timeout,
         idle_timeout=config.idle_timeout,
         total_timeout=config.total_timeout,
+        log_max_events=config.log_max_events,
+        log_max_bytes=config.log_max_bytes,
+    )
+
+
+def _reader_settings(config: Config) -> ReaderSettings:
+    return ReaderSettings(
         write_timeout=config.write_timeout,
         send_buffer=config.send_buffer,
         keepalive_interval=config.heartbeat,
         flush_window=config.flush_window,
         flush_bytes=config.flush_bytes,
         reconnect_hint_ms=config.reconnect_hint_ms,
+    )
+
+
+def _registry(config: Config) -> StreamRegistry:
+    return StreamRegistry(
+        RegistrySettings(
+            resume_grace=config.resume_grace,
+            retention=config.stream_retention,
+            max_total_bytes=config.log_total_bytes,
+        )
     )
 
 
@@ -94,7 +113,7 @@ def create_relay_app(
     provider: Provider | None = None,
     limiter: Limiter | None = None,
 ) -> web.Application:
-    """The streaming API as a sub-application: ``GET|POST /chat`` and ``GET /healthz``.
+    """The streaming API as a sub-application: ``GET|POST /chat``, ``GET|DELETE /streams/{id}``, ``GET /healthz``.
 
     `provider` and `limiter` default to what `config` describes; pass your own to reuse a client.
     """
@@ -103,16 +122,23 @@ def create_relay_app(
         config=config,
         provider=provider or build_provider(config),
         rules=_rules(config),
-        stream_settings=_stream_settings(config),
+        generation_settings=_generation_settings(config),
+        reader_settings=_reader_settings(config),
         limiter=limiter or build_limiter(config),
         identify=build_identify(config),
         cors_origins=frozenset(config.cors_origins),
+        streams=_registry(config),
     )
     api[RELAY] = state
     chat_resource = api.router.add_resource("/chat", name="chat")
     routes = [
         chat_resource.add_route("GET", chat),
         chat_resource.add_route("POST", chat),
+    ]
+    stream_resource = api.router.add_resource("/streams/{id}", name="stream")
+    routes += [
+        stream_resource.add_route("GET", stream),
+        stream_resource.add_route("DELETE", stop),
     ]
     api.router.add_get("/healthz", healthz, allow_head=False)
     if config.cors_origins:
@@ -140,18 +166,17 @@ async def _lifecycle(api: web.Application) -> AsyncIterator[None]:
     """Shared clients live as long as the app; they are closed only after the last stream has ended."""
     state = api[RELAY]
     yield
-    await state.streams.wait_empty(state.config.shutdown_grace)
+    await state.streams.shutdown(state.config.shutdown_grace)
+    state.streams.close()
     await state.limiter.aclose()
     await state.provider.aclose()
 
 
 async def _end_streams(api: web.Application) -> None:
-    """Graceful shutdown: every open stream gets an in-band ``server_shutdown`` event, then ends."""
+    """Graceful shutdown: every reader gets an in-band ``server_shutdown`` event; generations without readers get
+    the grace period, then are cancelled (their upstreams closed)."""
     state = api[RELAY]
-    for stream in state.streams:
-        stream.shutdown()
-    if not await state.streams.wait_empty(state.config.shutdown_grace):
-        log.warning("%d streams still open after the shutdown grace period", len(state.streams))
+    await state.streams.shutdown(state.config.shutdown_grace)
 
 
 def setup(app: web.Application, config: Config, *, prefix: str = API_PREFIX, **kwargs: object) -> web.Application:

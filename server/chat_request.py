@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .errors import RequestError
 
 ROLES = frozenset({"system", "user", "assistant"})
-_BODY_KEYS = frozenset({"messages", "prompt", "model", "max_tokens", "temperature"})
+_BODY_KEYS = frozenset({"messages", "prompt", "model", "max_tokens", "temperature", "resume"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,8 @@ class ChatRequest:
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
+    # Keep the generation running for the resume grace after its last reader leaves, so a reconnect finds it.
+    resume: bool = False
 
     @property
     def last_user_text(self) -> str:
@@ -132,6 +134,18 @@ def _messages(value: object, rules: RequestRules) -> tuple[Message, ...]:
     return tuple(messages)
 
 
+def _resume_flag(value: object) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    raise RequestError("resume must be true or false (1 or 0 in a query string)")
+
+
 def from_query(query: Mapping[str, str], rules: RequestRules) -> ChatRequest:
     """The request of ``GET /api/chat?prompt=...&model=...&max_tokens=...&temperature=...``."""
     prompt = query.get("prompt")
@@ -142,6 +156,7 @@ def from_query(query: Mapping[str, str], rules: RequestRules) -> ChatRequest:
         model=_model(query.get("model"), rules),
         max_tokens=_max_tokens(_query_number(query, "max_tokens"), rules),
         temperature=_temperature(_query_number(query, "temperature")),
+        resume=_resume_flag(query.get("resume")),
     )
 
 
@@ -172,4 +187,5 @@ def from_json_body(body: bytes, rules: RequestRules) -> ChatRequest:
         model=_model(data.get("model"), rules),
         max_tokens=_max_tokens(data.get("max_tokens"), rules),
         temperature=_temperature(data.get("temperature")),
+        resume=_resume_flag(data.get("resume")),
     )

@@ -47,6 +47,13 @@ class Config:
     max_messages: int = 200
     max_message_chars: int = 32_000
     shutdown_grace: float = 5.0
+    # Resumable streams (see server/registry.py): how long an opted-in generation outlives its last reader, how
+    # long an ended one stays readable, and the bounds of the logs.
+    resume_grace: float = 15.0
+    stream_retention: float = 60.0
+    log_max_events: int = 20_000
+    log_max_bytes: int = 2 << 20
+    log_total_bytes: int = 256 << 20
     reconnect_hint_ms: int = 3000
     use_uvloop: bool = True
     # The relay's own processes only (python -m server, the gunicorn app): freeze the startup objects and collect
@@ -196,6 +203,15 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("max-messages", "most messages in one request", _non_negative(int)),
     _Option("max-message-chars", "longest message, in characters", _non_negative(int)),
     _Option("shutdown-grace", "seconds open streams get to finish on shutdown", _non_negative(float)),
+    _Option(
+        "resume-grace",
+        "seconds a stream that opted in to resume keeps generating after its last reader left",
+        _non_negative(float),
+    ),
+    _Option("stream-retention", "seconds an ended stream stays resumable", _non_negative(float)),
+    _Option("log-max-events", "most events one stream's log keeps for resuming", _non_negative(int)),
+    _Option("log-max-bytes", "most bytes one stream's log keeps for resuming (estimated)", _non_negative(int)),
+    _Option("log-total-bytes", "most bytes all stream logs keep together (estimated)", _non_negative(int)),
     _Option("uvloop", "use uvloop when it is installed", _bool, field="use_uvloop"),
     _Option(
         "gc-tuning",

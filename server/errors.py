@@ -6,6 +6,7 @@
     │   ├── NotAcceptable      406
     │   ├── MethodNotAllowed   405
     │   ├── NotFound           404
+    │   ├── ResumeUnavailable  404  a stream that cannot be resumed here (gone, evicted, expired, elsewhere)
     │   └── UnsupportedMediaType 415
     ├── Unauthorized           401
     ├── Forbidden              403  (a browser page from an origin that is not allowed)
@@ -74,6 +75,10 @@ class MethodNotAllowed(RequestError):
 class NotFound(RequestError):
     status = 404
     type = "not_found"
+
+
+class ResumeUnavailable(NotFound):
+    type = "resume_unavailable"
 
 
 class Unauthorized(RelayError):

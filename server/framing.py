@@ -1,12 +1,14 @@
 """Wire framings: turn the event model into bytes. Pure functions, no IO (see h11's writers).
 
-Two framings share one shape (`Framing`): `encode(seq, event) -> bytes` and an optional keep-alive frame.
+Two framings share one shape (`Framing`): `encode(stream_id, seq, event) -> bytes`, a keep-alive frame, an
+opening frame and a reconnection hint.
 
-* `SSEFraming`, ``text/event-stream`` (WHATWG HTML §9.2 "Server-sent events"): every event carries ``id: <seq>``
-  so a reconnecting browser sends ``Last-Event-ID``; deltas are default ``message`` events with JSON data
-  ``{"content": ...}``; the end is ``event: done``; failures are ``event: error`` with ``{"error": {...}}``.
+* `SSEFraming`, ``text/event-stream`` (WHATWG HTML §9.2 "Server-sent events"): every event carries
+  ``id: <stream-id>/<seq>`` so a reconnecting browser sends ``Last-Event-ID`` and resumes after that event;
+  deltas are default ``message`` events with JSON data ``{"content": ...}``; the end is ``event: done``; failures
+  are ``event: error`` with ``{"error": {...}}``.
 * `NDJSONFraming`, ``application/x-ndjson``: one compact JSON object per line, ``{"type": "delta" | "done" |
-  "error", ...}``.
+  "error", "seq": n, ...}``; the stream's id is the response's ``X-Stream-Id``.
 
 The general SSE encoder `encode_sse` refuses input that would change the framing (a line break in an event name or
 id, a NUL in an id, a ``retry`` that is not a non-negative integer) instead of silently altering it: a caller that
@@ -139,12 +141,20 @@ class Framing(Protocol):
     name: str
     content_type: str
 
-    def encode(self, seq: int, event: Event) -> bytes:
-        """The frame for `event`, the `seq`-th event of its stream (1-based)."""
+    def encode(self, stream_id: str, seq: int, event: Event) -> bytes:
+        """The frame for `event`, the `seq`-th event (1-based) of stream `stream_id`."""
         ...
 
     def keepalive(self) -> bytes:
         """A frame that standard readers of this format skip, to keep idle connections open."""
+        ...
+
+    def opening(self, stream_id: str) -> bytes:
+        """What a resumable stream sends at once, before any event (may be empty)."""
+        ...
+
+    def reconnect_hint(self, retry_ms: int) -> bytes:
+        """A frame asking the client to wait `retry_ms` before reconnecting (may be empty)."""
         ...
 
 
@@ -165,17 +175,32 @@ class SSEFraming:
     name = "sse"
     content_type = "text/event-stream; charset=utf-8"
 
-    def encode(self, seq: int, event: Event) -> bytes:
+    def encode(self, stream_id: str, seq: int, event: Event) -> bytes:
+        # The id is "<stream-id>/<seq>": stream ids are hex (new_stream_id) and seq an int, so the field can hold
+        # no line break or NUL (§9.2.6), and Last-Event-ID names both the stream and the place in it.
         if isinstance(event, Delta):
             # JSON never contains a raw CR or LF, so the payload is always exactly one data line and this
             # is the spec's framing without a split.
-            return b'id: %d\ndata: {"content":%s}\n\n' % (seq, _json_str(event.content))
+            return b'id: %s/%d\ndata: {"content":%s}\n\n' % (stream_id.encode(), seq, _json_str(event.content))
         if isinstance(event, Done):
-            return b"id: %d\nevent: done\ndata: %s\n\n" % (seq, json_bytes(_done_payload(event)))
-        return b"id: %d\nevent: error\ndata: %s\n\n" % (seq, json_bytes(_error_payload(event)))
+            return b"id: %s/%d\nevent: done\ndata: %s\n\n" % (
+                stream_id.encode(),
+                seq,
+                json_bytes(_done_payload(event)),
+            )
+        return b"id: %s/%d\nevent: error\ndata: %s\n\n" % (
+            stream_id.encode(),
+            seq,
+            json_bytes(_error_payload(event)),
+        )
 
     def keepalive(self) -> bytes:
         return b": ping\n\n"
+
+    def opening(self, stream_id: str) -> bytes:
+        """An id-only block: it dispatches no event but sets the browser's last event id (§9.2.6 "dispatch the
+        event", step 1), so a connection cut before the first token reconnects with ``Last-Event-ID`` too."""
+        return encode_sse(id=f"{stream_id}/0")
 
     def reconnect_hint(self, retry_ms: int) -> bytes:
         """A block that only sets the browser's reconnection delay (§9.2.6 ``retry``)."""
@@ -188,12 +213,18 @@ class NDJSONFraming:
     name = "ndjson"
     content_type = "application/x-ndjson; charset=utf-8"
 
-    def encode(self, seq: int, event: Event) -> bytes:
+    def encode(self, stream_id: str, seq: int, event: Event) -> bytes:
         if isinstance(event, Delta):
-            return b'{"type":"delta","content":%s}\n' % _json_str(event.content)
+            return b'{"type":"delta","seq":%d,"content":%s}\n' % (seq, _json_str(event.content))
         if isinstance(event, Done):
-            return json_bytes({"type": "done", **_done_payload(event)}) + b"\n"
-        return json_bytes({"type": "error", **_error_payload(event)}) + b"\n"
+            return json_bytes({"type": "done", "seq": seq, **_done_payload(event)}) + b"\n"
+        return json_bytes({"type": "error", "seq": seq, **_error_payload(event)}) + b"\n"
+
+    def opening(self, stream_id: str) -> bytes:
+        return b""  # the response's X-Stream-Id names the stream; seq starts at 1
+
+    def reconnect_hint(self, retry_ms: int) -> bytes:
+        return b""
 
     def keepalive(self) -> bytes:
         # A documented no-op object rather than a blank line: strict NDJSON readers reject empty lines, while

@@ -1,4 +1,4 @@
-"""HTTP handlers: parse, validate, negotiate, admit, then hand the request to a `RelayStream`.
+"""HTTP handlers: parse, validate, negotiate, admit, then start a `Generation` and read it with a `Reader`.
 
 Everything that can be refused is refused here, before a byte of the response is written, so that every refusal
 is a proper status with a JSON body ``{"error": {"type", "message"}}``.
@@ -18,12 +18,17 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     RelayError,
+    RequestError,
+    ResumeUnavailable,
     UnsupportedMediaType,
 )
-from .framing import FRAMINGS
+from .framing import FRAMINGS, Framing
+from .generation import Generation
 from .negotiation import choose_framing
-from .state import RELAY
-from .stream import RelayStream, error_response
+from .reader import Reader
+from .responses import error_response
+from .resume import is_stream_id, parse_after, parse_last_event_id
+from .state import RELAY, RelayState
 
 log = logging.getLogger("llm_relay.handlers")
 
@@ -61,15 +66,18 @@ def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    """``GET /chat?prompt=...`` (EventSource) and ``POST /chat`` with a JSON body (fetch)."""
+    """``GET /chat?prompt=...`` (EventSource) and ``POST /chat`` with a JSON body (fetch) start a generation; a
+    GET with ``Last-Event-ID`` is a reconnecting EventSource, which resumes its stream instead."""
     state = request.app[RELAY]
-    if request.method == hdrs.METH_GET and hdrs.LAST_EVENT_ID in request.headers:
-        # Only a reconnecting EventSource sends Last-Event-ID. Starting the generation again would pay for a
-        # second reply; 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3), so the browser gives up.
-        return web.Response(status=204, headers={"Cache-Control": "no-store"})
     try:
         check_origin(request, state.cors_origins)
         framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
+        if request.method == hdrs.METH_GET and hdrs.LAST_EVENT_ID in request.headers:
+            # Only a reconnecting EventSource sends Last-Event-ID: never a second generation, but the same one
+            # from after the last event it saw (WHATWG HTML §9.2.3), or a defined error.
+            point = parse_last_event_id(request.headers[hdrs.LAST_EVENT_ID])
+            state.identify(request)
+            return await _resume(request, point.stream_id, point.after, framing)
         if request.method == hdrs.METH_GET:
             chat_req = chat_request.from_query(request.query, state.rules)
         else:
@@ -82,27 +90,107 @@ async def chat(request: web.Request) -> web.StreamResponse:
         admission = await state.limiter.admit(client)
     except RelayError as error:
         return error_response(error)
-    stream = RelayStream(
-        state.provider,
-        chat_req,
-        framing,
-        state.stream_settings,
-        headers=dict(admission.headers),
-        keepalive=framing.name == "sse" or state.config.ndjson_keepalive,
+    # The generation holds the admission (its concurrency slot) until it ends, with readers or without.
+    generation = Generation(
+        state.provider, chat_req, state.generation_settings, resumable=chat_req.resume, admission=admission
     )
-    state.streams.add(stream)
+    state.streams.start(generation)
+    reader = Reader(
+        request,
+        generation,
+        state.streams,
+        framing,
+        state.reader_settings,
+        prepare_now=chat_req.resume,
+        announce=chat_req.resume,
+        keepalive=_keepalive(state, framing),
+        headers=dict(admission.headers),
+    )
     try:
-        return await stream.run(request)
+        return await reader.run()
     finally:
-        state.streams.discard(stream)
-        await admission.release()
-        log.debug("stream %s ended: %s after %d events", stream.id, stream.outcome, stream.seq)
+        log.debug("stream %s: a reader ended (%s)", generation.id, reader.outcome)
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """``GET /streams/{id}``: read a stream from its start, or resume it (``Last-Event-ID`` or ``?after=N``)."""
+    state = request.app[RELAY]
+    try:
+        check_origin(request, state.cors_origins)
+        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
+        stream_id = request.match_info["id"]
+        if not is_stream_id(stream_id):
+            raise ResumeUnavailable("no such stream")
+        after = parse_after(request.query.get("after"))
+        if hdrs.LAST_EVENT_ID in request.headers:
+            point = parse_last_event_id(request.headers[hdrs.LAST_EVENT_ID])
+            if point.stream_id != stream_id:
+                raise RequestError("Last-Event-ID names another stream")
+            after = point.after if after is None else max(after, point.after)
+        state.identify(request)
+        return await _resume(request, stream_id, after or 0, framing)
+    except RelayError as error:
+        return error_response(error)
+
+
+async def stop(request: web.Request) -> web.Response:
+    """``DELETE /streams/{id}``: stop a stream now (the page's Stop button); its readers get ``stopped``."""
+    state = request.app[RELAY]
+    try:
+        check_origin(request, state.cors_origins)
+        state.identify(request)
+        generation = state.streams.get(request.match_info["id"])
+        if generation is None:
+            raise ResumeUnavailable("no such stream")
+    except RelayError as error:
+        return error_response(error)
+    state.streams.stop(generation)
+    return web.Response(status=204, headers={"Cache-Control": "no-store"})
+
+
+async def _resume(request: web.Request, stream_id: str, after: int, framing: Framing) -> web.StreamResponse:
+    """A reader of an existing generation from after event `after`; never a second generation."""
+    state = request.app[RELAY]
+    generation = state.streams.get(stream_id)
+    if generation is None:
+        raise ResumeUnavailable("this stream cannot be resumed here: it is unknown, expired or evicted")
+    log_ = generation.log
+    if after > log_.last_seq and (generation.ended or after > log_.last_seq + 1_000_000):
+        raise RequestError("the stream has no such event")
+    if generation.ended and after >= log_.last_seq:
+        # The client has the terminal event: 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3).
+        return web.Response(status=204, headers={"Cache-Control": "no-store"})
+    if after + 1 < log_.first_seq:
+        raise ResumeUnavailable("the events after this one are no longer kept")
+    reader = Reader(
+        request,
+        generation,
+        state.streams,
+        framing,
+        state.reader_settings,
+        after=after,
+        prepare_now=True,
+        keepalive=_keepalive(state, framing),
+    )
+    return await reader.run()
+
+
+def _keepalive(state: RelayState, framing: Framing) -> bool:
+    return framing.name == "sse" or state.config.ndjson_keepalive
 
 
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[RELAY]
+    streams = state.streams
     return web.json_response(
-        {"status": "ok", "provider": state.provider.name, "open_streams": len(state.streams)},
+        {
+            "status": "ok",
+            "provider": state.provider.name,
+            "open_streams": len(streams),  # running generations
+            "readers": streams.readers,
+            "retained_streams": streams.retained,  # running and recently ended, resumable
+            "log_bytes": streams.total_bytes,
+        },
         headers={"Cache-Control": "no-store"},
     )
 
@@ -125,4 +213,4 @@ async def json_errors(
         return error_response(error)
 
 
-__all__ = ["chat", "check_origin", "healthz", "json_errors", "read_body"]
+__all__ = ["chat", "check_origin", "healthz", "json_errors", "read_body", "stop", "stream"]

@@ -2,56 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from .admission import Limiter
 from .chat_request import RequestRules
 from .config import Config
+from .generation import GenerationSettings
 from .providers.base import Provider
-
-if TYPE_CHECKING:
-    from .stream import RelayStream, StreamSettings
-
-
-class StreamRegistry:
-    """The open streams of one app: counted for /healthz, told to end on shutdown, awaited before cleanup."""
-
-    def __init__(self) -> None:
-        self._streams: set[RelayStream] = set()
-        self._empty = asyncio.Event()
-        self._empty.set()
-        self.finished = 0
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
-    def __iter__(self) -> Iterator[RelayStream]:
-        return iter(list(self._streams))
-
-    def add(self, stream: RelayStream) -> None:
-        self._streams.add(stream)
-        self._empty.clear()
-
-    def discard(self, stream: RelayStream) -> None:
-        if stream in self._streams:
-            self._streams.discard(stream)
-            self.finished += 1
-        if not self._streams:
-            self._empty.set()
-
-    async def wait_empty(self, grace: float) -> bool:
-        """True if every stream ended within `grace` seconds."""
-        try:
-            async with asyncio.timeout(grace):
-                await self._empty.wait()
-        except TimeoutError:
-            return False
-        return True
+from .reader import ReaderSettings
+from .registry import StreamRegistry
 
 
 @dataclass(slots=True)
@@ -59,11 +21,12 @@ class RelayState:
     config: Config
     provider: Provider
     rules: RequestRules
-    stream_settings: StreamSettings
+    generation_settings: GenerationSettings
+    reader_settings: ReaderSettings
     limiter: Limiter
     identify: Callable[[web.Request], str]
     cors_origins: frozenset[str]
-    streams: StreamRegistry = field(default_factory=StreamRegistry)
+    streams: StreamRegistry
 
 
 RELAY = web.AppKey("llm_relay", RelayState)

@@ -1,0 +1,342 @@
+"""A generation: one provider call in a task of its own, appending sequenced events to a bounded log.
+
+    provider.stream(chat) ──batches──▶ Generation._run ──append──▶ EventLog ──since(seq) / wait──▶ readers
+
+A generation never touches a client connection. Readers (`server/reader.py`) replay its log from an offset and
+follow it; the registry (`server/registry.py`) decides what happens when the last reader leaves. Cancelling a
+generation runs the provider's abort callbacks (which drop the upstream socket in the same loop turn) and cancels
+its task, which closes the provider's generator and so the upstream request.
+
+The clocks are the upstream's: a first-token timeout until the first event, then an idle timeout between events,
+and a total timeout over all; one `asyncio.timeout` whose deadline is moved (`reschedule`) as events arrive. A
+reader's pace never moves them: a slow reader is the reader's problem (its write timeout), never the generation's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from .admission import Admission
+from .chat_request import ChatRequest
+from .errors import RelayError, StreamTimeout
+from .events import Delta, Error, Event
+from .providers.base import Provider, collect_aborts, stop_collecting_aborts
+
+log = logging.getLogger("llm_relay.generation")
+
+# After the terminal event, how long the provider may go on reading the upstream body to its end (the bytes after
+# [DONE]), so that the upstream connection can go back to its pool instead of being closed.
+PROVIDER_DRAIN_GRACE = 0.5
+# What one logged event is counted as, beyond its text: the event object, its slot in the log (an estimate of
+# CPython's sizes, used only to bound memory, never reported as exact).
+EVENT_OVERHEAD_BYTES = 100
+
+
+class Outcome(enum.Enum):
+    """How a generation ended. Every one but RUNNING is final."""
+
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"  # DELETE /api/streams/{id}
+    ABANDONED = "abandoned"  # every reader left (and the resume grace, if any, passed)
+    SHUTDOWN = "shutdown"
+
+
+class StreamStopped(RelayError):
+    status = 409
+    type = "stopped"
+
+
+class StreamAbandoned(RelayError):
+    status = 409
+    type = "cancelled"
+
+
+class ServerShuttingDown(RelayError):
+    status = 503
+    type = "server_shutdown"
+
+
+class InternalError(RelayError):
+    status = 500
+    type = "internal_error"
+
+
+_CANCEL_ERRORS: dict[Outcome, RelayError] = {
+    Outcome.STOPPED: StreamStopped("the stream was stopped"),
+    Outcome.ABANDONED: StreamAbandoned("the stream was cancelled when its last reader left"),
+    Outcome.SHUTDOWN: ServerShuttingDown("the server is restarting; try again shortly"),
+}
+
+
+def new_stream_id() -> str:
+    """128 random bits: the id is the capability to read or stop the stream, so it must not be guessable."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSettings:
+    """The upstream's clocks (seconds, 0 = off) and the log's bounds."""
+
+    first_token_timeout: float = 60.0
+    idle_timeout: float = 60.0
+    total_timeout: float = 600.0
+    log_max_events: int = 20_000
+    log_max_bytes: int = 2 << 20
+
+
+class EventLog:
+    """The append-only, bounded, sequenced events of one generation. No IO.
+
+    Sequence numbers start at 1. When the log passes its bounds, the oldest events are dropped (down to three
+    quarters of the bounds, so trimming is amortised); `first_seq` says what is still retained.
+    """
+
+    __slots__ = ("_events", "_first_seq", "_max_bytes", "_max_events", "_sizes", "bytes")
+
+    def __init__(self, max_events: int, max_bytes: int) -> None:
+        self._events: list[Event] = []
+        self._sizes: list[int] = []
+        self._first_seq = 1
+        self._max_events = max(1, max_events)
+        self._max_bytes = max(1, max_bytes)
+        self.bytes = 0
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest retained event's sequence number (last_seq + 1 when nothing is retained)."""
+        return self._first_seq
+
+    @property
+    def last_seq(self) -> int:
+        return self._first_seq + len(self._events) - 1
+
+    def append(self, events: Sequence[Event]) -> int:
+        """Append `events`; returns the change in retained bytes (negative when the append trimmed more)."""
+        before = self.bytes
+        for event in events:
+            size = EVENT_OVERHEAD_BYTES + (len(event.content) if isinstance(event, Delta) else 0)
+            self._events.append(event)
+            self._sizes.append(size)
+            self.bytes += size
+        if len(self._events) > self._max_events or self.bytes > self._max_bytes:
+            self._trim(self._max_events * 3 // 4, self._max_bytes * 3 // 4)
+        return self.bytes - before
+
+    def since(self, seq: int) -> list[Event]:
+        """The retained events after `seq`. Raises `LookupError` if some of them were already dropped."""
+        if seq + 1 < self._first_seq:
+            raise LookupError(seq)
+        return self._events[seq + 1 - self._first_seq :]
+
+    def drop_all(self) -> int:
+        """Drop every retained event (memory pressure); returns the bytes freed."""
+        freed = self.bytes
+        self._trim(0, 0)
+        return freed
+
+    def _trim(self, max_events: int, max_bytes: int) -> None:
+        drop = max(0, len(self._events) - max_events)
+        freed = sum(self._sizes[:drop])
+        while self.bytes - freed > max_bytes and drop < len(self._sizes):
+            freed += self._sizes[drop]
+            drop += 1
+        del self._events[:drop]
+        del self._sizes[:drop]
+        self._first_seq += drop
+        self.bytes -= freed
+
+
+class Generation:
+    """One provider call for one chat request: its id, its log, its task and how it ended.
+
+    `start()` runs it in a task of its own. Readers wait for news with `add_waiter` (a future resolved at the next
+    append or at the end). `cancel(outcome)` stops it at once; it is also how the registry's policies end it.
+    """
+
+    __slots__ = (
+        "_aborts", "_admission", "_on_change", "_on_end", "_task", "_waiters", "chat", "ended_at", "failure",
+        "id", "log", "outcome", "provider", "readers", "resumable", "settings", "started_at",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        provider: Provider,
+        chat: ChatRequest,
+        settings: GenerationSettings,
+        *,
+        resumable: bool = False,
+        admission: Admission | None = None,
+        stream_id: str | None = None,
+    ) -> None:
+        self.id = stream_id or new_stream_id()
+        self.provider = provider
+        self.chat = chat
+        self.settings = settings
+        self.resumable = resumable
+        self.log = EventLog(settings.log_max_events, settings.log_max_bytes)
+        self.outcome = Outcome.RUNNING
+        # The error that ended it, with its HTTP status: a reader that has sent nothing yet answers with it.
+        self.failure: RelayError | None = None
+        self.readers = 0
+        self.started_at = 0.0
+        self.ended_at: float | None = None
+        self._admission = admission
+        self._aborts: list[Callable[[], None]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+        # Set by the registry: told of every change in retained bytes, and of the end.
+        self._on_change: Callable[[Generation, int], None] | None = None
+        self._on_end: Callable[[Generation], None] | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.outcome is not Outcome.RUNNING
+
+    def start(
+        self,
+        on_change: Callable[[Generation, int], None] | None = None,
+        on_end: Callable[[Generation], None] | None = None,
+    ) -> None:
+        if self._task is not None:
+            raise RuntimeError("a generation is started once")
+        self._on_change = on_change
+        self._on_end = on_end
+        loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
+        self._task = loop.create_task(self._run(), name=f"llm-relay generation {self.id}")
+
+    def add_waiter(self, waiter: asyncio.Future[None]) -> None:
+        """Resolve `waiter` at the next append or at the end (at once if already ended)."""
+        if self.ended:
+            if not waiter.done():
+                waiter.set_result(None)
+            return
+        self._waiters.append(waiter)
+
+    def cancel(self, outcome: Outcome) -> None:
+        """End the generation now with `outcome` (stopped, abandoned, shutdown); a no-op once it has ended."""
+        if self.ended:
+            return
+        self._finish(_CANCEL_ERRORS[outcome].to_event(), outcome, _CANCEL_ERRORS[outcome])
+        # Drop the upstream socket now, in this loop turn, rather than when the cancellation has worked its way
+        # through a busy event loop.
+        for abort in self._aborts:
+            try:
+                abort()
+            except Exception:  # a failed early close only means the cancellation below does the work
+                log.exception("generation %s: the provider's abort callback failed", self.id)
+        if self._task is not None:
+            self._task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until the task has ended (the upstream is closed)."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
+    def _append(self, events: Sequence[Event]) -> None:
+        delta = self.log.append(events)
+        if self._on_change is not None:
+            self._on_change(self, delta)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _finish(self, terminal: Event, outcome: Outcome, failure: RelayError | None = None) -> None:
+        """Record the end: the terminal event goes into the log, readers are woken, the registry is told."""
+        self.outcome = outcome
+        self.failure = failure
+        self.ended_at = asyncio.get_running_loop().time()
+        self._append([terminal])
+        if self._on_end is not None:
+            self._on_end(self)
+
+    async def _run(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        total_deadline = self.started_at + settings.total_timeout if settings.total_timeout else None
+        # The provider runs in this task: its on_abort() callbacks land in this generation's list.
+        collecting = collect_aborts(self._aborts)
+        try:
+            async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
+                try:
+                    async with asyncio.timeout(
+                        _earliest(total_deadline, self.started_at, settings.first_token_timeout)
+                    ) as clock:
+                        async for batch in batches:
+                            if not batch:  # nothing arrived: not progress, the clocks do not move
+                                continue
+                            terminal = next((e for e in batch if not isinstance(e, Delta)), None)
+                            if terminal is None:
+                                self._append(batch)
+                                clock.reschedule(_earliest(total_deadline, loop.time(), settings.idle_timeout))
+                                continue
+                            events = list(batch[: batch.index(terminal)])
+                            if events:
+                                self._append(events)
+                            self._finish(
+                                terminal,
+                                Outcome.DONE if not isinstance(terminal, Error) else Outcome.ERROR,
+                            )
+                            break
+                except TimeoutError:
+                    self._fail(self._timeout_error(), Outcome.TIMEOUT)
+                    return
+                if not self.ended:
+                    self._fail(InternalError("the reply ended without finishing"), Outcome.ERROR)
+                    return
+                await self._read_to_end(batches)
+        except asyncio.CancelledError:
+            if not self.ended:  # not one of ours (the loop is closing): record it, and let it go on
+                self._fail(InternalError("the relay stopped"), Outcome.ERROR)
+                raise
+        except RelayError as exc:
+            self._fail(exc, Outcome.TIMEOUT if isinstance(exc, StreamTimeout) else Outcome.ERROR)
+        except Exception:
+            log.exception("generation %s: the provider failed", self.id)
+            self._fail(InternalError("the relay failed while generating the reply"), Outcome.ERROR)
+        finally:
+            stop_collecting_aborts(collecting)
+            if self._admission is not None:
+                await self._admission.release()
+
+    def _timeout_error(self) -> StreamTimeout:
+        settings = self.settings
+        now = asyncio.get_running_loop().time()
+        if settings.total_timeout and now >= self.started_at + settings.total_timeout:
+            return StreamTimeout("the reply took longer than the relay allows")
+        if self.log.last_seq == 0:
+            return StreamTimeout("the model did not start answering in time")
+        return StreamTimeout("the model stopped answering mid-reply")
+
+    def _fail(self, error: RelayError, outcome: Outcome) -> None:
+        if not self.ended:
+            self._finish(error.to_event(), outcome, error)
+
+    async def _read_to_end(self, batches: AsyncIterator[Sequence[Event]]) -> None:
+        """After the terminal event, let the provider read the upstream body to its end so its connection is
+        reused; at most PROVIDER_DRAIN_GRACE, then `aclosing` closes it."""
+        try:
+            async with asyncio.timeout(PROVIDER_DRAIN_GRACE):
+                async for _ in batches:
+                    pass
+        except TimeoutError:
+            log.debug("generation %s: the upstream had not ended %.1fs after the reply", self.id, PROVIDER_DRAIN_GRACE)
+        except RelayError:  # readers have the whole reply: whatever the upstream does now changes nothing for them
+            log.debug("generation %s: the upstream failed after the end of the reply", self.id, exc_info=True)
+
+
+def _earliest(total_deadline: float | None, now: float, timeout: float) -> float | None:
+    due = now + timeout if timeout else None
+    if due is None:
+        return total_deadline
+    return due if total_deadline is None or due < total_deadline else total_deadline

@@ -1,0 +1,307 @@
+"""A reader: one client connection following one generation, through `StreamResponse.write` only.
+
+    generation.log ──since(pos)──▶ framing.encode ──▶ response.write (under the write timeout) ──▶ client
+         ▲ add_waiter: woken by the next append, the heartbeat timer, the client leaving, or shutdown
+
+It replays the log from `after`, then follows it live; each wake-up writes everything new in one write. A
+reader never slows its generation or the other readers: a client that stops reading is dropped when a write
+waits longer than the write timeout (it can resume). When the client's connection closes (`watch_disconnect`,
+whatever the host's ``handler_cancellation``), the reader leaves its generation in the same loop turn, so the
+registry can cancel the generation, and the upstream, at once.
+
+The response is prepared lazily, with the first frame, so that a generation failing before any event (upstream
+down, rate limited) still answers with an HTTP status and a JSON body; a resumable stream is prepared at once
+instead, so the client learns the stream's id before the first token (and can resume a cut before it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .disconnect import watch_disconnect
+from .errors import RelayError, ResumeUnavailable
+from .events import Delta, Error, Event
+from .framing import Framing
+from .generation import Generation, ServerShuttingDown
+from .registry import StreamRegistry
+from .responses import error_response
+
+log = logging.getLogger("llm_relay.reader")
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderSettings:
+    """A reader's clocks, in seconds (0 turns one off), and its connection's settings."""
+
+    write_timeout: float = 10.0
+    send_buffer: int = 0
+    keepalive_interval: float = 15.0
+    flush_window: float = 0.0
+    flush_bytes: int = 0
+    reconnect_hint_ms: int = 3000
+
+
+class Reader:
+    """Relay `generation` to `request`'s client from after event `after`; `run()` returns the response."""
+
+    __slots__ = (
+        "_after", "_announce", "_attached", "_gone", "_headers", "_heartbeat", "_heartbeat_due", "_keepalive",
+        "_last_write", "_loop", "_prepare_now", "_registry", "_request", "_response", "_shutdown", "_waiter",
+        "framing", "generation", "outcome", "settings",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        request: web.Request,
+        generation: Generation,
+        registry: StreamRegistry,
+        framing: Framing,
+        settings: ReaderSettings,
+        *,
+        after: int = 0,
+        prepare_now: bool = False,
+        announce: bool = False,
+        keepalive: bool = True,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.generation = generation
+        self.framing = framing
+        self.settings = settings
+        self.outcome = "reading"  # done | error | disconnected | slow_client | shutdown | behind
+        self._request = request
+        self._registry = registry
+        self._after = after
+        self._prepare_now = prepare_now or announce
+        self._announce = announce
+        self._keepalive = keepalive and settings.keepalive_interval > 0
+        self._headers = headers or {}
+        self._response: web.StreamResponse | None = None
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._heartbeat_due = False
+        self._last_write = 0.0
+        self._attached = False
+        self._gone = False
+        self._shutdown = False
+
+    # -- signals from outside (all synchronous, from the event loop) ------------------------------------------
+
+    def _on_lost(self) -> None:
+        """The client's connection closed: leave the generation now (the registry may cancel it), then wake."""
+        self._gone = True
+        self._leave()
+        self._wake()
+
+    def shutdown(self) -> None:
+        """End this reader soon with an in-band ``server_shutdown`` error and a jittered reconnection hint."""
+        self._shutdown = True
+        self._wake()
+
+    def _on_heartbeat(self) -> None:
+        self._heartbeat = None
+        due = self._last_write + self.settings.keepalive_interval
+        if self._loop.time() < due:  # something was written meanwhile: look again when the next one is due
+            self._heartbeat = self._loop.call_at(due, self._on_heartbeat)
+            return
+        self._heartbeat_due = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _leave(self) -> None:
+        if self._attached:
+            self._attached = False
+            self._registry.detach(self.generation, self)
+
+    # -- the reading loop -------------------------------------------------------------------------------------
+
+    async def run(self) -> web.StreamResponse:
+        request = self._request
+        self._registry.attach(self.generation, self)
+        self._attached = True
+        self._last_write = self._loop.time()
+        try:
+            with watch_disconnect(
+                request, self._on_lost, user_timeout=self.settings.write_timeout, send_buffer=self.settings.send_buffer
+            ):
+                if self._keepalive:
+                    self._heartbeat = self._loop.call_at(
+                        self._last_write + self.settings.keepalive_interval, self._on_heartbeat
+                    )
+                if self._prepare_now and not self._gone:
+                    opening = self.framing.opening(self.generation.id) if self._announce else b""
+                    if not await self._write(opening):
+                        return self._response or web.Response(status=499)
+                return await self._follow()
+        finally:
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+                self._heartbeat = None
+            self._leave()
+
+    async def _follow(self) -> web.StreamResponse:
+        generation = self.generation
+        pos = self._after
+        while True:
+            if self._gone:
+                self.outcome = "disconnected"
+                return self._response or web.Response(status=499)
+            try:
+                events = generation.log.since(pos)
+            except LookupError:
+                # Fell behind what the log retains (a reader far slower than the generation): it cannot go on
+                # without a gap, and a gap is never silent.
+                self.outcome = "behind"
+                return await self._fail(ResumeUnavailable("this reader fell behind what the relay keeps"), pos)
+            if events:
+                if self._response is None and pos == 0 and isinstance(events[0], Error):
+                    # The generation failed before anything was sent: a status and a JSON body.
+                    self.outcome = "error"
+                    return error_response(generation.failure or RelayError(events[0].message))
+                if self.settings.flush_window and not self._gone and await self._hold(pos):
+                    continue  # the window ended: take everything that arrived meanwhile
+                pos, terminal = await self._deliver(events, pos)
+                if terminal is not None or self._gone:
+                    return self._response or web.Response(status=499)
+                continue
+            if self._shutdown:
+                self.outcome = "shutdown"
+                return await self._fail(ServerShuttingDown("the server is restarting; try again shortly"), pos)
+            if self._heartbeat_due:
+                self._heartbeat_due = False
+                if not await self._write(self.framing.keepalive()):
+                    return self._response or web.Response(status=499)
+                if self._keepalive:
+                    self._heartbeat = self._loop.call_at(
+                        self._last_write + self.settings.keepalive_interval, self._on_heartbeat
+                    )
+                continue
+            waiter = self._waiter = self._loop.create_future()
+            generation.add_waiter(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    async def _deliver(self, events: list[Event], pos: int) -> tuple[int, Event | None]:
+        """Encode and write `events` (the ones after `pos`) in one write; the new position and the terminal event."""
+        stream_id = self.generation.id
+        encode = self.framing.encode
+        frames: list[bytes] = []
+        terminal: Event | None = None
+        for event in events:
+            pos += 1
+            frames.append(encode(stream_id, pos, event))
+            if not isinstance(event, Delta):
+                terminal = event
+                break
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if not await self._write(data, last=terminal is not None):
+            return pos, None
+        if terminal is not None:
+            self.outcome = "done" if not isinstance(terminal, Error) else "error"
+        return pos, terminal
+
+    async def _hold(self, pos: int) -> bool:
+        """Flush window: hold the frames after `pos` until the window has passed or `flush_bytes` is reached.
+        True if it waited (the caller reads the log again)."""
+        settings = self.settings
+        generation = self.generation
+        deadline = self._loop.time() + settings.flush_window
+        waited = False
+        while not generation.ended and not self._gone and not self._shutdown:
+            pending = generation.log.since(pos)
+            if settings.flush_bytes and sum(len(e.content) for e in pending if isinstance(e, Delta)) >= (
+                settings.flush_bytes
+            ):
+                break
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                break
+            waiter = self._waiter = self._loop.create_future()
+            generation.add_waiter(waiter)
+            timer = self._loop.call_later(remaining, self._wake)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            waited = True
+        return waited and not self._gone
+
+    async def _fail(self, error: RelayError, pos: int) -> web.StreamResponse:
+        """End this reader with `error`: a JSON error response if nothing was sent yet, else in band."""
+        if self._response is None:
+            return error_response(error)
+        data = self.framing.encode(self.generation.id, pos, error.to_event())
+        if isinstance(error, ServerShuttingDown):
+            # WHATWG HTML §9.2.6 retry: how long the browser waits before it reconnects. Jittered per stream, so
+            # that the browsers of a restarting server do not all come back in the same instant.
+            hint = self.settings.reconnect_hint_ms
+            data = self.framing.reconnect_hint(random.randint(hint, 2 * hint)) + data
+        await self._write(data, last=True)
+        return self._response
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    async def _prepare(self) -> web.StreamResponse:
+        request = self._request
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": self.framing.content_type,
+                # RFC 9111 §5.2.2.4: every client and proxy must revalidate; a cached token stream is useless.
+                "Cache-Control": "no-cache",
+                # nginx buffers proxied responses unless told not to; buffering would hold every token.
+                "X-Accel-Buffering": "no",
+                "X-Content-Type-Options": "nosniff",
+                "X-Stream-Id": self.generation.id,
+                **self._headers,
+            },
+        )
+        if request.version < (1, 1):
+            # An HTTP/1.0 body without a length ends with the connection (RFC 9112 §6.3): close it at the end
+            # even if the client asked for keep-alive, or it would never see the end of the body.
+            response.force_close()
+        # No enable_compression(): zlib would hold every token until the end.
+        await response.prepare(request)
+        self._response = response
+        return response
+
+    async def _write(self, data: bytes, *, last: bool = False) -> bool:
+        """Write `data` (ending the body when `last`) under the write timeout; False if the client is gone or too
+        slow (then it is dropped: a client that stopped reading must not hold a growing buffer)."""
+        try:
+            response = self._response or await self._prepare()
+            if self.settings.write_timeout:
+                async with asyncio.timeout(self.settings.write_timeout):
+                    await (response.write_eof(data) if last else response.write(data))
+            else:
+                await (response.write_eof(data) if last else response.write(data))
+        except TimeoutError:
+            self.outcome = "slow_client"
+            self._gone = True
+            self._leave()
+            if self._request.transport is not None:
+                self._request.transport.abort()
+            log.info(
+                "stream %s: a client stopped reading; dropped after %.1fs",
+                self.generation.id,
+                self.settings.write_timeout,
+            )
+            return False
+        except ConnectionError:
+            self._gone = True
+            self.outcome = "disconnected"
+            return False
+        self._last_write = self._loop.time()
+        return not self._gone

@@ -1,0 +1,186 @@
+"""The app's generations by stream id, and the policies that decide their fate.
+
+- **Readers leave**: when the last reader of a running generation leaves, it is cancelled at once, unless its
+  request opted in to resume: then it runs on for the resume grace, and a reader arriving meanwhile keeps it.
+- **Retention**: an ended generation's log stays readable for `retention` seconds, then it is forgotten.
+- **Memory**: the logs of all generations together stay under `max_total_bytes`. Past it, ended generations are
+  forgotten first, oldest end first; then running ones lose their retained events, oldest start first (they
+  keep streaming live to their readers; only a resume from before what is retained becomes impossible).
+- **Shutdown**: readers end (each with an in-band ``server_shutdown``), detached generations get the grace period,
+  then whatever still runs is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from .generation import Generation, Outcome
+
+log = logging.getLogger("llm_relay.registry")
+
+
+class Follower(Protocol):
+    """What the registry needs of a reader: to be told the server is going down."""
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    resume_grace: float = 15.0
+    retention: float = 60.0
+    max_total_bytes: int = 256 << 20
+
+
+class StreamRegistry:
+    """Generations by id (running and recently ended), with reader counts; awaited empty before cleanup."""
+
+    def __init__(self, settings: RegistrySettings | None = None) -> None:
+        self.settings = settings or RegistrySettings()
+        # Insertion order is start order: the memory policy trims running generations oldest first.
+        self._generations: OrderedDict[str, Generation] = OrderedDict()
+        self._ended: OrderedDict[str, Generation] = OrderedDict()  # by end time, oldest first
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._running = 0
+        self._followers: set[Follower] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._shutting_down = False
+        self.total_bytes = 0
+        self.finished = 0
+
+    # -- what is here ----------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Running generations."""
+        return self._running
+
+    def __iter__(self) -> Iterator[Generation]:
+        return iter([g for g in self._generations.values() if not g.ended])
+
+    @property
+    def readers(self) -> int:
+        return len(self._followers)
+
+    @property
+    def retained(self) -> int:
+        """Generations whose log is kept (running and ended)."""
+        return len(self._generations)
+
+    def get(self, stream_id: str) -> Generation | None:
+        return self._generations.get(stream_id)
+
+    # -- life of a generation ---------------------------------------------------------------------------------
+
+    def start(self, generation: Generation) -> None:
+        """Register `generation` and start its task."""
+        self._generations[generation.id] = generation
+        self._running += 1
+        self._idle.clear()
+        generation.start(self._on_change, self._on_end)
+
+    def attach(self, generation: Generation, reader: Follower) -> None:
+        """`reader` starts following `generation`."""
+        generation.readers += 1
+        self._followers.add(reader)
+        timer = self._timers.pop(generation.id, None)
+        if timer is not None and not generation.ended:
+            timer.cancel()  # the resume grace's cancellation: a reader came back
+        elif timer is not None:
+            self._timers[generation.id] = timer  # the retention timer stays
+
+    def detach(self, generation: Generation, reader: Follower) -> None:
+        """`reader` left. The last one leaving a running generation decides its fate (see the module's doc)."""
+        generation.readers -= 1
+        self._followers.discard(reader)
+        if generation.readers or generation.ended:
+            return
+        if not generation.resumable:
+            generation.cancel(Outcome.SHUTDOWN if self._shutting_down else Outcome.ABANDONED)
+            return
+        loop = asyncio.get_running_loop()
+        self._timers[generation.id] = loop.call_later(self.settings.resume_grace, self._grace_over, generation)
+
+    def stop(self, generation: Generation) -> None:
+        """An explicit stop (DELETE): cancel at once, whoever reads it."""
+        generation.cancel(Outcome.STOPPED)
+
+    def _grace_over(self, generation: Generation) -> None:
+        self._timers.pop(generation.id, None)
+        if not generation.readers:
+            generation.cancel(Outcome.ABANDONED)
+
+    def _on_end(self, generation: Generation) -> None:
+        timer = self._timers.pop(generation.id, None)
+        if timer is not None:
+            timer.cancel()
+        self._running -= 1
+        self.finished += 1
+        self._ended[generation.id] = generation
+        loop = asyncio.get_running_loop()
+        self._timers[generation.id] = loop.call_later(self.settings.retention, self._forget, generation.id)
+        if not self._running:
+            self._idle.set()
+
+    def _forget(self, stream_id: str) -> None:
+        timer = self._timers.pop(stream_id, None)
+        if timer is not None:
+            timer.cancel()
+        generation = self._generations.pop(stream_id, None)
+        self._ended.pop(stream_id, None)
+        if generation is not None:
+            self.total_bytes -= generation.log.bytes
+
+    # -- memory -----------------------------------------------------------------------------------------------
+
+    def _on_change(self, generation: Generation, delta: int) -> None:
+        self.total_bytes += delta
+        if self.total_bytes <= self.settings.max_total_bytes:
+            return
+        while self._ended and self.total_bytes > self.settings.max_total_bytes:
+            self._forget(next(iter(self._ended)))
+        if self.total_bytes <= self.settings.max_total_bytes:
+            return
+        for running in list(self._generations.values()):
+            if self.total_bytes <= self.settings.max_total_bytes:
+                break
+            if running is not generation:
+                self.total_bytes -= running.log.drop_all()
+        if self.total_bytes > self.settings.max_total_bytes:
+            self.total_bytes -= generation.log.drop_all()
+        log.warning("stream logs over %d bytes: older events dropped", self.settings.max_total_bytes)
+
+    # -- shutdown ---------------------------------------------------------------------------------------------
+
+    async def wait_idle(self, within: float) -> bool:
+        """True if every generation ended within `within` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def shutdown(self, grace: float) -> None:
+        """End every reader in band, give running generations `grace` seconds, then cancel the rest and wait
+        for their tasks (their upstreams closed)."""
+        self._shutting_down = True
+        for reader in list(self._followers):
+            reader.shutdown()
+        if not await self.wait_idle(grace):
+            running = list(self)
+            log.warning("%d streams still running after the shutdown grace period: cancelled", len(running))
+            for generation in running:
+                generation.cancel(Outcome.SHUTDOWN)
+        await asyncio.gather(*(g.wait_closed() for g in self._generations.values()))
+
+    def close(self) -> None:
+        """Cancel the timers (the app is going away)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()

@@ -1,0 +1,40 @@
+"""The one place a `RelayError` becomes an HTTP response: a status, ``Retry-After`` and a JSON body."""
+
+from __future__ import annotations
+
+import math
+
+from aiohttp import web
+
+from .errors import RelayError
+from .framing import json_bytes
+
+# A Retry-After past this is clamped: a client told to wait for years (an upstream's "1e400") would never retry.
+MAX_RETRY_AFTER = 3600
+
+
+def retry_after_field(seconds: float) -> str:
+    """RFC 9110 §10.2.3 delay-seconds: a whole number, rounded up so a client never retries too early; clamped to
+    `MAX_RETRY_AFTER` and to 0 for anything not a finite non-negative number.
+
+    >>> retry_after_field(1.2), retry_after_field(float("inf")), retry_after_field(-3)
+    ('2', '3600', '0')
+    """
+    if math.isnan(seconds) or seconds <= 0:
+        return "0"
+    return str(min(MAX_RETRY_AFTER, math.ceil(seconds)) if math.isfinite(seconds) else MAX_RETRY_AFTER)
+
+
+def error_response(error: RelayError, extra_headers: dict[str, str] | None = None) -> web.Response:
+    """The JSON error response for `error` ({"error": {"type", "message"}}), with its status and headers."""
+    headers = dict(error.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    if error.retry_after is not None:
+        headers["Retry-After"] = retry_after_field(error.retry_after)
+    return web.Response(
+        status=error.status,
+        body=json_bytes(error.body()),
+        content_type="application/json",
+        headers=headers,
+    )
