@@ -269,7 +269,7 @@ class Generation:
         try:
             async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
                 try:
-                    async with asyncio.timeout(
+                    async with asyncio.timeout_at(
                         _earliest(total_deadline, self.started_at, settings.first_token_timeout)
                     ) as clock:
                         async for batch in batches:

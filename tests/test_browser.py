@@ -21,7 +21,7 @@ from server.chat_request import ChatRequest, Message
 from server.config import Config
 from server.errors import RateLimited
 from server.providers.demo import demo_reply, demo_tokens
-from server.stream import error_response
+from server.responses import error_response
 
 from .browser import (
     CHROMIUM,

@@ -53,6 +53,8 @@ events: st.SearchStrategy[Event] = st.one_of(
 )
 seqs = st.integers(1, 2**53)
 
+SID = "0123456789abcdef0123456789abcdef"  # a stream id as new_stream_id() makes them
+
 
 def chunked(blob: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted(cuts)
@@ -92,16 +94,16 @@ def expected_sse(event: Event) -> tuple[str, dict[str, Any]]:
     return "error", as_js({"error": {"type": event.type, "message": event.message}})
 
 
-def expected_ndjson(event: Event) -> dict[str, Any]:
+def expected_ndjson(seq: int, event: Event) -> dict[str, Any]:
     """The object README "NDJSON, byte by byte" documents."""
     if isinstance(event, Delta):
-        return as_js({"type": "delta", "content": event.content})
+        return as_js({"type": "delta", "seq": seq, "content": event.content})
     if isinstance(event, Done):
-        done: dict[str, Any] = {"type": "done", "finish_reason": event.finish_reason}
+        done: dict[str, Any] = {"type": "done", "seq": seq, "finish_reason": event.finish_reason}
         if event.usage is not None:
             done["usage"] = usage_dict(event.usage)
         return as_js(done)
-    return as_js({"type": "error", "error": {"type": event.type, "message": event.message}})
+    return as_js({"type": "error", "seq": seq, "error": {"type": event.type, "message": event.message}})
 
 
 def spec_normalised(text: str) -> str:
@@ -119,11 +121,11 @@ def json_data(event: SSEEvent) -> Any:
 @settings(max_examples=300, deadline=None)
 @given(seq=seqs, event=events)
 def test_sse_frame_decodes_to_exactly_that_event(seq: int, event: Event) -> None:
-    frame = SSEFraming().encode(seq, event)
+    frame = SSEFraming().encode(SID, seq, event)
     frame.decode("utf-8")  # strict: the frame is valid UTF-8 even for lone surrogates
     decoded, retry = decode_sse(frame)
     kind, payload = expected_sse(event)
-    assert [(e.type, e.last_event_id) for e in decoded] == [(kind, str(seq))]
+    assert [(e.type, e.last_event_id) for e in decoded] == [(kind, f"{SID}/{seq}")]
     assert json_data(decoded[0]) == payload
     assert retry is None
 
@@ -142,9 +144,9 @@ def test_sse_stream_decodes_the_same_in_any_chunking(stream: list[tuple[Event, s
             blob += framing.keepalive()
         elif extra == "comment":
             blob += encode_sse_comment(comment)
-        blob += framing.encode(seq, event)
+        blob += framing.encode(SID, seq, event)
         kind, payload = expected_sse(event)
-        expected.append((kind, str(seq), payload))
+        expected.append((kind, f"{SID}/{seq}", payload))
     cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=12))
     decoded, retry = decode_sse(chunked(blob, cuts))
     assert [(e.type, e.last_event_id, json_data(e)) for e in decoded] == expected
@@ -152,9 +154,9 @@ def test_sse_stream_decodes_the_same_in_any_chunking(stream: list[tuple[Event, s
 
 
 _README_SSE = (
-    b'id: 1\ndata: {"content":"You"}\n\n'
-    b'id: 2\ndata: {"content":" asked:"}\n\n'
-    b'id: 3\nevent: done\ndata: {"finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":2,'
+    b'id: 0123456789abcdef0123456789abcdef/1\ndata: {"content":"You"}\n\n'
+    b'id: 0123456789abcdef0123456789abcdef/2\ndata: {"content":" asked:"}\n\n'
+    b'id: 0123456789abcdef0123456789abcdef/3\nevent: done\ndata: {"finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":2,'
     b'"total_tokens":3}}\n\n'
 )
 
@@ -162,31 +164,31 @@ _README_SSE = (
 def test_sse_readme_example_byte_for_byte() -> None:
     framing = SSEFraming()
     stream = [Delta("You"), Delta(" asked:"), Done("stop", Usage(1, 2, 3))]
-    assert b"".join(framing.encode(seq, event) for seq, event in enumerate(stream, start=1)) == _README_SSE
+    assert b"".join(framing.encode(SID, seq, event) for seq, event in enumerate(stream, start=1)) == _README_SSE
 
 
 @pytest.mark.parametrize(
     ("seq", "event", "frame"),
     [
-        (1, Delta("Hi"), b'id: 1\ndata: {"content":"Hi"}\n\n'),
-        (1, Delta(""), b'id: 1\ndata: {"content":""}\n\n'),
-        (7, Delta("é😀"), 'id: 7\ndata: {"content":"é😀"}\n\n'.encode()),
-        (2, Delta("a\r\nb"), b'id: 2\ndata: {"content":"a\\r\\nb"}\n\n'),
-        (3, Delta("\u2028"), 'id: 3\ndata: {"content":"\u2028"}\n\n'.encode()),
-        (4, Delta("\x00"), b'id: 4\ndata: {"content":"\\u0000"}\n\n'),
-        (5, Delta("x\ud800y"), b'id: 5\ndata: {"content":"x\\ud800y"}\n\n'),
+        (1, Delta("Hi"), b'id: 0123456789abcdef0123456789abcdef/1\ndata: {"content":"Hi"}\n\n'),
+        (1, Delta(""), b'id: 0123456789abcdef0123456789abcdef/1\ndata: {"content":""}\n\n'),
+        (7, Delta("é😀"), 'id: 0123456789abcdef0123456789abcdef/7\ndata: {"content":"é😀"}\n\n'.encode()),
+        (2, Delta("a\r\nb"), b'id: 0123456789abcdef0123456789abcdef/2\ndata: {"content":"a\\r\\nb"}\n\n'),
+        (3, Delta("\u2028"), 'id: 0123456789abcdef0123456789abcdef/3\ndata: {"content":"\u2028"}\n\n'.encode()),
+        (4, Delta("\x00"), b'id: 0123456789abcdef0123456789abcdef/4\ndata: {"content":"\\u0000"}\n\n'),
+        (5, Delta("x\ud800y"), b'id: 0123456789abcdef0123456789abcdef/5\ndata: {"content":"x\\ud800y"}\n\n'),
         (
             2,
             Done("stop", Usage(10, 20, 30)),
-            b'id: 2\nevent: done\ndata: {"finish_reason":"stop",'
+            b'id: 0123456789abcdef0123456789abcdef/2\nevent: done\ndata: {"finish_reason":"stop",'
             b'"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}}\n\n',
         ),
-        (9, Done("length"), b'id: 9\nevent: done\ndata: {"finish_reason":"length"}\n\n'),
-        (9, Done(), b'id: 9\nevent: done\ndata: {"finish_reason":null}\n\n'),
+        (9, Done("length"), b'id: 0123456789abcdef0123456789abcdef/9\nevent: done\ndata: {"finish_reason":"length"}\n\n'),
+        (9, Done(), b'id: 0123456789abcdef0123456789abcdef/9\nevent: done\ndata: {"finish_reason":null}\n\n'),
         (
             4,
             Error("upstream_unavailable", "the connection to the model provider was lost"),
-            b'id: 4\nevent: error\ndata: {"error":{"type":"upstream_unavailable",'
+            b'id: 0123456789abcdef0123456789abcdef/4\nevent: error\ndata: {"error":{"type":"upstream_unavailable",'
             b'"message":"the connection to the model provider was lost"}}\n\n',
         ),
     ],
@@ -194,7 +196,7 @@ def test_sse_readme_example_byte_for_byte() -> None:
          "lone-surrogate-escaped", "done-usage", "done-no-usage", "done-no-reason", "error-readme"],
 )  # fmt: skip
 def test_sse_exact_bytes(seq: int, event: Event, frame: bytes) -> None:
-    assert SSEFraming().encode(seq, event) == frame
+    assert SSEFraming().encode(SID, seq, event) == frame
 
 
 def test_sse_keepalive_is_a_comment() -> None:
@@ -202,8 +204,8 @@ def test_sse_keepalive_is_a_comment() -> None:
     assert framing.keepalive() == b": ping\n\n"
     assert decode_sse(framing.keepalive()) == ([], None)
     # ...and does not disturb the event after it.
-    assert decode_sse(framing.keepalive() + framing.encode(1, Delta("a")))[0] == [
-        SSEEvent("message", '{"content":"a"}', "1")
+    assert decode_sse(framing.keepalive() + framing.encode(SID, 1, Delta("a")))[0] == [
+        SSEEvent("message", '{"content":"a"}', f"{SID}/1")
     ]
 
 
@@ -224,10 +226,10 @@ def test_framings_table() -> None:
 @settings(max_examples=300, deadline=None)
 @given(seq=seqs, event=events)
 def test_ndjson_frame_is_one_strict_line(seq: int, event: Event) -> None:
-    frame = NDJSONFraming().encode(seq, event)
+    frame = NDJSONFraming().encode(SID, seq, event)
     assert frame.endswith(b"\n")
     assert frame.count(b"\n") == 1
-    assert decode_ndjson(frame) == [expected_ndjson(event)]
+    assert decode_ndjson(frame) == [expected_ndjson(seq, event)]
 
 
 @settings(max_examples=150, deadline=None)
@@ -240,8 +242,8 @@ def test_ndjson_stream_decodes_the_same_in_any_chunking(stream: list[tuple[Event
         if keepalive:
             blob += framing.keepalive()
             expected.append({"type": "ping"})
-        blob += framing.encode(seq, event)
-        expected.append(expected_ndjson(event))
+        blob += framing.encode(SID, seq, event)
+        expected.append(expected_ndjson(seq, event))
     cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=12))
     assert decode_ndjson(chunked(blob, cuts)) == expected
 
@@ -249,30 +251,31 @@ def test_ndjson_stream_decodes_the_same_in_any_chunking(stream: list[tuple[Event
 def test_ndjson_readme_example_byte_for_byte() -> None:
     framing = NDJSONFraming()
     stream = [Delta("You"), Delta(" asked:"), Done("stop", Usage(1, 2, 3))]
-    assert b"".join(framing.encode(seq, event) for seq, event in enumerate(stream, start=1)) == (
-        b'{"type":"delta","content":"You"}\n'
-        b'{"type":"delta","content":" asked:"}\n'
-        b'{"type":"done","finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n'
+    assert b"".join(framing.encode(SID, seq, event) for seq, event in enumerate(stream, start=1)) == (
+        b'{"type":"delta","seq":1,"content":"You"}\n'
+        b'{"type":"delta","seq":2,"content":" asked:"}\n'
+        b'{"type":"done","seq":3,"finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":2,'
+        b'"total_tokens":3}}\n'
     )
 
 
 @pytest.mark.parametrize(
     ("event", "line"),
     [
-        (Delta("Hi"), b'{"type":"delta","content":"Hi"}\n'),
-        (Delta("a\nb\u2028"), '{"type":"delta","content":"a\\nb\u2028"}\n'.encode()),
-        (Delta("\udc80"), b'{"type":"delta","content":"\\udc80"}\n'),
-        (Done(), b'{"type":"done","finish_reason":null}\n'),
-        (Done("stop"), b'{"type":"done","finish_reason":"stop"}\n'),
+        (Delta("Hi"), b'{"type":"delta","seq":1,"content":"Hi"}\n'),
+        (Delta("a\nb\u2028"), '{"type":"delta","seq":1,"content":"a\\nb\u2028"}\n'.encode()),
+        (Delta("\udc80"), b'{"type":"delta","seq":1,"content":"\\udc80"}\n'),
+        (Done(), b'{"type":"done","seq":1,"finish_reason":null}\n'),
+        (Done("stop"), b'{"type":"done","seq":1,"finish_reason":"stop"}\n'),
         (
             Error("timeout", "no first token"),
-            b'{"type":"error","error":{"type":"timeout","message":"no first token"}}\n',
+            b'{"type":"error","seq":1,"error":{"type":"timeout","message":"no first token"}}\n',
         ),
     ],
     ids=["delta", "line-breaks", "lone-surrogate", "done-null", "done", "error"],
 )
 def test_ndjson_exact_bytes(event: Event, line: bytes) -> None:
-    assert NDJSONFraming().encode(1, event) == line
+    assert NDJSONFraming().encode(SID, 1, event) == line
 
 
 def test_ndjson_keepalive_is_a_ping_object() -> None:

@@ -139,6 +139,7 @@ def test_any_upstream_text_is_relayed_exactly_in_both_framings(tokens: list[str]
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
                     raw_sse = await resp.read()
+                    resp_id = resp.headers["X-Stream-Id"]
                 async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}) as resp:
                     raw_ndjson = await resp.read()
             raw_sse.decode("utf-8")  # always valid UTF-8, whatever the upstream sent
@@ -147,7 +148,7 @@ def test_any_upstream_text_is_relayed_exactly_in_both_framings(tokens: list[str]
             events = sse_events(raw_sse)
             assert [data["content"] for kind, data, _ in events if kind == "message"] == expected
             assert [kind for kind, _, _ in events][-1] == "done"
-            assert [int(event_id or 0) for _, _, event_id in events] == list(range(1, len(events) + 1))
+            assert [event_id for _, _, event_id in events] == [f"{resp_id}/{seq}" for seq in range(1, len(events) + 1)]
             objects = ndjson_objects(raw_ndjson)
             assert [o["content"] for o in objects if o["type"] == "delta"] == expected
             assert objects[-1]["type"] == "done"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 
 import aiohttp
 import pytest
@@ -35,19 +36,20 @@ async def test_sse_get_streams_the_demo_reply_with_ids_and_done(base: str, http:
         assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
         assert resp.headers["Cache-Control"] == "no-cache"
         assert resp.headers["X-Accel-Buffering"] == "no"
-        assert resp.headers["X-Stream-Id"].startswith("s-")
+        stream_id = resp.headers["X-Stream-Id"]
+        assert re.fullmatch("[0-9a-f]{32}", stream_id)  # 128 random bits
         assert "Content-Encoding" not in resp.headers
         body = await resp.read()
     events = sse_events(body)
     tokens = demo_tokens(_demo("What is SSE?"))
     assert [kind for kind, _, _ in events] == ["message"] * len(tokens) + ["done"]
-    assert [event_id for _, _, event_id in events] == [str(i) for i in range(1, len(tokens) + 2)]
+    assert [event_id for _, _, event_id in events] == [f"{stream_id}/{i}" for i in range(1, len(tokens) + 2)]
     assert sse_text(body) == demo_reply(_demo("What is SSE?"))
     assert "What is SSE?" in sse_text(body)
     done = events[-1][1]
     assert done["finish_reason"] == "stop"
     assert done["usage"]["completion_tokens"] == len(tokens)
-    assert body.startswith(b'id: 1\ndata: {"content":"You"}\n\n')
+    assert body.startswith(b'id: %s/1\ndata: {"content":"You"}\n\n' % stream_id.encode())
 
 
 async def test_ndjson_post_keeps_the_conversation(base: str, http: aiohttp.ClientSession) -> None:
@@ -198,7 +200,14 @@ async def test_same_origin_browser_requests_are_allowed(base: str, http: aiohttp
 async def test_healthz(base: str, http: aiohttp.ClientSession) -> None:
     async with http.get(f"{base}/healthz") as resp:
         assert resp.status == 200
-        assert await resp.json() == {"status": "ok", "provider": "demo", "open_streams": 0}
+        assert await resp.json() == {
+            "status": "ok",
+            "provider": "demo",
+            "open_streams": 0,
+            "readers": 0,
+            "retained_streams": 0,
+            "log_bytes": 0,
+        }
 
 
 async def test_http_10_client_gets_a_close_delimited_body(base: str) -> None:

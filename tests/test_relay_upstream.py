@@ -50,7 +50,7 @@ async def test_relays_tokens_usage_and_request_fields(
     assert events[-1] == (
         "done",
         {"finish_reason": "stop", "usage": {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13}},
-        "7",
+        f"{resp.headers['X-Stream-Id']}/7",
     )
     seen = fake_upstream.last
     assert seen.body["model"] == "fake-model"
@@ -72,10 +72,10 @@ async def test_ndjson_relay(
     async with http.get(f"{base}/api/chat", params={"prompt": "x"}, headers={"Accept": "application/x-ndjson"}) as r:
         objects = ndjson_objects(await r.read())
     assert objects == [
-        {"type": "delta", "content": "a"},
-        {"type": "delta", "content": "b\r\n"},
-        {"type": "delta", "content": "c"},
-        {"type": "done", "finish_reason": "stop"},
+        {"type": "delta", "seq": 1, "content": "a"},
+        {"type": "delta", "seq": 2, "content": "b\r\n"},
+        {"type": "delta", "seq": 3, "content": "c"},
+        {"type": "done", "seq": 4, "finish_reason": "stop"},
     ]
     assert "stream_options" not in fake_upstream.last.body
 

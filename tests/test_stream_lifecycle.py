@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from server.stream import RelayStream
 
 from server import stream as stream_module
 from server.app import create_relay_app
@@ -29,7 +30,6 @@ from server.config import Config
 from server.errors import UpstreamError, UpstreamUnavailable
 from server.events import Delta, Done, Event
 from server.state import RELAY, StreamRegistry
-from server.stream import RelayStream
 
 from .conftest import ServeApp
 from .wire import ndjson_objects, sse_events
