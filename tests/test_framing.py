@@ -156,7 +156,8 @@ def test_sse_stream_decodes_the_same_in_any_chunking(stream: list[tuple[Event, s
 _README_SSE = (
     b'id: 0123456789abcdef0123456789abcdef/1\ndata: {"content":"You"}\n\n'
     b'id: 0123456789abcdef0123456789abcdef/2\ndata: {"content":" asked:"}\n\n'
-    b'id: 0123456789abcdef0123456789abcdef/3\nevent: done\ndata: {"finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":2,'
+    b'id: 0123456789abcdef0123456789abcdef/3\nevent: done\n'
+    b'data: {"finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":2,'
     b'"total_tokens":3}}\n\n'
 )
 
@@ -183,7 +184,7 @@ def test_sse_readme_example_byte_for_byte() -> None:
             b'id: 0123456789abcdef0123456789abcdef/2\nevent: done\ndata: {"finish_reason":"stop",'
             b'"usage":{"prompt_tokens":10,"completion_tokens":20,"total_tokens":30}}\n\n',
         ),
-        (9, Done("length"), b'id: 0123456789abcdef0123456789abcdef/9\nevent: done\ndata: {"finish_reason":"length"}\n\n'),
+        (9, Done("length"), b'id: %s/9\nevent: done\ndata: {"finish_reason":"length"}\n\n' % SID.encode()),
         (9, Done(), b'id: 0123456789abcdef0123456789abcdef/9\nevent: done\ndata: {"finish_reason":null}\n\n'),
         (
             4,
