@@ -112,6 +112,14 @@ class Reader:
         self._heartbeat_due = True
         self._wake()
 
+    def _arm_heartbeat(self) -> None:
+        """The heartbeat timer fires once per interval at most; writes only move `_last_write` (see _on_heartbeat)."""
+        if self._keepalive and self._heartbeat is None:
+            self._heartbeat_due = False
+            self._heartbeat = self._loop.call_at(
+                self._last_write + self.settings.keepalive_interval, self._on_heartbeat
+            )
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -133,10 +141,7 @@ class Reader:
             with watch_disconnect(
                 request, self._on_lost, user_timeout=self.settings.write_timeout, send_buffer=self.settings.send_buffer
             ):
-                if self._keepalive:
-                    self._heartbeat = self._loop.call_at(
-                        self._last_write + self.settings.keepalive_interval, self._on_heartbeat
-                    )
+                self._arm_heartbeat()
                 if self._prepare_now and not self._gone:
                     opening = self.framing.opening(self.generation.id) if self._announce else b""
                     if not await self._write(opening):
@@ -150,7 +155,14 @@ class Reader:
 
     async def _follow(self) -> web.StreamResponse:
         generation = self.generation
+        settings = self.settings
+        stream_id = generation.id
+        encode = self.framing.encode
         pos = self._after
+        # Frames encoded but not written yet: a flush window holds them until it ends or flush_bytes is reached.
+        held: list[bytes] = []
+        held_size = 0
+        held_since = 0.0
         while True:
             if self._gone:
                 self.outcome = "disconnected"
@@ -162,81 +174,61 @@ class Reader:
                 # without a gap, and a gap is never silent.
                 self.outcome = "behind"
                 return await self._fail(ResumeUnavailable("this reader fell behind what the relay keeps"), pos)
+            terminal: Event | None = None
             if events:
-                if self._response is None and pos == 0 and isinstance(events[0], Error):
+                if self._response is None and not held and pos == 0 and isinstance(events[0], Error):
                     # The generation failed before anything was sent: a status and a JSON body.
                     self.outcome = "error"
                     return error_response(generation.failure or RelayError(events[0].message))
-                if self.settings.flush_window and not self._gone and await self._hold(pos):
-                    continue  # the window ended: take everything that arrived meanwhile
-                pos, terminal = await self._deliver(events, pos)
-                if terminal is not None or self._gone:
+                if not held:
+                    held_since = self._loop.time()
+                for event in events:
+                    pos += 1
+                    frame = encode(stream_id, pos, event)
+                    held.append(frame)
+                    held_size += len(frame)
+                    if not isinstance(event, Delta):
+                        terminal = event
+                        break
+            window_end = held_since + settings.flush_window
+            if held and (
+                terminal is not None
+                or not settings.flush_window
+                or (settings.flush_bytes and held_size >= settings.flush_bytes)
+                or self._loop.time() >= window_end
+                or self._shutdown
+            ):
+                data = held[0] if len(held) == 1 else b"".join(held)
+                held.clear()
+                held_size = 0
+                if not await self._write(data, last=terminal is not None):
+                    return self._response or web.Response(status=499)
+                if terminal is not None:
+                    self.outcome = "done" if not isinstance(terminal, Error) else "error"
                     return self._response or web.Response(status=499)
                 continue
+            if events:
+                continue  # more may have arrived meanwhile: take them before waiting
             if self._shutdown:
                 self.outcome = "shutdown"
                 return await self._fail(ServerShuttingDown("the server is restarting; try again shortly"), pos)
-            if self._heartbeat_due:
-                self._heartbeat_due = False
-                if not await self._write(self.framing.keepalive()):
+            if self._heartbeat_due and not held:  # held frames go out soon: no heartbeat is needed then
+                if not await self._write(self.framing.keepalive()):  # (the write re-arms the heartbeat)
                     return self._response or web.Response(status=499)
-                if self._keepalive:
-                    self._heartbeat = self._loop.call_at(
-                        self._last_write + self.settings.keepalive_interval, self._on_heartbeat
-                    )
                 continue
-            waiter = self._waiter = self._loop.create_future()
-            generation.add_waiter(waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._wait(window_end if held else None)
 
-    async def _deliver(self, events: list[Event], pos: int) -> tuple[int, Event | None]:
-        """Encode and write `events` (the ones after `pos`) in one write; the new position and the terminal event."""
-        stream_id = self.generation.id
-        encode = self.framing.encode
-        frames: list[bytes] = []
-        terminal: Event | None = None
-        for event in events:
-            pos += 1
-            frames.append(encode(stream_id, pos, event))
-            if not isinstance(event, Delta):
-                terminal = event
-                break
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        if not await self._write(data, last=terminal is not None):
-            return pos, None
-        if terminal is not None:
-            self.outcome = "done" if not isinstance(terminal, Error) else "error"
-        return pos, terminal
-
-    async def _hold(self, pos: int) -> bool:
-        """Flush window: hold the frames after `pos` until the window has passed or `flush_bytes` is reached.
-        True if it waited (the caller reads the log again)."""
-        settings = self.settings
-        generation = self.generation
-        deadline = self._loop.time() + settings.flush_window
-        waited = False
-        while not generation.ended and not self._gone and not self._shutdown:
-            pending = generation.log.since(pos)
-            if settings.flush_bytes and sum(len(e.content) for e in pending if isinstance(e, Delta)) >= (
-                settings.flush_bytes
-            ):
-                break
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                break
-            waiter = self._waiter = self._loop.create_future()
-            generation.add_waiter(waiter)
-            timer = self._loop.call_later(remaining, self._wake)
-            try:
-                await waiter
-            finally:
+    async def _wait(self, deadline: float | None) -> None:
+        """Until the generation appends or ends, a signal wakes this reader, or `deadline` (loop time) passes."""
+        waiter = self._waiter = self._loop.create_future()
+        self.generation.add_waiter(waiter)
+        timer = self._loop.call_at(deadline, self._wake) if deadline is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
                 timer.cancel()
-                self._waiter = None
-            waited = True
-        return waited and not self._gone
 
     async def _fail(self, error: RelayError, pos: int) -> web.StreamResponse:
         """End this reader with `error`: a JSON error response if nothing was sent yet, else in band."""
@@ -304,4 +296,6 @@ class Reader:
             self.outcome = "disconnected"
             return False
         self._last_write = self._loop.time()
+        if self._heartbeat_due:
+            self._arm_heartbeat()
         return not self._gone

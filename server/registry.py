@@ -61,7 +61,11 @@ class StreamRegistry:
         return self._running
 
     def __iter__(self) -> Iterator[Generation]:
-        return iter([g for g in self._generations.values() if not g.ended])
+        """Every generation whose log is kept: running ones and those ended within the retention."""
+        return iter(list(self._generations.values()))
+
+    def running(self) -> list[Generation]:
+        return [g for g in self._generations.values() if not g.ended]
 
     @property
     def readers(self) -> int:
@@ -173,7 +177,7 @@ class StreamRegistry:
         for reader in list(self._followers):
             reader.shutdown()
         if not await self.wait_idle(grace):
-            running = list(self)
+            running = self.running()
             log.warning("%d streams still running after the shutdown grace period: cancelled", len(running))
             for generation in running:
                 generation.cancel(Outcome.SHUTDOWN)

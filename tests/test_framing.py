@@ -156,7 +156,7 @@ def test_sse_stream_decodes_the_same_in_any_chunking(stream: list[tuple[Event, s
 _README_SSE = (
     b'id: 0123456789abcdef0123456789abcdef/1\ndata: {"content":"You"}\n\n'
     b'id: 0123456789abcdef0123456789abcdef/2\ndata: {"content":" asked:"}\n\n'
-    b'id: 0123456789abcdef0123456789abcdef/3\nevent: done\n'
+    b"id: 0123456789abcdef0123456789abcdef/3\nevent: done\n"
     b'data: {"finish_reason":"stop","usage":{"prompt_tokens":1,"completion_tokens":2,'
     b'"total_tokens":3}}\n\n'
 )

@@ -1,9 +1,10 @@
-"""The stream's clocks and policies, driven by a provider the test controls: flush policy, heartbeats,
-timeouts, slow readers, shutdown, and disconnects under uvloop."""
+"""A reader's clocks and policies, driven by a provider the test controls: flush policy, heartbeats, timeouts as
+readers see them, slow readers, shutdown, HTTP/1.0 clients and disconnects under uvloop."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -74,12 +75,13 @@ async def test_immediate_policy_writes_each_frame_while_the_provider_still_works
     await provider.started.wait()
     await provider.batches.put([Delta("first")])
     resp = await request
+    sid = resp.headers["X-Stream-Id"].encode()
     # The provider has produced nothing more, yet the frame is already on the wire.
-    assert await _read_some(resp, 5) == b'id: 1\ndata: {"content":"first"}\n\n'
+    assert await _read_some(resp, 5) == b'id: %s/1\ndata: {"content":"first"}\n\n' % sid
     await provider.batches.put([Delta("second")])
-    assert await _read_some(resp, 5) == b'id: 2\ndata: {"content":"second"}\n\n'
+    assert await _read_some(resp, 5) == b'id: %s/2\ndata: {"content":"second"}\n\n' % sid
     await provider.batches.put([Done("stop")])
-    assert await resp.content.read() == b'id: 3\nevent: done\ndata: {"finish_reason":"stop"}\n\n'
+    assert await resp.content.read() == b'id: %s/3\nevent: done\ndata: {"finish_reason":"stop"}\n\n' % sid
     resp.close()
 
 
@@ -88,8 +90,10 @@ async def test_frames_already_waiting_go_out_in_one_write(serve: ServeApp, http:
     await provider.batches.put([Delta("a"), Delta("b"), Delta("c")])
     async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}) as resp:
         chunk = await _read_some(resp, 5)
-        assert (
-            chunk == b'{"type":"delta","content":"a"}\n{"type":"delta","content":"b"}\n{"type":"delta","content":"c"}\n'
+        assert chunk == (
+            b'{"type":"delta","seq":1,"content":"a"}\n'
+            b'{"type":"delta","seq":2,"content":"b"}\n'
+            b'{"type":"delta","seq":3,"content":"c"}\n'
         )
         await provider.batches.put(None)
         await resp.read()
@@ -104,22 +108,24 @@ async def test_flush_window_holds_frames_until_the_window_ends(serve: ServeApp, 
     await provider.batches.put([Delta("b")])
     resp = await request  # headers go with the first write: after the window
     chunk = await _read_some(resp, 5)
-    assert chunk == b'{"type":"delta","content":"a"}\n{"type":"delta","content":"b"}\n'
+    assert chunk == b'{"type":"delta","seq":1,"content":"a"}\n{"type":"delta","seq":2,"content":"b"}\n'
     await provider.batches.put([Done("stop")])
     assert ndjson_objects(await resp.content.read())[-1]["type"] == "done"  # terminal frames are never held
     resp.close()
 
 
 async def test_flush_bytes_releases_held_frames_early(serve: ServeApp, http: aiohttp.ClientSession) -> None:
-    base, provider, _ = await _serve_scripted(serve, BASE.with_changes(flush_window=30, flush_bytes=40))
+    base, provider, _ = await _serve_scripted(serve, BASE.with_changes(flush_window=30, flush_bytes=50))
     request = asyncio.create_task(http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}))
     await provider.started.wait()
-    await provider.batches.put([Delta("a")])  # 31 bytes: held
+    await provider.batches.put([Delta("a")])  # 39 bytes: held
     await asyncio.sleep(0.1)
     assert not request.done()
-    await provider.batches.put([Delta("b")])  # 62 bytes: over the threshold, written at once
+    await provider.batches.put([Delta("b")])  # 78 bytes: over the threshold, written at once
     resp = await asyncio.wait_for(request, 5)
-    assert await _read_some(resp, 5) == b'{"type":"delta","content":"a"}\n{"type":"delta","content":"b"}\n'
+    assert (
+        await _read_some(resp, 5) == b'{"type":"delta","seq":1,"content":"a"}\n{"type":"delta","seq":2,"content":"b"}\n'
+    )
     await provider.batches.put(None)
     resp.close()
 
@@ -201,7 +207,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_keep_streaming(
     await asyncio.wait_for(stalled.client_gone.wait(), 10)
     assert not stalled.completed
     state = app[RELAY]
-    await asyncio.wait_for(state.streams.wait_empty(5), 6)
+    assert await state.streams.wait_idle(5)
     # The server aborted the connection: the reader sees the end after a bounded amount of data.
     received = 0
     while chunk := await asyncio.wait_for(reader.read(1 << 16), 5):
@@ -227,7 +233,9 @@ async def test_shutdown_ends_open_streams_in_band_with_a_retry_hint(serve: Serve
         await runner.cleanup()
         sse_body = await sse.read()
         ndjson_body = await ndjson.read()
-    assert b"retry: 3000\n\n" in sse_body
+    retry = re.search(rb"retry: (\d+)\n\n", sse_body)  # jittered per stream: from the hint to twice it
+    assert retry is not None
+    assert 3000 <= int(retry[1]) <= 6000
     assert sse_events(sse_body)[-1][1]["error"]["type"] == "server_shutdown"
     assert ndjson_objects(ndjson_body)[-1]["error"]["type"] == "server_shutdown"
     assert len(app[RELAY].streams) == 0
@@ -251,7 +259,7 @@ def test_disconnect_is_seen_under_uvloop_too() -> None:
                 task.cancel()
                 await asyncio.wait_for(seen.client_gone.wait(), 5)
                 assert not seen.completed
-                await app[RELAY].streams.wait_empty(5)
+                await app[RELAY].streams.wait_idle(5)
                 return len(app[RELAY].streams)
         finally:
             await runner.cleanup()
@@ -285,7 +293,9 @@ async def test_half_open_peers_are_bounded_by_tcp_user_timeout(serve: ServeApp, 
     await provider.batches.put([Delta("x"), Done("stop")])
     async with await request as resp:
         await resp.read()
-    assert await api[RELAY].streams.wait_empty(5)
+    async with asyncio.timeout(5):
+        while api[RELAY].streams.readers:
+            await asyncio.sleep(0.01)
     assert user_timeout() == 0  # the keep-alive connection gets its old setting back
 
 
@@ -332,3 +342,30 @@ async def test_held_frames_do_not_spin_the_loop_when_a_heartbeat_is_overdue(
         await provider.batches.put([Done("stop")])
         events = sse_events(await resp.read())
     assert [kind for kind, _, _ in events] == ["message", "done"]
+
+
+async def test_a_first_token_timeout_after_heartbeats_is_in_band(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    base, provider, _ = await _serve_scripted(serve, BASE.with_changes(heartbeat=0.05, first_token_timeout=0.3))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 200  # a heartbeat sent the head: from then on, errors travel in band
+        body = await resp.read()
+    assert body.startswith(b": ping\n\n")
+    events = sse_events(body)
+    assert [kind for kind, _, _ in events] == ["error"]
+    assert events[0][1]["error"]["type"] == "timeout"
+    await asyncio.wait_for(provider.closed.wait(), 5)
+
+
+async def test_an_http_10_keep_alive_client_sees_the_end_of_the_body(serve: ServeApp) -> None:
+    # An HTTP/1.0 body without a length ends when the connection closes (RFC 9112 §6.3): the relay must close it
+    # even when the client asked for keep-alive, or the client never sees the end.
+    base, provider, _ = await _serve_scripted(serve, BASE)
+    provider.batches.put_nowait([Delta("old"), Done("stop")])
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /api/chat?prompt=x HTTP/1.0\r\nHost: relay\r\nConnection: keep-alive\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 5)  # returns only when the server closes the connection
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
