@@ -149,7 +149,7 @@ class Framing(Protocol):
         """A frame that standard readers of this format skip, to keep idle connections open."""
         ...
 
-    def opening(self, stream_id: str) -> bytes:
+    def opening(self, stream_id: str, retry_ms: int | None = None) -> bytes:
         """What a resumable stream sends at once, before any event (may be empty)."""
         ...
 
@@ -197,10 +197,17 @@ class SSEFraming:
     def keepalive(self) -> bytes:
         return b": ping\n\n"
 
-    def opening(self, stream_id: str) -> bytes:
-        """An id-only block: it dispatches no event but sets the browser's last event id (§9.2.6 "dispatch the
-        event", step 1), so a connection cut before the first token reconnects with ``Last-Event-ID`` too."""
-        return encode_sse(id=f"{stream_id}/0")
+    def opening(self, stream_id: str, retry_ms: int | None = None) -> bytes:
+        """The first block of a resumable stream, before any token: ``event: stream`` with the stream's id.
+
+        Its ``id`` sets the browser's last event id as it is dispatched (§9.2.6 "dispatch the event", step 1), so a
+        connection cut before the first token reconnects with ``Last-Event-ID`` too; its data gives a page the id
+        it needs to stop the stream (``DELETE /api/streams/{id}``); ``retry`` sets the reconnection delay. A client
+        listening only for ``message`` events never sees it.
+        """
+        return encode_sse(
+            json_bytes({"stream_id": stream_id}).decode(), event="stream", id=f"{stream_id}/0", retry=retry_ms
+        )
 
     def reconnect_hint(self, retry_ms: int) -> bytes:
         """A block that only sets the browser's reconnection delay (§9.2.6 ``retry``)."""
@@ -220,7 +227,7 @@ class NDJSONFraming:
             return json_bytes({"type": "done", "seq": seq, **_done_payload(event)}) + b"\n"
         return json_bytes({"type": "error", "seq": seq, **_error_payload(event)}) + b"\n"
 
-    def opening(self, stream_id: str) -> bytes:
+    def opening(self, stream_id: str, retry_ms: int | None = None) -> bytes:
         return b""  # the response's X-Stream-Id names the stream; seq starts at 1
 
     def reconnect_hint(self, retry_ms: int) -> bytes:

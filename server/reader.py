@@ -143,7 +143,11 @@ class Reader:
             ):
                 self._arm_heartbeat()
                 if self._prepare_now and not self._gone:
-                    opening = self.framing.opening(self.generation.id) if self._announce else b""
+                    opening = (
+                        self.framing.opening(self.generation.id, self.settings.reconnect_hint_ms)
+                        if self._announce
+                        else b""
+                    )
                     if not await self._write(opening):
                         return self._response or web.Response(status=499)
                 return await self._follow()

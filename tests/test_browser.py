@@ -166,13 +166,14 @@ async def test_fetch_ndjson_streams_live_and_keeps_the_conversation(page: Page, 
     assert await chat.reply_text(0) == first
 
     assert posted == [
-        {"messages": [{"role": "user", "content": "What is NDJSON?"}]},
+        {"messages": [{"role": "user", "content": "What is NDJSON?"}], "resume": True},
         {
             "messages": [
                 {"role": "user", "content": "What is NDJSON?"},
                 {"role": "assistant", "content": first},
                 {"role": "user", "content": "And a second question?"},
-            ]
+            ],
+            "resume": True,
         },
     ]
     await asyncio.sleep(0.2)
@@ -194,6 +195,8 @@ async def test_stop_mid_stream_cancels_the_upstream(
     assert not seen.client_gone.is_set()
 
     await page.click("#stop")
+    # The page's streams opt in to resume, so closing the connection alone would leave the generation running
+    # for the resume grace (15 s): Stop's DELETE cancels it at once.
     await asyncio.wait_for(seen.client_gone.wait(), timeout=3)
     assert await chat.wait_for_state("stopped") == "stopped"
     stopped_at = await chat.reply_text()
@@ -202,6 +205,45 @@ async def test_stop_mid_stream_cancels_the_upstream(
     assert seen.tokens_sent < 400
     assert not seen.completed
     assert len(server.chat_requests("GET", "POST")) == 1
+    assert [m for m, p in server.requests if p.startswith("/api/streams/")] == ["DELETE"]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ndjson"])
+async def test_a_connection_cut_by_the_server_resumes_and_shows_the_whole_reply_once(
+    page: Page, serve: ServeApp, fake_upstream: FakeUpstream, transport: str
+) -> None:
+    tokens = [f" word{i}" for i in range(60)]
+    fake_upstream.behavior = Behavior(tokens=tokens, delay=0.03)
+    transports: list[asyncio.BaseTransport] = []
+
+    @web.middleware
+    async def remember_stream_connections(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path == "/api/chat" and request.transport is not None:
+            transports.append(request.transport)
+        return await handler(request)
+
+    # A short reconnection delay (the stream's first event sets it with `retry:`), so the test does not wait 3 s.
+    config = upstream_config(fake_upstream, reconnect_hint_ms=200)
+    server = relay_host_app(config, middlewares=[remember_stream_connections])
+    server.base = await serve(server.app)
+    chat = ChatPage(page, server.base)
+    await chat.open()
+    await chat.send("Tell me a story", transport)
+    await chat.wait_for_text(lambda text: text.count("word") >= 10)
+    transports[0].abort()  # the server side of the connection goes (a proxy's idle cut, a network change)
+    states = set()
+    async with asyncio.timeout(15):
+        while (state := await chat.state()) not in ("done", "error", "connection-error"):
+            states.add(state)
+            await asyncio.sleep(0.005)
+    assert state == "done"
+    assert "reconnecting" in states  # the page said so while it resumed
+    assert await chat.reply_text() == "".join(tokens)  # the whole reply, each token once
+    assert len(fake_upstream.seen) == 1  # one generation, never a second
+    resumes = [(m, p) for m, p in server.requests if p.startswith("/api/streams/")] + server.chat_requests("GET")
+    assert resumes  # the page came back for the rest: EventSource to /api/chat, fetch to /api/streams/{id}
 
 
 # -- what the model says is text ---------------------------------------------------------------------------------

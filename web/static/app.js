@@ -1,12 +1,15 @@
 /**
  * The llm-relay chat page: a reference client for both transports of `/api/chat`.
  *
- * - EventSource: `GET /api/chat?prompt=...`, Server-Sent Events. Deltas are default `message` events, the end is
- *   `event: done`, a failure is `event: error` with JSON. On either terminal event the page calls `close()`:
- *   otherwise the browser reconnects when the server ends the response and a second generation starts.
- * - fetch NDJSON: `POST /api/chat` with the conversation so far, one JSON object per line, read with
- *   `readNDJSON` (ndjson.js). Stop aborts the request, which closes the connection; the server then cancels the
- *   upstream request.
+ * - EventSource: `GET /api/chat?prompt=...&resume=1`, Server-Sent Events. The first event, `stream`, names the
+ *   stream; deltas are default `message` events, the end is `event: done`, a failure is `event: error` with JSON.
+ *   On either terminal event the page calls `close()`. A lost connection is left to the browser: it reconnects
+ *   with `Last-Event-ID` and the relay resumes the same reply after the last event it delivered.
+ * - fetch NDJSON: `POST /api/chat` with the conversation so far and `"resume": true`, one JSON object per line,
+ *   read with `readNDJSON` (ndjson.js). On a network error the page resumes with
+ *   `GET /api/streams/{id}?after=<last seq>` (the response's `X-Stream-Id` names the stream).
+ * - Stop sends `DELETE /api/streams/{id}`, which cancels the generation (and the upstream request) at once,
+ *   then closes the connection.
  *
  * Model output is only ever inserted as text (Text nodes, textContent), never parsed as HTML.
  * The server's settings arrive as a JSON data block (`#relay-settings`), rendered by server/page.py.
@@ -16,6 +19,10 @@ import { NDJSONError, readNDJSON } from "./ndjson.js";
 
 const settings = JSON.parse(document.getElementById("relay-settings").textContent);
 const CHAT_URL = new URL(`${settings.apiBase}/chat`, document.baseURI);
+const streamURL = (id) => new URL(`${settings.apiBase}/streams/${encodeURIComponent(id)}`, document.baseURI);
+/** How often, and after how long, fetch mode tries to resume a stream whose connection was lost. */
+const RESUME_ATTEMPTS = 5;
+const RESUME_DELAY_MS = 500;
 const TRANSPORTS = { sse: "EventSource", ndjson: "fetch NDJSON" };
 
 const $ = (id) => document.getElementById(id);
@@ -48,6 +55,13 @@ let conversation = 0;
 //   {kind: "stopped"}                        the user pressed Stop
 //   {kind: "error", error: {type, message}}  the server reported an error (in-band, or as an HTTP refusal)
 //   {kind: "connection-error", message}      no answer from the server: network, refusal EventSource hides
+// `sink.reconnecting(bool)` says when the connection was lost and the page is resuming the stream.
+
+/** Stop the stream on the server (cancels the upstream request at once); best effort. */
+function stopOnServer(streamId) {
+  if (!streamId) return;
+  fetch(streamURL(streamId), { method: "DELETE" }).catch(() => {});
+}
 
 function errorFrom(data) {
   try {
@@ -63,9 +77,11 @@ function viaEventSource(prompt, sink, signal) {
   return new Promise((resolve) => {
     const url = new URL(CHAT_URL);
     url.searchParams.set("prompt", prompt);
+    url.searchParams.set("resume", "1");
     // No withCredentials: the API never uses cookies, and CORS with credentials would need more than it allows.
     const source = new EventSource(url);
     let settled = false;
+    let streamId = null;
     const finish = (outcome) => {
       if (settled) return;
       settled = true;
@@ -73,9 +89,20 @@ function viaEventSource(prompt, sink, signal) {
       signal.removeEventListener("abort", onAbort);
       resolve(outcome);
     };
-    const onAbort = () => finish({ kind: "stopped" });
+    const onAbort = () => {
+      stopOnServer(streamId);
+      finish({ kind: "stopped" });
+    };
     signal.addEventListener("abort", onAbort);
 
+    source.addEventListener("open", () => sink.reconnecting(false));
+    source.addEventListener("stream", (event) => {
+      try {
+        streamId = JSON.parse(event.data).stream_id;
+      } catch {
+        // without the id, Stop only closes the connection (the server cancels after its resume grace)
+      }
+    });
     source.addEventListener("message", (event) => {
       try {
         sink.delta(JSON.parse(event.data).content);
@@ -93,8 +120,9 @@ function viaEventSource(prompt, sink, signal) {
       finish({ kind: "done", finish_reason: done.finish_reason, usage: done.usage });
     });
     // One listener, two kinds of "error": the server's `event: error` is a MessageEvent with JSON data; a
-    // connection error is a plain Event without data. The server resumes nothing yet, so a reconnection would
-    // start the reply over: close in both cases.
+    // connection error is a plain Event without data. While the browser reconnects (readyState CONNECTING) the
+    // relay resumes the stream after the last event it delivered, so the page only says it is reconnecting; a
+    // closed EventSource (a refusal, or a stream that can no longer be resumed) ends the turn.
     source.addEventListener("error", (event) => {
       if (event instanceof MessageEvent) {
         finish({ kind: "error", error: errorFrom(event.data) });
@@ -106,7 +134,7 @@ function viaEventSource(prompt, sink, signal) {
             "fetch NDJSON shows the server's reason)",
         });
       } else {
-        finish({ kind: "connection-error", message: "the connection was lost before the reply ended" });
+        sink.reconnecting(true);
       }
     });
   });
@@ -132,7 +160,7 @@ async function viaFetch(messages, sink, signal) {
     response = await fetch(CHAT_URL, {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
-      body: JSON.stringify({ messages }),
+      body: JSON.stringify({ messages, resume: true }),
       signal,
     });
   } catch (err) {
@@ -140,8 +168,44 @@ async function viaFetch(messages, sink, signal) {
     return { kind: "connection-error", message: `the request failed: ${err.message}` };
   }
   if (!response.ok) return refusal(response);
+  const streamId = response.headers.get("X-Stream-Id");
+  const onAbort = () => stopOnServer(streamId);
+  signal.addEventListener("abort", onAbort);
+  try {
+    let seq = 0; // the last event received: a resume asks for what follows it
+    for (let attempt = 0; ; attempt += 1) {
+      const read = await readReply(response, sink, signal, (n) => {
+        seq = n;
+      });
+      if (read.kind !== "lost" || !streamId || attempt >= RESUME_ATTEMPTS) {
+        return read.kind === "lost" ? { kind: "connection-error", message: read.message } : read;
+      }
+      sink.reconnecting(true);
+      await new Promise((resolve) => setTimeout(resolve, RESUME_DELAY_MS * (attempt + 1)));
+      if (signal.aborted) return { kind: "stopped" };
+      try {
+        const url = streamURL(streamId);
+        url.searchParams.set("after", String(seq));
+        response = await fetch(url, { headers: { Accept: "application/x-ndjson" }, signal });
+      } catch (err) {
+        if (signal.aborted) return { kind: "stopped" };
+        response = null;
+      }
+      if (response && response.status === 204) return { kind: "connection-error", message: "the reply had ended" };
+      if (response && !response.ok) return refusal(response);
+      if (response) sink.reconnecting(false);
+    }
+  } finally {
+    signal.removeEventListener("abort", onAbort);
+  }
+}
+
+/** One response's NDJSON lines into `sink`; `{kind: "lost"}` when the connection broke before the end. */
+async function readReply(response, sink, signal, onSeq) {
+  if (!response) return { kind: "lost", message: "the server could not be reached" };
   try {
     for await (const item of readNDJSON(response.body)) {
+      if (typeof item.seq === "number") onSeq(item.seq);
       switch (item.type) {
         case "delta":
           sink.delta(item.content);
@@ -157,9 +221,9 @@ async function viaFetch(messages, sink, signal) {
   } catch (err) {
     if (signal.aborted) return { kind: "stopped" };
     if (err instanceof NDJSONError) return { kind: "error", error: { type: "protocol_error", message: err.message } };
-    return { kind: "connection-error", message: `the connection was lost: ${err.message}` };
+    return { kind: "lost", message: `the connection was lost: ${err.message}` };
   }
-  return { kind: "connection-error", message: "the stream ended before its done line" };
+  return { kind: "lost", message: "the stream ended before its done line" };
 }
 
 // -- the transcript --------------------------------------------------------------------------------------------
@@ -290,6 +354,10 @@ async function send(prompt) {
   setBusy(true);
 
   const sink = {
+    reconnecting(lost) {
+      if (lost) showState("reconnecting", "reconnecting…");
+      else if (view.status.dataset.state === "reconnecting") showState("streaming", "streaming…");
+    },
     delta(text) {
       if (typeof text !== "string") return;
       const atEnd = scrolledToEnd();
