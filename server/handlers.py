@@ -13,7 +13,6 @@ from aiohttp import hdrs, web
 
 from . import chat_request
 from .errors import (
-    Forbidden,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -22,6 +21,7 @@ from .errors import (
 )
 from .framing import FRAMINGS
 from .negotiation import choose_framing
+from .request_origin import OriginPolicy, SourceHeaders
 from .state import RELAY
 from .stream import RelayStream, error_response
 
@@ -46,18 +46,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
-    """Refuse browser requests from pages of other origins unless CORS allows them.
+def check_origin(request: web.Request, policy: OriginPolicy) -> None:
+    """Refuse a request that must not start a generation (request_origin.py): sent to a host name the relay does
+    not answer for (DNS rebinding), or made by a browser for a page of another site, or as a page or resource load.
 
     CORS only hides a cross-origin response from the page; the request itself (and the generation it pays for)
-    would still run. Browsers send ``Origin`` on cross-origin EventSource and fetch requests, so check it here.
+    would still run, so the refusal must happen here, before anything starts.
     """
-    origin = request.headers.get(hdrs.ORIGIN)
-    if origin is None or origin in allowed:
-        return
-    if origin == f"{request.scheme}://{request.host}":
-        return
-    raise Forbidden("this origin is not allowed to use the API")
+    policy.check_api_request(SourceHeaders.from_headers(request.headers), request.scheme)
+
+
+def check_host(request: web.Request, policy: OriginPolicy) -> None:
+    """Refuse a request sent to a host name the relay does not answer for (421); for the page."""
+    policy.check_host(request.headers.get(hdrs.HOST))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -68,7 +69,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         # second reply; 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3), so the browser gives up.
         return web.Response(status=204, headers={"Cache-Control": "no-store"})
     try:
-        check_origin(request, state.cors_origins)
+        check_origin(request, state.origin_policy)
         framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
         if request.method == hdrs.METH_GET:
             chat_req = chat_request.from_query(request.query, state.rules)
@@ -125,4 +126,4 @@ async def json_errors(
         return error_response(error)
 
 
-__all__ = ["chat", "check_origin", "healthz", "json_errors", "read_body"]
+__all__ = ["chat", "check_host", "check_origin", "healthz", "json_errors", "read_body"]

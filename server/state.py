@@ -13,6 +13,7 @@ from .admission import Limiter
 from .chat_request import RequestRules
 from .config import Config
 from .providers.base import Provider
+from .request_origin import OriginPolicy
 
 if TYPE_CHECKING:
     from .stream import RelayStream, StreamSettings
@@ -62,7 +63,7 @@ class RelayState:
     stream_settings: StreamSettings
     limiter: Limiter
     identify: Callable[[web.Request], str]
-    cors_origins: frozenset[str]
+    origin_policy: OriginPolicy
     streams: StreamRegistry = field(default_factory=StreamRegistry)
 
 
