@@ -67,8 +67,10 @@ class Origin:
     def parse(cls, text: str) -> Origin:
         """`text` as an origin, or ValueError saying what is wrong with it."""
         example = "write it as scheme://host[:port], e.g. https://chat.example.com"
-        if not text or not text.isascii() or any(c.isspace() or c in "?#\\" for c in text):
-            raise ValueError(f"not an origin: {text!r} ({example}; a non-ASCII name in its xn-- form)")
+        if not text.isascii():
+            raise ValueError(f"not an origin: {text!r} (write a non-ASCII name in its xn-- form, as browsers send it)")
+        if not text or any(c.isspace() or c in "?#\\" for c in text):
+            raise ValueError(f"not an origin: {text!r} ({example})")
         try:
             parts = urlsplit(text)
         except ValueError:  # an unclosed IPv6 bracket
