@@ -43,6 +43,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # which some internal DNS names carry.
 _NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_.])?")
 _PORT = re.compile(r"[0-9]{1,5}")
+_BRACKETED = re.compile(r"\[[0-9a-f:.]+\](:[0-9]+)?", re.IGNORECASE)
 # Fetch Metadata values (https://www.w3.org/TR/fetch-metadata/ §2.1 and §2.4).
 _OWN_SITE = frozenset({"same-origin", "none"})  # "none": the user's own act (typed URL, bookmark)
 _OTHER_SITE = frozenset({"same-site", "cross-site"})
@@ -88,8 +89,10 @@ class Origin:
         if parts.netloc.startswith("["):
             try:
                 ipaddress.IPv6Address(host)
-            except ValueError:
+            except ValueError:  # pragma: no cover - urlsplit refuses it itself since Python 3.11.4
                 raise ValueError(f"not an IPv6 address in {text!r}") from None
+            if not _BRACKETED.fullmatch(parts.netloc):  # urlsplit reads "[::1]]" as [::1]
+                raise ValueError(f"not an origin: {text!r} ({example})")
         elif not _NAME.fullmatch(host):
             raise ValueError(f"not a host name in {text!r} ({example})")
         if port == 0:
