@@ -60,11 +60,12 @@ def test_origin_parse(text: str, parsed: tuple[str, str, int], serialized: str) 
     ["", "relay.test", "relay.test:8080", "//relay.test", "ftp://relay.test", "ws://relay.test", "http://",
      "http://:8080", "http://relay.test/api", "http://relay.test/?", "http://relay.test#x", "http://u:p@relay.test",
      "http://relay.test:0", "http://relay.test:65536", "http://relay.test:x", "http://relay.test:80:80",
-     "http://[::1", "http://[not-v6]", "http://[127.0.0.1]", "http://[::1]]", "http://-relay.test", "http://bücher.example", " http://relay.test",
-     "http://relay test", "http://relay.test\\"],
+     "http://[::1", "http://[not-v6]", "http://[127.0.0.1]", "http://[::1]]", "http://-relay.test",
+     "http://bücher.example", " http://relay.test", "http://relay test", "http://relay.test\\"],
     ids=["empty", "no-scheme", "no-scheme-port", "scheme-relative", "ftp", "ws", "no-host", "port-only", "path",
          "empty-query", "fragment", "userinfo", "port-0", "port-too-big", "port-text", "two-ports", "open-bracket",
-         "bad-ipv6", "ipv4-in-brackets", "extra-bracket", "leading-hyphen", "non-ascii", "leading-space", "space", "backslash"],
+         "bad-ipv6", "ipv4-in-brackets", "extra-bracket", "leading-hyphen", "non-ascii", "leading-space", "space",
+         "backslash"],
 )  # fmt: skip
 def test_origin_parse_refuses(text: str) -> None:
     with pytest.raises(ValueError, match=r"origin|port|address|host"):
