@@ -31,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .errors import Forbidden, MisdirectedRequest, RequestError
@@ -141,6 +141,8 @@ def is_unrebindable(name: str) -> bool:
     """
     if name == "localhost":
         return True
+    if ":" not in name and not name.replace(".", "").isdigit():
+        return False  # not an address; spares raising and catching ipaddress's ValueError on every request
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -184,6 +186,12 @@ class OriginPolicy:
 
     public_origins: tuple[Origin, ...] = ()
     cors_origins: frozenset[str] = frozenset()
+    # The host names (not addresses) the relay answers for besides localhost.
+    names: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = frozenset(o.host for o in self.public_origins if not is_unrebindable(o.host))
+        object.__setattr__(self, "names", names)  # a frozen dataclass sets derived fields this way
 
     @classmethod
     def from_settings(cls, public_origins: Iterable[str] = (), cors_origins: Iterable[str] = ()) -> OriginPolicy:
@@ -196,11 +204,6 @@ class OriginPolicy:
                 raise ValueError(f"--public-origin: {exc}") from None
         return cls(tuple(parsed), frozenset(cors_origins))
 
-    @property
-    def names(self) -> frozenset[str]:
-        """The host names (not IP addresses) the relay answers for besides ``localhost``."""
-        return frozenset(o.host for o in self.public_origins if not is_unrebindable(o.host))
-
     def describe(self) -> str:
         """What `check_host` accepts, for the log at startup."""
         if not self.names:
@@ -211,7 +214,7 @@ class OriginPolicy:
         return "answering requests sent to an IP address, to localhost or to " + ", ".join(sorted(self.names))
 
     def answers_for(self, name: str) -> bool:
-        return is_unrebindable(name) or any(name == origin.host for origin in self.public_origins)
+        return name in self.names or is_unrebindable(name)
 
     def check_host(self, host: str | None) -> None:
         """Refuse a request sent to a host name the relay does not answer for (421, RFC 9110 §15.5.20).
