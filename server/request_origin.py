@@ -13,16 +13,18 @@ request's headers and the configuration alone:
   a port cannot be rebound, and what arrives behind a port mapping or proxy is not the port the relay listens on.
 * **May this request start a generation?** (`OriginPolicy.check_api_request`) Browsers send no ``Origin`` on
   ``<img>``, ``<script>``, ``<iframe>``, prefetch, a no-cors ``fetch()``, a form GET or a navigation, but they
-  do send Fetch Metadata (https://www.w3.org/TR/fetch-metadata/): ``Sec-Fetch-Site`` (whose page asked),
+  do send Fetch Metadata (W3C Fetch Metadata Request Headers): ``Sec-Fetch-Site`` (whose page asked),
   ``Sec-Fetch-Mode`` and ``Sec-Fetch-Dest`` (what for). The API's browser clients are ``EventSource`` and
-  ``fetch()``, both ``Sec-Fetch-Dest: empty`` (WHATWG HTML §9.2.2, Fetch §5): every other destination, and
-  every navigation, is a page loading the API as something it is not. A request from another site is a
+  ``fetch()``, both with the empty request destination, ``Sec-Fetch-Dest: empty`` (WHATWG HTML §9.2.2 creates
+  EventSource's request with destination ""; fetch()'s is "" unless set): every other destination, and every
+  navigation, is a page loading the API as something it is not. A request from another site is a
   CORS request from an origin listed in ``--cors-origin``, or refused. A request with no Fetch Metadata is a
   client that is not a browser (curl, SDKs) or an older browser: its ``Origin``, when it sends one, must be the
   relay's own or an allowed one.
 
-Browsers send Fetch Metadata only to potentially trustworthy URLs (Fetch §3.1 "append a request
-Sec-Fetch-* header"; Secure Contexts §3.2): https, ``localhost`` and loopback addresses. Over plain http to any
+Browsers send Fetch Metadata only to potentially trustworthy URLs (Fetch Metadata, "set the Fetch metadata
+headers for a request", step 1; Secure Contexts, "potentially trustworthy URL"): https, ``localhost`` and
+loopback addresses. Over plain http to any
 other address, a cross-site ``<img>`` looks like curl; serve such a relay over https.
 """
 
@@ -44,10 +46,12 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_.])?")
 _PORT = re.compile(r"[0-9]{1,5}")
 _BRACKETED = re.compile(r"\[[0-9a-f:.]+\](:[0-9]+)?", re.IGNORECASE)
-# Fetch Metadata values (https://www.w3.org/TR/fetch-metadata/ §2.1 and §2.4).
+# Fetch Metadata's values: Sec-Fetch-Site has exactly these four.
 _OWN_SITE = frozenset({"same-origin", "none"})  # "none": the user's own act (typed URL, bookmark)
 _OTHER_SITE = frozenset({"same-site", "cross-site"})
-_API_DEST = "empty"  # EventSource (HTML §9.2.2) and fetch() (Fetch §5.3 "request" constructor)
+# "nested-navigate" is the frame navigations' mode in the draft and in Chromium before version 80.
+_NAVIGATE_MODES = frozenset({"navigate", "nested-navigate"})
+_API_DEST = "empty"  # EventSource and fetch()
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,19 +246,21 @@ class OriginPolicy:
         if source.purpose is not None and _is_prefetch(source.purpose):
             # A speculative load (link rel=prefetch, speculation rules, prerender) that nobody may ever read.
             raise Forbidden("a prefetch or prerender does not start a generation")
-        if source.mode == "navigate" or (source.dest is not None and source.dest != _API_DEST):
+        if source.mode in _NAVIGATE_MODES or (source.dest is not None and source.dest != _API_DEST):
             # A document, frame, image, script, style... load: never an EventSource or fetch() client, so a page
-            # (ours included, by a link) is using the API as something it is not.
+            # (ours included, by a link) is using the API as something it is not. A destination unknown today is
+            # refused too: the spec asks servers to ignore values they do not know, but this is an allow-list,
+            # and whatever a future one is for, it is not one of the API's two clients.
             raise Forbidden("the API answers EventSource and fetch() requests only, not page or resource loads")
-        if source.site is None:
-            self._check_origin_without_fetch_metadata(source, scheme)
-        elif source.site in _OTHER_SITE:
+        if source.site in _OTHER_SITE:
             # A CORS request (mode "cors") is the one whose Origin the browser vouches for and whose reply it
             # shows the page only if CORS allows; only an allowed origin's page may start a generation.
             if source.mode != "cors" or source.origin not in self.cors_origins:
                 raise Forbidden("a page of another site may use the API only from an origin listed in --cors-origin")
         elif source.site not in _OWN_SITE:
-            raise Forbidden("the Sec-Fetch-Site header has a value that is not one of the standard four")
+            # No Fetch Metadata, or a Sec-Fetch-Site value that the spec asks servers to ignore (forward
+            # compatibility): the Origin decides, as for a client that is not a browser.
+            self._check_origin_without_fetch_metadata(source, scheme)
 
     def _check_origin_without_fetch_metadata(self, source: SourceHeaders, scheme: str) -> None:
         origin = source.origin

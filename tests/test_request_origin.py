@@ -280,10 +280,14 @@ _CASES: list[tuple[str, SourceHeaders, str]] = [
     # The user's own act: a URL typed or bookmarked is a navigation; a browser's own fetch is not.
     ("typed-into-the-address-bar", _source("none", "navigate", "document"), _FORBIDDEN),
     ("user-initiated-fetch", _source("none", "cors", "empty"), _OK),
-    # Values outside the standard ones are refused, not guessed at.
-    ("unknown-site", _source("cross-origin", "cors", "empty"), _FORBIDDEN),
+    # An unknown Sec-Fetch-Site is ignored, as the spec asks (the Origin decides); an unknown destination is not
+    # one of the API's clients.
+    ("unknown-site", _source("cross-origin", "cors", "empty"), _OK),
+    ("unknown-site-foreign-origin", _source("cross-origin", "cors", "empty", "http://evil.test"), _FORBIDDEN),
     ("unknown-dest", _source("same-origin", "cors", "eventsource"), _FORBIDDEN),
     ("navigate-without-dest", _source("same-origin", "navigate"), _FORBIDDEN),
+    ("nested-navigate", _source("cross-site", "nested-navigate", "document"), _FORBIDDEN),
+    ("nested-navigate-same-origin", _source("same-origin", "nested-navigate"), _FORBIDDEN),
     ("dest-without-site", _source(None, None, "image"), _FORBIDDEN),
     # DNS rebinding: same-origin to the browser, but sent to the attacker's name.
     ("rebinding", _source("same-origin", "cors", "empty", "http://evil.test:8080", "evil.test:8080"),
