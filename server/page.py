@@ -107,7 +107,8 @@ def _page_headers(api_base: str) -> Mapping[str, str]:
         "Content-Security-Policy": content_security_policy(api_base),
         "X-Content-Type-Options": "nosniff",
         # Not "no-referrer": with it, a same-origin POST carries "Origin: null" (Fetch §3.1 "append a request
-        # Origin header"), which check_origin would refuse. "same-origin" keeps the real Origin everywhere.
+        # Origin header"), which check_origin refuses when the browser sends no Fetch Metadata (older browsers,
+        # plain http to a host name). "same-origin" keeps the real Origin everywhere.
         "Referrer-Policy": "same-origin",
         # The settings in the page change when the server restarts with other options.
         "Cache-Control": "no-cache",
