@@ -24,8 +24,8 @@ request's headers and the configuration alone:
 
 Browsers send Fetch Metadata only to potentially trustworthy URLs (Fetch Metadata, "set the Fetch metadata
 headers for a request", step 1; Secure Contexts, "potentially trustworthy URL"): https, ``localhost`` and
-loopback addresses. Over plain http to any
-other address, a cross-site ``<img>`` looks like curl; serve such a relay over https.
+loopback addresses. Over plain http to any other address, a cross-site ``<img>`` looks like curl; serve such a
+relay over https.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ class OriginPolicy:
     def check_host(self, host: str | None) -> None:
         """Refuse a request sent to a host name the relay does not answer for (421, RFC 9110 §15.5.20).
 
-        No ``Host`` at all is a client that is not a browser (every browser sends one), answered as before.
+        No ``Host`` at all is a client that is not a browser (every browser sends one): it is answered.
         """
         if host is None:
             return
