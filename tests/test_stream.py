@@ -191,7 +191,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_keep_streaming(
     base = await serve(app)
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(f"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
     await writer.drain()
     stalled = await fake_upstream.wait_for_request()
     # While that client reads nothing, another one is served in full.

@@ -250,7 +250,7 @@ async def _connect(base: str, *, rcvbuf: int | None = None) -> tuple[asyncio.Str
 
 
 def _send_get(writer: asyncio.StreamWriter, path: str) -> None:
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:

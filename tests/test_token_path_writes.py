@@ -31,7 +31,7 @@ class _Lengths(AbstractAccessLogger):
 async def _raw_get(port: int, path: str, http10: bool = False) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     version = "1.0" if http10 else "1.1"
-    writer.write(f"GET {path} HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/{version}\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
     data = await reader.read()
     writer.close()
     return data
