@@ -23,6 +23,7 @@ from .limiter import build_limiter as build_backend_limiter
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
 from .reader import ReaderSettings
 from .registry import RegistrySettings, StreamRegistry
+from .request_origin import OriginPolicy
 from .state import RELAY, RelayState
 
 log = logging.getLogger("llm_relay")
@@ -117,6 +118,9 @@ def create_relay_app(
 
     `provider` and `limiter` default to what `config` describes; pass your own to reuse a client.
     """
+    origin_policy = OriginPolicy.from_settings(config.public_origins, config.cors_origins)
+    # Once per app: an operator who reaches the relay by a name not listed sees why it answers 421.
+    log.info("Host check: %s", origin_policy.describe())
     api = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
     state = RelayState(
         config=config,
@@ -126,7 +130,7 @@ def create_relay_app(
         reader_settings=_reader_settings(config),
         limiter=limiter or build_limiter(config),
         identify=build_identify(config),
-        cors_origins=frozenset(config.cors_origins),
+        origin_policy=origin_policy,
         streams=_registry(config),
     )
     api[RELAY] = state

@@ -43,6 +43,9 @@ class Config:
     flush_window: float = 0.0
     flush_bytes: int = 0
     cors_origins: tuple[str, ...] = ()
+    # The origins (scheme://name[:port]) browsers reach the relay by. Besides these names, only IP addresses and
+    # localhost are answered (request_origin.py: a Host the requester chose may be a DNS-rebinding name).
+    public_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
     max_messages: int = 200
     max_message_chars: int = 32_000
@@ -199,6 +202,13 @@ _OPTIONS: tuple[_Option, ...] = (
         repeatable=True,
         field="cors_origins",
     ),
+    _Option(
+        "public-origin",
+        "an origin browsers reach this relay by, e.g. https://chat.example.com (repeatable); requests sent to "
+        "another host name are refused, IP addresses and localhost are always answered",
+        repeatable=True,
+        field="public_origins",
+    ),
     _Option("max-body-bytes", "largest request body accepted", _non_negative(int)),
     _Option("max-messages", "most messages in one request", _non_negative(int)),
     _Option("max-message-chars", "longest message, in characters", _non_negative(int)),
@@ -303,6 +313,13 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
 
         try:
             parse_networks(values["trusted_proxies"])
+        except ValueError as exc:
+            parser.error(str(exc))
+    if "public_origins" in values:
+        from .request_origin import OriginPolicy
+
+        try:
+            OriginPolicy.from_settings(values["public_origins"])
         except ValueError as exc:
             parser.error(str(exc))
     return Config(**values)

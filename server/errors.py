@@ -7,9 +7,10 @@
     │   ├── MethodNotAllowed   405
     │   ├── NotFound           404
     │   ├── ResumeUnavailable  404  a stream that cannot be resumed here (gone, evicted, expired, elsewhere)
+    │   ├── MisdirectedRequest 421  sent to a host name the relay does not answer for (DNS rebinding)
     │   └── UnsupportedMediaType 415
     ├── Unauthorized           401
-    ├── Forbidden              403  (a browser page from an origin that is not allowed)
+    ├── Forbidden              403  a browser request on behalf of a page that may not start a generation
     ├── RateLimited            429  (limits)
     ├── Overloaded             503  (limits: global capacity)
     ├── UpstreamError          502  the model provider failed
@@ -127,6 +128,12 @@ class StreamTimeout(RelayError):
 class Forbidden(RelayError):
     status = 403
     type = "forbidden"
+
+
+class MisdirectedRequest(RequestError):
+    # RFC 9110 §15.5.20: the server is unwilling to answer for the target URI's authority.
+    status = 421
+    type = "misdirected_request"
 
 
 class UnsupportedMediaType(RequestError):

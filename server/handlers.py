@@ -13,7 +13,6 @@ from aiohttp import hdrs, web
 
 from . import chat_request
 from .errors import (
-    Forbidden,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -26,6 +25,7 @@ from .framing import FRAMINGS, Framing
 from .generation import Generation
 from .negotiation import choose_framing
 from .reader import Reader
+from .request_origin import OriginPolicy, SourceHeaders
 from .responses import error_response
 from .resume import is_stream_id, parse_after, parse_last_event_id
 from .state import RELAY, RelayState
@@ -51,18 +51,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
-    """Refuse browser requests from pages of other origins unless CORS allows them.
+def check_origin(request: web.Request, policy: OriginPolicy) -> None:
+    """Refuse a request that must not start a generation (request_origin.py): sent to a host name the relay does
+    not answer for (DNS rebinding), or made by a browser for a page of another site, or as a page or resource load.
 
     CORS only hides a cross-origin response from the page; the request itself (and the generation it pays for)
-    would still run. Browsers send ``Origin`` on cross-origin EventSource and fetch requests, so check it here.
+    would still run, so the refusal must happen here, before anything starts.
     """
-    origin = request.headers.get(hdrs.ORIGIN)
-    if origin is None or origin in allowed:
-        return
-    if origin == f"{request.scheme}://{request.host}":
-        return
-    raise Forbidden("this origin is not allowed to use the API")
+    policy.check_api_request(SourceHeaders.from_headers(request.headers), request.scheme)
+
+
+def check_host(request: web.Request, policy: OriginPolicy) -> None:
+    """Refuse a request sent to a host name the relay does not answer for (421); for the page."""
+    policy.check_host(request.headers.get(hdrs.HOST))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -70,7 +71,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     GET with ``Last-Event-ID`` is a reconnecting EventSource, which resumes its stream instead."""
     state = request.app[RELAY]
     try:
-        check_origin(request, state.cors_origins)
+        check_origin(request, state.origin_policy)
         framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
         if request.method == hdrs.METH_GET and hdrs.LAST_EVENT_ID in request.headers:
             # Only a reconnecting EventSource sends Last-Event-ID: never a second generation, but the same one
@@ -116,7 +117,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     """``GET /streams/{id}``: read a stream from its start, or resume it (``Last-Event-ID`` or ``?after=N``)."""
     state = request.app[RELAY]
     try:
-        check_origin(request, state.cors_origins)
+        check_origin(request, state.origin_policy)
         framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
         stream_id = request.match_info["id"]
         if not is_stream_id(stream_id):
@@ -137,7 +138,7 @@ async def stop(request: web.Request) -> web.Response:
     """``DELETE /streams/{id}``: stop a stream now (the page's Stop button); its readers get ``stopped``."""
     state = request.app[RELAY]
     try:
-        check_origin(request, state.cors_origins)
+        check_origin(request, state.origin_policy)
         state.identify(request)
         generation = state.streams.get(request.match_info["id"])
         if generation is None:
@@ -213,4 +214,4 @@ async def json_errors(
         return error_response(error)
 
 
-__all__ = ["chat", "check_origin", "healthz", "json_errors", "read_body", "stop", "stream"]
+__all__ = ["chat", "check_host", "check_origin", "healthz", "json_errors", "read_body", "stop", "stream"]

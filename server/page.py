@@ -24,6 +24,10 @@ from yarl import URL
 
 from .app import API_PREFIX
 from .config import Config
+from .errors import RelayError
+from .handlers import check_host
+from .request_origin import OriginPolicy
+from .responses import error_response
 
 __all__ = ["PAGE_TEMPLATES", "STATIC_ROUTE", "WEB_DIR", "PageSettings", "content_security_policy", "setup_page"]
 
@@ -103,18 +107,24 @@ def _page_headers(api_base: str) -> Mapping[str, str]:
         "Content-Security-Policy": content_security_policy(api_base),
         "X-Content-Type-Options": "nosniff",
         # Not "no-referrer": with it, a same-origin POST carries "Origin: null" (Fetch §3.1 "append a request
-        # Origin header"), which check_origin would refuse. "same-origin" keeps the real Origin everywhere.
+        # Origin header"), which check_origin refuses when the browser sends no Fetch Metadata (older browsers,
+        # plain http to a host name). "same-origin" keeps the real Origin everywhere.
         "Referrer-Policy": "same-origin",
         # The settings in the page change when the server restarts with other options.
         "Cache-Control": "no-cache",
     }
 
 
-def _page_handler(settings: PageSettings) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _page_handler(settings: PageSettings, policy: OriginPolicy) -> Callable[[web.Request], Awaitable[web.Response]]:
     headers = _page_headers(settings.api_base)
     context = {"settings": settings.as_json(), "model": settings.model, "demo": settings.demo}
 
     async def page(request: web.Request) -> web.Response:
+        try:
+            # Under another name (DNS rebinding), the page would run as that name's origin, with the API its own.
+            check_host(request, policy)
+        except RelayError as error:
+            return error_response(error)
         response = aiohttp_jinja2.render_template("index.html", request, context, app_key=PAGE_TEMPLATES)
         response.headers.update(headers)
         return response
@@ -160,7 +170,8 @@ def setup_page(
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    app.router.add_get("/", _page_handler(settings), name="llm_relay_page")
+    policy = OriginPolicy.from_settings(config.public_origins, config.cors_origins)
+    app.router.add_get("/", _page_handler(settings, policy), name="llm_relay_page")
     static = app.router.add_static("/static/", web_dir / "static", name=STATIC_ROUTE, append_version=True)
     assert isinstance(static, web.StaticResource)
     app.on_response_prepare.append(_StaticCacheHook(static))

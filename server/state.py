@@ -14,6 +14,7 @@ from .generation import GenerationSettings
 from .providers.base import Provider
 from .reader import ReaderSettings
 from .registry import StreamRegistry
+from .request_origin import OriginPolicy
 
 
 @dataclass(slots=True)
@@ -25,7 +26,7 @@ class RelayState:
     reader_settings: ReaderSettings
     limiter: Limiter
     identify: Callable[[web.Request], str]
-    cors_origins: frozenset[str]
+    origin_policy: OriginPolicy
     streams: StreamRegistry
 
 

@@ -43,6 +43,7 @@ def exits(argv: list[str], environ: dict[str, str] | None = None) -> SystemExit:
         ("flush_window", 0),
         ("flush_bytes", 0),
         ("cors_origins", ()),
+        ("public_origins", ()),
         ("max_body_bytes", 1024 * 1024),
         ("max_messages", 200),
         ("max_message_chars", 32_000),
@@ -99,6 +100,8 @@ def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--flush-bytes", "4096"], "flush_bytes", 4096),
         (["--cors-origin", "https://a.example", "--cors-origin", "https://b.example"], "cors_origins",
          ("https://a.example", "https://b.example")),
+        (["--public-origin", "https://chat.example.com", "--public-origin", "http://relay.internal:8080"],
+         "public_origins", ("https://chat.example.com", "http://relay.internal:8080")),
         (["--max-body-bytes", "1000"], "max_body_bytes", 1000),
         (["--max-messages", "5"], "max_messages", 5),
         (["--max-message-chars", "100"], "max_message_chars", 100),
@@ -148,6 +151,8 @@ def test_command_line(argv: list[str], field: str, value: Any) -> None:
         ({"LLM_RELAY_ALLOW_MODEL": "a, b ,,c,"}, "allowed_models", ("a", "b", "c")),
         ({"LLM_RELAY_CORS_ORIGIN": "https://a.example,https://b.example"}, "cors_origins",
          ("https://a.example", "https://b.example")),
+        ({"LLM_RELAY_PUBLIC_ORIGIN": "https://chat.example.com, http://[::1]:8080"}, "public_origins",
+         ("https://chat.example.com", "http://[::1]:8080")),
         ({"LLM_RELAY_TRUSTED_PROXY": "10.0.0.0/8"}, "trusted_proxies", ("10.0.0.0/8",)),
         ({"LLM_RELAY_DEMO_DELAY": "0.25"}, "demo_delay", 0.25),
         ({"LLM_RELAY_UPSTREAM_MAX_RETRIES": "5"}, "upstream_max_retries", 5),
@@ -291,6 +296,16 @@ def test_provider_not_a_choice_in_environment(value: str, capsys: pytest.Capture
 def test_invalid_rate_is_refused(rate: str) -> None:
     assert exits(["--rate", rate]).code == 2
     assert exits([], {"LLM_RELAY_RATE": rate}).code == 2
+
+
+@pytest.mark.parametrize(
+    "origin", ["chat.example.com", "https://chat.example.com/app", "ftp://chat.example.com", "http://a:0", "*"]
+)
+def test_invalid_public_origin_is_refused(origin: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exits(["--public-origin", origin]).code == 2
+    assert "--public-origin" in capsys.readouterr().err
+    assert exits([], {"LLM_RELAY_PUBLIC_ORIGIN": f"https://ok.example,{origin}"}).code == 2
+    assert "--public-origin" in capsys.readouterr().err
 
 
 def test_unknown_option_is_refused() -> None:

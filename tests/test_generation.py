@@ -179,7 +179,7 @@ async def test_the_last_reader_leaving_closes_the_provider_whatever_the_host_run
     try:
         address, port = runner.addresses[0][:2]
         reader, writer = await asyncio.open_connection(address, port)
-        writer.write(b"GET /api/chat?prompt=x HTTP/1.1\r\nHost: relay\r\n\r\n")
+        writer.write(b"GET /api/chat?prompt=x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         await asyncio.wait_for(provider.started.wait(), 5)
         if when == "mid-stream":
             provider.put([Delta("first")])
@@ -233,7 +233,7 @@ async def test_a_reader_that_stops_reading_never_slows_the_generation_or_another
     base = await serve(host)
     address, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(address, int(port))
-    writer.write(b"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: relay\r\n\r\n")
+    writer.write(b"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     await asyncio.wait_for(provider.started.wait(), 5)
     await reader.readuntil(b"\r\n\r\n")  # the head; then this client reads nothing more
     registry = api[RELAY].streams
@@ -271,7 +271,7 @@ async def test_a_keep_alive_connection_serves_another_stream_after_each_ending(s
                 provider.put([Delta(prompt), Done("stop")], None)
             elif ending == "error":
                 provider.put([Delta(prompt)], UpstreamError("boom"))
-            writer.write(f"GET /api/chat?prompt={prompt} HTTP/1.1\r\nHost: relay\r\n\r\n".encode())
+            writer.write(f"GET /api/chat?prompt={prompt} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             if b"chunked" in head.lower():
                 body = await _read_chunked(reader)

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import re
 
 import aiohttp
 import pytest
 
-from server.app import create_app
+from server.app import create_app, create_relay_app
 from server.chat_request import ChatRequest, Message
 from server.config import Config
 from server.providers.demo import demo_reply, demo_tokens
 from server.state import RELAY
 
-from .conftest import ServeApp
+from .conftest import ServeApp, upstream_config
+from .fake_upstream import FakeUpstream
 from .wire import ndjson_objects, ndjson_text, sse_events, sse_text
 
 FAST = Config(provider="demo", demo_delay=0.0, limits_enabled=False, heartbeat=0.0)
+# What Chromium sends for <img src> on a page of another site (no Origin).
+CHROMIUM_IMG = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
 
 
 def _demo(prompt: str, *history: Message) -> ChatRequest:
@@ -148,12 +152,17 @@ async def _error(resp: aiohttp.ClientResponse) -> dict[str, str]:
         ("POST", "/api/chat/", {}, 404, "not_found"),
         ("DELETE", "/api/healthz", {}, 405, "method_not_allowed"),
         ("GET", "/api/chat?prompt=hi", {"headers": {"Origin": "https://evil.example"}}, 403, "forbidden"),
+        ("GET", "/api/chat?prompt=hi", {"headers": CHROMIUM_IMG}, 403, "forbidden"),
+        ("GET", "/api/chat?prompt=hi", {"headers": {"Host": "evil.example", "Origin": "http://evil.example"}}, 421,
+         "misdirected_request"),
+        ("GET", "/api/chat?prompt=hi", {"headers": {"Host": "evil.example/"}}, 400, "invalid_request"),
     ],
     ids=[
         "no-prompt", "empty-prompt", "bad-format", "max-tokens-0", "temperature-text", "model-not-allowed",
         "accept-html", "invalid-json", "invalid-utf8", "json-array", "empty-messages", "content-not-string",
         "bad-role", "too-many-messages", "message-too-long", "unknown-field", "text-plain", "too-large",
         "put", "delete", "head", "unknown-path", "the-prefix", "trailing-slash", "healthz-delete", "foreign-origin",
+        "cross-site-img", "rebinding-host", "malformed-host",
     ],
 )  # fmt: skip
 async def test_bad_input_gets_a_json_error_and_the_server_keeps_going(
@@ -213,7 +222,7 @@ async def test_healthz(base: str, http: aiohttp.ClientSession) -> None:
 async def test_http_10_client_gets_a_close_delimited_body(base: str) -> None:
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /api/chat?prompt=old+client HTTP/1.0\r\nHost: x\r\n\r\n")
+    writer.write(f"GET /api/chat?prompt=old+client HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
     await writer.drain()
     raw = await asyncio.wait_for(reader.read(), 5)  # until the server closes: that is the body's end
     writer.close()
@@ -250,3 +259,110 @@ async def test_a_reconnecting_event_source_gets_204_and_no_second_generation(
         assert resp.status == 204
         assert await resp.read() == b""
     assert app[RELAY].streams.finished == finished  # no stream was started
+
+
+# -- cross-site requests and Host checks (server/request_origin.py) ----------------------------------------------
+
+# Each way a page of another site can make a browser send a request, as Chromium sends it (see test_browser.py).
+CROSS_SITE_VECTORS = {
+    "img": CHROMIUM_IMG,
+    "script": {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "script"},
+    "iframe": {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"},
+    "prefetch": {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "empty",
+                 "Sec-Purpose": "prefetch"},
+    "no-cors-fetch": {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "empty"},
+    "navigation": {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document",
+                   "Upgrade-Insecure-Requests": "1"},
+    "cors-fetch": {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty",
+                   "Origin": "http://evil.example"},
+}  # fmt: skip
+
+
+async def test_no_cross_site_vector_reaches_the_upstream_and_a_plain_client_does(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    for vector, headers in CROSS_SITE_VECTORS.items():
+        async with http.get(f"{base}/api/chat", params={"prompt": vector}, headers=headers) as resp:
+            assert (resp.status, (await _error(resp))["type"]) == (403, "forbidden"), vector
+    rebinding = {"Host": f"evil.example:{base.rsplit(':', 1)[1]}", "Origin": "http://evil.example"}
+    async with http.get(f"{base}/api/chat", params={"prompt": "rebinding"}, headers=rebinding) as resp:
+        assert (resp.status, (await _error(resp))["type"]) == (421, "misdirected_request")
+    await asyncio.sleep(0.1)
+    assert fake_upstream.seen == []
+    # The same request without Fetch Metadata is a client like curl or an SDK: it is relayed.
+    async with http.get(f"{base}/api/chat", params={"prompt": "curl"}) as resp:
+        assert resp.status == 200
+        assert sse_events(await resp.read())[-1][0] == "done"
+    assert [seen.body["messages"][-1]["content"] for seen in fake_upstream.seen] == ["curl"]
+
+
+_OWN_PAGE = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"}
+
+
+async def test_the_pages_own_eventsource_and_fetch_are_served(base: str, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{base}/api/chat", params={"prompt": "hi"}, headers=_OWN_PAGE) as resp:
+        assert resp.status == 200
+        assert sse_events(await resp.read())[-1][0] == "done"
+    headers = {**_OWN_PAGE, "Origin": base, "Accept": "application/x-ndjson"}
+    async with http.post(f"{base}/api/chat", json={"prompt": "hi"}, headers=headers) as resp:
+        assert resp.status == 200
+        assert ndjson_objects(await resp.read())[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("127.0.0.1", 200), ("localhost:{port}", 200), ("relay.test:{port}", 200), ("relay.test", 200),
+     ("RELAY.TEST:1", 200), ("relay.internal:{port}", 421), ("evil.example:{port}", 421)],
+    ids=["address", "localhost", "listed-name", "listed-name-no-port", "listed-name-case", "unlisted-name",
+         "rebinding"],
+)  # fmt: skip
+async def test_plain_clients_are_answered_by_address_localhost_and_listed_names(
+    serve: ServeApp, http: aiohttp.ClientSession, host: str, status: int
+) -> None:
+    base = await serve(create_app(FAST.with_changes(public_origins=("http://relay.test:8080",))))
+    headers = {"Host": host.format(port=base.rsplit(":", 1)[1])}
+    async with http.get(f"{base}/api/chat", params={"prompt": "hi"}, headers=headers) as resp:
+        assert resp.status == status
+        if status == 200:
+            assert sse_events(await resp.read())[-1][0] == "done"
+        else:
+            error = await _error(resp)
+            assert error["type"] == "misdirected_request"
+            assert "--public-origin" in error["message"]
+            assert "relay" not in error["message"]  # the names it answers for are not told
+
+
+async def test_a_client_that_sends_no_host_is_answered(base: str) -> None:
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /api/chat?prompt=no+host HTTP/1.0\r\n\r\n")  # HTTP/1.0 has no Host requirement
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].split(b" ")[1] == b"200"
+    assert sse_events(body)[-1][0] == "done"
+
+
+async def test_healthz_answers_any_host(base: str, http: aiohttp.ClientSession) -> None:
+    # Probes use addresses and names the relay cannot know, and /healthz starts nothing (docs/security.md).
+    for path in ("/healthz", "/api/healthz"):
+        async with http.get(f"{base}{path}", headers={"Host": "relay.internal"}) as resp:
+            assert resp.status == 200
+
+
+def test_the_host_check_is_logged_once_when_the_app_is_built(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="llm_relay"):
+        create_relay_app(FAST)
+        create_relay_app(FAST.with_changes(public_origins=("https://chat.example.com", "http://relay.test:8080")))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Host check:")]
+    assert len(lines) == 2
+    assert "until the name is listed with --public-origin" in lines[0]
+    assert lines[1].endswith("to localhost or to chat.example.com, relay.test")
+
+
+def test_a_config_built_in_code_with_a_bad_public_origin_is_refused() -> None:
+    with pytest.raises(ValueError, match="--public-origin"):
+        create_relay_app(FAST.with_changes(public_origins=("chat.example.com",)))

@@ -177,6 +177,36 @@ async def test_page_answers_head(base: str, http: aiohttp.ClientSession) -> None
         assert "Content-Security-Policy" in resp.headers
 
 
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("127.0.0.1:{port}", 200), ("localhost:{port}", 200), ("relay.test:{port}", 200), ("evil.example:{port}", 421),
+     ("relay.test.evil.example", 421)],
+    ids=["address", "localhost", "listed-name", "rebinding", "listed-as-prefix"],
+)  # fmt: skip
+async def test_page_is_served_only_for_the_relays_own_names(
+    serve: ServeApp, http: aiohttp.ClientSession, host: str, status: int
+) -> None:
+    base = await serve(create_app(FAST.with_changes(public_origins=("http://relay.test",))))
+    async with http.get(f"{base}/", headers={"Host": host.format(port=base.rsplit(":", 1)[1])}) as resp:
+        assert resp.status == status
+        if status == 200:
+            assert settings_of(await resp.text())["apiBase"] == "/api"
+        else:
+            assert resp.content_type == "application/json"
+            assert (await resp.json())["error"]["type"] == "misdirected_request"
+            assert "Content-Security-Policy" not in resp.headers
+
+
+async def test_page_mounted_in_a_host_app_checks_the_host_too(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    host = web.Application()
+    setup_page(host, FAST)
+    base = await serve(host)
+    async with http.get(f"{base}/") as resp:
+        assert resp.status == 200
+    async with http.get(f"{base}/", headers={"Host": "evil.example"}) as resp:
+        assert resp.status == 421
+
+
 # -- static files ------------------------------------------------------------------------------------------------
 
 

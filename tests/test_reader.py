@@ -197,7 +197,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_keep_streaming(
     base = await serve(app)
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(f"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
     await writer.drain()
     stalled = await fake_upstream.wait_for_request()
     # While that client reads nothing, another one is served in full.
@@ -363,7 +363,7 @@ async def test_an_http_10_keep_alive_client_sees_the_end_of_the_body(serve: Serv
     provider.batches.put_nowait([Delta("old"), Done("stop")])
     host, port = base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /api/chat?prompt=x HTTP/1.0\r\nHost: relay\r\nConnection: keep-alive\r\n\r\n")
+    writer.write(b"GET /api/chat?prompt=x HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
     raw = await asyncio.wait_for(reader.read(), 5)  # returns only when the server closes the connection
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")

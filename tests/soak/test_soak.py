@@ -151,7 +151,7 @@ async def _leave(http: aiohttp.ClientSession, url: str, rng: random.Random) -> s
 
 async def _slow(host: str, port: int, hold: float) -> str:
     _, writer = await asyncio.open_connection(host, port)
-    writer.write(b"GET /api/chat?prompt=soak&format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(f"GET /api/chat?prompt=soak&format=ndjson HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
     await writer.drain()
     await asyncio.sleep(hold)  # read nothing
     writer.close()
@@ -294,7 +294,7 @@ def test_a_thousand_clients_that_never_read(processes: list[subprocess.Popen[byt
         sockets = []
         for _ in range(1000):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write(f"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
             sockets.append((reader, writer))
         # Loopback buffers absorb megabytes per connection, so some replies end inside the kernel; the others
         # stall. Wait until the number of stalled streams stops changing.
