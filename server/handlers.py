@@ -156,8 +156,8 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
     if generation is None:
         raise ResumeUnavailable("this stream cannot be resumed here: it is unknown, expired or evicted")
     log_ = generation.log
-    if after > log_.last_seq and (generation.ended or after > log_.last_seq + 1_000_000):
-        raise RequestError("the stream has no such event")
+    if after > log_.last_seq:
+        raise RequestError("the stream has no such event yet")
     if generation.ended and after >= log_.last_seq:
         # The client has the terminal event: 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3).
         return web.Response(status=204, headers={"Cache-Control": "no-store"})
