@@ -218,6 +218,11 @@ _OPTIONS: tuple[_Option, ...] = (
         "seconds a stream that opted in to resume keeps generating after its last reader left",
         _non_negative(float),
     ),
+    _Option(
+        "reconnect-hint-ms",
+        "SSE retry hint, milliseconds: a resumable stream's reconnection delay; at shutdown, jittered up to twice it",
+        _non_negative(int),
+    ),
     _Option("stream-retention", "seconds an ended stream stays resumable", _non_negative(float)),
     _Option("log-max-events", "most events one stream's log keeps for resuming", _non_negative(int)),
     _Option("log-max-bytes", "most bytes one stream's log keeps for resuming (estimated)", _non_negative(int)),
