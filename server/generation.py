@@ -163,8 +163,8 @@ class Generation:
     """
 
     __slots__ = (
-        "_aborts", "_admission", "_on_change", "_on_end", "_task", "_waiters", "chat", "ended_at", "failure",
-        "id", "log", "outcome", "provider", "readers", "resumable", "settings", "started_at",
+        "_aborts", "_admission", "_on_change", "_on_end", "_running", "_task", "_waiters", "chat", "ended_at",
+        "failure", "id", "log", "outcome", "provider", "readers", "resumable", "settings", "started_at",
     )  # fmt: skip
 
     def __init__(
@@ -193,6 +193,9 @@ class Generation:
         self._aborts: list[Callable[[], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
+        # Whether the task has taken its first step: a task cancelled before that never runs its body (nor its
+        # `finally`, which gives the admission back), so cancel() only records the end and lets the body see it.
+        self._running = False
         # Set by the registry: told of every change in retained bytes, and of the end.
         self._on_change: Callable[[Generation, int], None] | None = None
         self._on_end: Callable[[Generation], None] | None = None
@@ -234,7 +237,7 @@ class Generation:
                 abort()
             except Exception:  # a failed early close only means the cancellation below does the work
                 log.exception("generation %s: the provider's abort callback failed", self.id)
-        if self._task is not None:
+        if self._task is not None and self._running:
             self._task.cancel()
 
     async def wait_closed(self) -> None:
@@ -261,12 +264,15 @@ class Generation:
             self._on_end(self)
 
     async def _run(self) -> None:
+        self._running = True
         settings = self.settings
         loop = asyncio.get_running_loop()
         total_deadline = self.started_at + settings.total_timeout if settings.total_timeout else None
         # The provider runs in this task: its on_abort() callbacks land in this generation's list.
         collecting = collect_aborts(self._aborts)
         try:
+            if self.ended:  # cancelled before this task took its first step: no upstream request at all
+                return
             async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
                 try:
                     async with asyncio.timeout_at(

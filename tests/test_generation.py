@@ -16,10 +16,10 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.chat_request import ChatRequest
+from server.chat_request import ChatRequest, Message
 from server.errors import UpstreamError, UpstreamUnavailable
 from server.events import Delta, Done, Error, Event
-from server.generation import EVENT_OVERHEAD_BYTES, EventLog, Outcome
+from server.generation import EVENT_OVERHEAD_BYTES, EventLog, Generation, GenerationSettings, Outcome
 from server.state import RELAY
 
 from .conftest import ServeApp
@@ -315,3 +315,31 @@ async def test_shutdown_closes_the_providers_of_running_generations() -> None:
     assert objects[-1]["error"]["type"] == "server_shutdown"
     assert provider.closed.is_set()
     assert len(api[RELAY].streams) == 0
+
+
+class _Slot:
+    """An admission whose release the test can see."""
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.released = 0
+
+    async def release(self) -> None:
+        self.released += 1
+
+
+@pytest.mark.parametrize("when", ["before-its-task-runs", "while-it-waits"])
+async def test_a_cancelled_generation_gives_its_admission_back_and_opens_no_upstream(when: str) -> None:
+    provider = ScriptedProvider()
+    slot = _Slot()
+    generation = Generation(provider, ChatRequest((Message("user", "x"),), "m"), GenerationSettings(), admission=slot)
+    generation.start()
+    if when == "while-it-waits":
+        await asyncio.wait_for(provider.started.wait(), 5)
+    generation.cancel(Outcome.ABANDONED)
+    await asyncio.wait_for(generation.wait_closed(), 5)
+    assert slot.released == 1
+    assert generation.outcome is Outcome.ABANDONED
+    assert generation.log.since(0) == [Error("cancelled", "the stream was cancelled when its last reader left")]
+    assert provider.opened == (1 if when == "while-it-waits" else 0)
+    assert provider.finished == provider.opened
