@@ -15,6 +15,7 @@ reader's pace never moves them: a slow reader is the reader's problem (its write
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import enum
 import logging
@@ -91,24 +92,32 @@ class GenerationSettings:
     total_timeout: float = 600.0
     log_max_events: int = 20_000
     log_max_bytes: int = 2 << 20
+    # How far (estimated bytes) the generation may run ahead of its furthest reader before it stops reading the
+    # upstream until a reader catches up: what a client that stops reading can make the relay hold. Without
+    # readers (a detached, resumable generation) only the log's bounds apply.
+    reader_lead_bytes: int = 64 << 10
 
 
 class EventLog:
     """The append-only, bounded, sequenced events of one generation. No IO.
 
     Sequence numbers start at 1. When the log passes its bounds, the oldest events are dropped (down to three
-    quarters of the bounds, so trimming is amortised); `first_seq` says what is still retained.
+    quarters of the bounds, so trimming is amortised); `first_seq` says what is still retained. Sizes are
+    estimates (`EVENT_OVERHEAD_BYTES` plus the text), kept as running totals so that both the retained size and
+    the size of what follows any event are O(1).
     """
 
-    __slots__ = ("_events", "_first_seq", "_max_bytes", "_max_events", "_sizes", "bytes")
+    __slots__ = ("_base", "_ends", "_events", "_first_seq", "_max_bytes", "_max_events", "_total")
 
     def __init__(self, max_events: int, max_bytes: int) -> None:
         self._events: list[Event] = []
-        self._sizes: list[int] = []
+        # _ends[i]: the estimated bytes appended up to and including _events[i], since the log began.
+        self._ends: list[int] = []
+        self._base = 0  # the same total up to the last dropped event
+        self._total = 0
         self._first_seq = 1
         self._max_events = max(1, max_events)
         self._max_bytes = max(1, max_bytes)
-        self.bytes = 0
 
     @property
     def first_seq(self) -> int:
@@ -119,14 +128,29 @@ class EventLog:
     def last_seq(self) -> int:
         return self._first_seq + len(self._events) - 1
 
+    @property
+    def bytes(self) -> int:
+        """The estimated size of the retained events."""
+        return self._total - self._base
+
+    def bytes_after(self, seq: int) -> int:
+        """The estimated size of the retained events after `seq`."""
+        index = seq - self._first_seq
+        if index < 0:
+            return self.bytes
+        if index >= len(self._ends):
+            return 0
+        return self._total - self._ends[index]
+
     def append(self, events: Sequence[Event]) -> int:
         """Append `events`; returns the change in retained bytes (negative when the append trimmed more)."""
         before = self.bytes
+        total = self._total
         for event in events:
-            size = EVENT_OVERHEAD_BYTES + (len(event.content) if isinstance(event, Delta) else 0)
+            total += EVENT_OVERHEAD_BYTES + (len(event.content) if isinstance(event, Delta) else 0)
             self._events.append(event)
-            self._sizes.append(size)
-            self.bytes += size
+            self._ends.append(total)
+        self._total = total
         if len(self._events) > self._max_events or self.bytes > self._max_bytes:
             self._trim(self._max_events * 3 // 4, self._max_bytes * 3 // 4)
         return self.bytes - before
@@ -145,14 +169,15 @@ class EventLog:
 
     def _trim(self, max_events: int, max_bytes: int) -> None:
         drop = max(0, len(self._events) - max_events)
-        freed = sum(self._sizes[:drop])
-        while self.bytes - freed > max_bytes and drop < len(self._sizes):
-            freed += self._sizes[drop]
-            drop += 1
-        del self._events[:drop]
-        del self._sizes[:drop]
-        self._first_seq += drop
-        self.bytes -= freed
+        # Past the byte bound as well: drop up to the first event whose end leaves at most max_bytes after it.
+        threshold = self._total - max_bytes
+        if threshold > self._base:
+            drop = max(drop, bisect.bisect_left(self._ends, threshold) + 1)
+        if drop:
+            self._base = self._ends[drop - 1]
+            del self._events[:drop]
+            del self._ends[:drop]
+            self._first_seq += drop
 
 
 class Generation:
@@ -163,8 +188,9 @@ class Generation:
     """
 
     __slots__ = (
-        "_aborts", "_admission", "_on_change", "_on_end", "_running", "_task", "_waiters", "chat", "ended_at",
-        "failure", "id", "log", "outcome", "provider", "readers", "resumable", "settings", "started_at",
+        "_aborts", "_admission", "_delivered", "_on_change", "_on_end", "_producer", "_running", "_task", "_waiters",
+        "chat", "ended_at", "failure", "id", "log", "outcome", "provider", "readers", "resumable", "settings",
+        "started_at",
     )  # fmt: skip
 
     def __init__(
@@ -192,6 +218,9 @@ class Generation:
         self._admission = admission
         self._aborts: list[Callable[[], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
+        # The furthest event any reader has written to its client, and the generation's own wait for readers.
+        self._delivered = 0
+        self._producer: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         # Whether the task has taken its first step: a task cancelled before that never runs its body (nor its
         # `finally`, which gives the admission back), so cancel() only records the end and lets the body see it.
@@ -224,6 +253,32 @@ class Generation:
                 waiter.set_result(None)
             return
         self._waiters.append(waiter)
+
+    def delivered(self, seq: int) -> None:
+        """A reader has written every event up to `seq` to its client (it may let the generation read on)."""
+        if seq > self._delivered:
+            self._delivered = seq
+            self.readers_changed()
+
+    def readers_changed(self) -> None:
+        """Wake the generation if it waits for its readers (one caught up, or one left)."""
+        producer = self._producer
+        if producer is not None and not producer.done():
+            producer.set_result(None)
+
+    def _ahead(self) -> bool:
+        return self.readers > 0 and self.log.bytes_after(self._delivered) > self.settings.reader_lead_bytes
+
+    async def _wait_for_readers(self) -> None:
+        """Until a reader catches up (or none is left). Meanwhile the upstream is not read, so its own flow control
+        holds it back: a client that stops reading costs the lead, not the reply."""
+        loop = asyncio.get_running_loop()
+        while self._ahead():
+            self._producer = loop.create_future()
+            try:
+                await self._producer
+            finally:
+                self._producer = None
 
     def cancel(self, outcome: Outcome) -> None:
         """End the generation now with `outcome` (stopped, abandoned, shutdown); a no-op once it has ended."""
@@ -284,6 +339,10 @@ class Generation:
                             terminal = next((e for e in batch if not isinstance(e, Delta)), None)
                             if terminal is None:
                                 self._append(batch)
+                                if self._ahead():
+                                    # Not waiting on the upstream: its first-token and idle clocks stop meanwhile.
+                                    clock.reschedule(total_deadline)
+                                    await self._wait_for_readers()
                                 clock.reschedule(_earliest(total_deadline, loop.time(), settings.idle_timeout))
                                 continue
                             events = list(batch[: batch.index(terminal)])

@@ -207,6 +207,7 @@ class Reader:
                 held_size = 0
                 if not await self._write(data, last=terminal is not None):
                     return self._response or web.Response(status=499)
+                generation.delivered(pos)
                 if terminal is not None:
                     self.outcome = "done" if not isinstance(terminal, Error) else "error"
                     return self._response or web.Response(status=499)

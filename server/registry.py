@@ -102,6 +102,7 @@ class StreamRegistry:
         """`reader` left. The last one leaving a running generation decides its fate (see the module's doc)."""
         generation.readers -= 1
         self._followers.discard(reader)
+        generation.readers_changed()
         if generation.readers or generation.ended:
             return
         if not generation.resumable:

@@ -70,6 +70,8 @@ def test_the_log_stays_within_its_bounds_and_keeps_a_contiguous_tail(
         # What is retained is exactly the newest events, in order, numbered as appended.
         assert log.since(log.first_seq - 1) == appended[log.first_seq - 1 :]
         assert log.last_seq == len(appended)
+        for seq in range(log.first_seq - 1, log.last_seq + 1):
+            assert log.bytes_after(seq) == sum(EVENT_OVERHEAD_BYTES + len(e.content) for e in log.since(seq))  # type: ignore[union-attr]
 
 
 # -- endings ---------------------------------------------------------------------------------------------------
@@ -343,3 +345,27 @@ async def test_a_cancelled_generation_gives_its_admission_back_and_opens_no_upst
     assert generation.log.since(0) == [Error("cancelled", "the stream was cancelled when its last reader left")]
     assert provider.opened == (1 if when == "while-it-waits" else 0)
     assert provider.finished == provider.opened
+
+
+async def test_a_reader_that_stops_reading_holds_the_generation_to_a_bounded_lead(serve: ServeApp) -> None:
+    # 6.4 MB of reply for a client that reads nothing: the generation may run ahead of it only by the lead, then
+    # stops reading the upstream (whose own flow control then holds it back) until the client is dropped.
+    provider = _SlowConsumerProvider(size=16_000, count=400)
+    config = BASE.with_changes(write_timeout=1.0, send_buffer=32_768)
+    host, api = relay_host(config, provider)
+    base = await serve(host)
+    address, port = base.removeprefix("http://").split(":")
+    _reader, writer = await asyncio.open_connection(address, int(port))
+    writer.write(b"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await asyncio.wait_for(provider.started.wait(), 5)
+    await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+    pulled = provider.yielded
+    await asyncio.sleep(0.3)
+    # The generation stopped pulling (without the lead it pulls all 400 batches in about 0.4 s): what it holds
+    # unread is the lead plus one batch; the socket buffers took the rest of what was pulled.
+    assert provider.yielded == pulled
+    assert pulled < 60
+    await asyncio.wait_for(provider.closed.wait(), 10)  # dropped after the write timeout: upstream closed
+    assert provider.yielded == pulled
+    assert api[RELAY].streams.readers == 0
+    writer.close()
