@@ -182,6 +182,10 @@ def _base_url(text: str) -> str:
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         # Not echoed: a base URL may carry credentials (https://user:secret@host/v1).
         raise argparse.ArgumentTypeError("not an http:// or https:// URL with a host, e.g. http://localhost:11434/v1")
+    if parts.username is not None or parts.password is not None:
+        # The openai client always sends its own Authorization header, and aiohttp refuses a request that has both
+        # (every stream would fail with a 500).
+        raise argparse.ArgumentTypeError("must not carry user:password@; give the upstream's key with --api-key")
     return text.strip()
 
 

@@ -1,21 +1,30 @@
-"""``python -m server`` as a real process: it starts on its defaults, serves, and shuts down gracefully on SIGTERM."""
+"""``python -m server`` as a real process: it starts on its defaults, serves, and shuts down gracefully on SIGTERM;
+it listens with its backlog, relays the upstream it is given, and a startup error is one line and exit status 2."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from .wire import ndjson_objects, sse_events
+from server.backlog import read_kernel_limit
+
+from .fake_upstream import FakeUpstream
+from .wire import ndjson_objects, sse_events, sse_text
 
 ROOT = Path(__file__).resolve().parents[1]
+SOMAXCONN = read_kernel_limit()
 
 
 def _free_port() -> int:
@@ -91,3 +100,137 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
         assert option in out
         assert "LLM_RELAY_" + option[2:].upper().replace("-", "_") in out.replace("\n", "").replace(" ", "")
     assert "OPENAI_API_KEY" in out
+
+
+# -- listening, upstream, startup errors ----------------------------------------------------------------------------
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
+    return {**env, **extra}
+
+
+@contextlib.asynccontextmanager
+async def _running(tmp_path: Path, *argv: str) -> AsyncIterator[tuple[str, Path]]:
+    """``python -m server ARGV`` on a free port, once it answers /healthz: (base URL, its stderr file)."""
+    port = _free_port()
+    stderr = tmp_path / "stderr"
+    with stderr.open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - started once; the test then talks to it over sockets
+            [sys.executable, "-m", "server", "--port", str(port), "--uvloop", "false", *argv],
+            cwd=ROOT,
+            env=_clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _wait_up(base, http)
+        yield base, stderr
+    finally:
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+
+
+def _listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on `port`, as the kernel reports it (``ss``: Send-Q of a listener)."""
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    [line] = out.splitlines()
+    return int(line.split()[2])
+
+
+needs_ss = pytest.mark.skipif(shutil.which("ss") is None, reason="reading a listener's backlog needs ss (iproute2)")
+
+
+@needs_ss
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], min(4096, SOMAXCONN or 4096)), (["--backlog", "1000"], 1000)],
+    ids=["default", "option"],
+)
+async def test_listens_with_the_backlog(tmp_path: Path, argv: list[str], expected: int) -> None:
+    async with _running(tmp_path, *argv) as (base, stderr):
+        assert _listen_backlog(int(base.rsplit(":", 1)[1])) == expected
+    assert f"(backlog {expected})" in stderr.read_text()
+    assert "capped" not in stderr.read_text()
+
+
+@needs_ss
+@pytest.mark.skipif(SOMAXCONN is None or SOMAXCONN >= 65535, reason="needs a readable somaxconn below 65535")
+async def test_a_backlog_above_the_kernels_limit_is_capped_and_logged(tmp_path: Path) -> None:
+    async with _running(tmp_path, "--backlog", "65535") as (base, stderr):
+        assert _listen_backlog(int(base.rsplit(":", 1)[1])) == SOMAXCONN
+    text = stderr.read_text()
+    assert f"listen backlog 65535 capped to {SOMAXCONN} by the kernel (/proc/sys/net/core/somaxconn)" in text
+    assert f"(backlog {SOMAXCONN})" in text
+
+
+async def test_a_base_url_without_an_api_key_relays_that_upstream(tmp_path: Path, fake_upstream: FakeUpstream) -> None:
+    # Ollama and vLLM need no key.
+    argv = ("--base-url", fake_upstream.url, "--model", "fake-model", "--limits", "false", "--heartbeat", "0")
+    async with _running(tmp_path, *argv) as (base, stderr), aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as resp:
+            assert (await resp.json())["provider"] == "openai"
+        async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+            assert resp.status == 200
+            body = await resp.read()
+    assert sse_text(body) == "Hello, world!"  # the fake upstream's tokens, not the demo's reply
+    assert fake_upstream.last.body["model"] == "fake-model"
+    [line] = [line for line in stderr.read_text().splitlines() if "listening on" in line]
+    assert f"provider openai, upstream {fake_upstream.url} without an API key, model fake-model" in line
+
+
+def _exits(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "--uvloop", "false", *argv],
+        cwd=ROOT,
+        env=_clean_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess[str], problem: str) -> None:
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("python -m server: error: ")
+    assert problem in line
+    assert done.returncode == 2
+
+
+def test_a_port_in_use_is_one_line_and_status_2() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = _exits(["--port", str(port)])
+    # No startup line either: it is logged once the server listens.
+    _assert_one_line_error(done, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "problem"),
+    [
+        (["--api-keys-file", "{tmp}/absent"], {}, "--api-keys-file {tmp}/absent: No such file or directory"),
+        (["--api-keys-file", "{tmp}"], {}, "--api-keys-file {tmp}: Is a directory"),
+        (["--redis-url", "http://127.0.0.1:6379/0"], {}, "--redis-url is not a Redis URL"),
+        (["--redis-url", "redis://:s3cret/x@127.0.0.1:6379/0"], {}, "--redis-url is not a Redis URL"),
+        (["--port", "x"], {}, "argument --port: invalid int value: 'x'"),
+        (["--backlog", "0"], {}, "argument --backlog: not a listen backlog (1-65535): '0'"),
+        ([], {"LLM_RELAY_BACKLOG": "x"}, "LLM_RELAY_BACKLOG: invalid literal for int()"),
+        (["--base-url", "s3cret"], {}, "argument --base-url: not an http:// or https:// URL"),
+        (["--base-url", "http://relay:s3cret@127.0.0.1:1/v1"], {}, "--base-url: must not carry user:password@"),
+    ],
+    ids=["keys-file-missing", "keys-file-a-directory", "redis-url-scheme", "redis-url-unencoded", "bad-int",
+         "bad-backlog", "bad-env", "bad-base-url", "base-url-credentials"],
+)  # fmt: skip
+def test_a_startup_error_is_one_line_and_status_2(
+    tmp_path: Path, argv: list[str], env: dict[str, str], problem: str
+) -> None:
+    done = _exits(["--port", "0", *(arg.format(tmp=tmp_path) for arg in argv)], env)
+    _assert_one_line_error(done, problem.format(tmp=tmp_path))
+    assert "s3cret" not in done.stderr
