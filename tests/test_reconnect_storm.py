@@ -10,31 +10,26 @@ import errno
 import os
 import resource
 import socket
+import struct
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from bench.procstat import listen_overflows
+
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 1000
 REQUEST = b"GET /api/chat?prompt=x HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
-
-
-def listen_overflows() -> int | None:
-    """The kernel's count of connections dropped because a listen queue was full (``TcpExtListenOverflows``)."""
-    try:
-        with open("/proc/net/netstat") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for names, values in zip(lines[::2], lines[1::2], strict=False):
-        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
-            counters = dict(zip(names.split()[1:], values.split()[1:], strict=True))
-            if "ListenOverflows" in counters:
-                return int(counters["ListenOverflows"])
-    return None
+# struct tcp_info (linux/tcp.h): eight one-byte fields, then 32-bit ones; tcpi_total_retrans is the 24th of those.
+_TCP_INFO_SIZE = 104
+_TOTAL_RETRANS = struct.Struct("=I")
+_TOTAL_RETRANS_OFFSET = 100
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -53,7 +48,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _first_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+def _retransmissions(sock: socket.socket) -> int:
+    """Segments this connection sent again (its SYN, or its request), as the kernel counts them (Linux)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    return int(_TOTAL_RETRANS.unpack_from(info, _TOTAL_RETRANS_OFFSET)[0])
+
+
+async def _first_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> int:
+    """Send the request, read up to the first SSE ``data:`` line; the connection's retransmissions."""
     # The connect started in the storm may still be in progress: the send waits until the socket is writable.
     await loop.sock_sendall(sock, REQUEST)
     received = b""
@@ -62,10 +64,43 @@ async def _first_frame(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> 
         if not chunk:
             raise ConnectionError(f"closed before the first frame: {received[:200]!r}")
         received += chunk
+    return _retransmissions(sock)
 
 
-async def test_a_thousand_clients_connecting_at_once_all_get_their_first_frame(tmp_path: Path) -> None:
-    _raise_fd_limit(2 * CLIENTS + 200)
+@dataclass(frozen=True, slots=True)
+class Storm:
+    failures: list[BaseException]
+    retransmitting: int  # clients that had to send their SYN or their request again
+    overflows: int | None  # TcpExtListenOverflows during the storm, all processes of the network namespace
+
+
+async def _storm(port: int) -> Storm:
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    before = listen_overflows()
+    try:
+        # The same instant: every SYN is sent in one tight loop, before any of them is waited for.
+        for _ in range(CLIENTS):
+            sock = socket.socket()
+            sock.setblocking(False)
+            socks.append(sock)
+            code = sock.connect_ex(("127.0.0.1", port))
+            assert code in (0, errno.EINPROGRESS), os.strerror(code)
+        async with asyncio.timeout(60):  # generous: SYN retransmits alone take 1 s, 3 s, 7 s...
+            results = await asyncio.gather(*(_first_frame(loop, sock) for sock in socks), return_exceptions=True)
+        after = listen_overflows()
+    finally:
+        for sock in socks:
+            sock.close()
+    return Storm(
+        failures=[result for result in results if isinstance(result, BaseException)],
+        retransmitting=sum(1 for result in results if isinstance(result, int) and result > 0),
+        overflows=None if before is None or after is None else after - before,
+    )
+
+
+@asynccontextmanager
+async def _server(tmp_path: Path) -> AsyncIterator[int]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
     stderr = tmp_path / "stderr"
@@ -76,7 +111,6 @@ async def test_a_thousand_clients_connecting_at_once_all_get_their_first_frame(t
              "--heartbeat", "0"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
-    socks: list[socket.socket] = []
     try:
         async with aiohttp.ClientSession() as http:
             for _ in range(200):
@@ -88,25 +122,30 @@ async def test_a_thousand_clients_connecting_at_once_all_get_their_first_frame(t
                     await asyncio.sleep(0.05)
             else:
                 raise AssertionError(f"the server did not start: {stderr.read_text()}")
-        loop = asyncio.get_running_loop()
-        before = listen_overflows()
-        # The same instant: every SYN is sent in one tight loop, before any of them is waited for.
-        for _ in range(CLIENTS):
-            sock = socket.socket()
-            sock.setblocking(False)
-            socks.append(sock)
-            code = sock.connect_ex(("127.0.0.1", port))
-            assert code in (0, errno.EINPROGRESS), os.strerror(code)
-        async with asyncio.timeout(60):  # generous: SYN retransmits alone would take 1 s, 3 s, 7 s...
-            results = await asyncio.gather(*(_first_frame(loop, sock) for sock in socks), return_exceptions=True)
-        after = listen_overflows()
+        yield port
     finally:
-        for sock in socks:
-            sock.close()
         proc.kill()
         await asyncio.to_thread(proc.wait, 10)
-    failed = [result for result in results if result is not None]
-    assert not failed, f"{len(failed)} of {CLIENTS} clients got no first frame, e.g. {failed[0]!r}"
-    if before is None or after is None:
-        pytest.skip("every client got its first frame; listen overflows not checked: /proc/net/netstat is unreadable")
-    assert after - before == 0, f"the kernel dropped {after - before} connection attempts (TcpExtListenOverflows)"
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="reads each connection's retransmissions (Linux)")
+async def test_a_thousand_clients_connecting_at_once_all_get_their_first_frame(tmp_path: Path) -> None:
+    _raise_fd_limit(2 * CLIENTS + 200)
+    async with _server(tmp_path) as port:
+        storm = await _storm(port)
+        # TcpExtListenOverflows counts every listener of the network namespace, other processes' too. An overflow
+        # of this server's queue makes some client of the storm send its SYN (or its request) again, so a rise
+        # that none of them shows came from elsewhere: measure again, at most twice.
+        for _ in range(2):
+            if not storm.overflows or storm.retransmitting or storm.failures:
+                break
+            storm = await _storm(port)
+    assert not storm.failures, f"{len(storm.failures)} of {CLIENTS} got no first frame, e.g. {storm.failures[0]!r}"
+    assert storm.retransmitting == 0, (
+        f"{storm.retransmitting} of {CLIENTS} clients had to retransmit: the listen queue overflowed "
+        f"(TcpExtListenOverflows rose by {storm.overflows})"
+    )
+    if storm.overflows is None:
+        pytest.skip("every client got its first frame, none retransmitted; /proc/net/netstat is unreadable, so "
+                    "TcpExtListenOverflows was not checked")  # fmt: skip
+    assert storm.overflows == 0, f"the kernel dropped {storm.overflows} connection attempts (TcpExtListenOverflows)"
