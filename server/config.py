@@ -164,7 +164,7 @@ _port.__name__ = "int"
 
 def _backlog(text: str) -> int:
     value = int(text)
-    # listen(2) takes an int, but Linux kept the queue length in 16 bits before 4.1 and somaxconn is 4096 by default.
+    # A bound against typos: 0 or a negative would leave a tiny queue, and 65535 is far above any default somaxconn.
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"not a listen backlog (1-65535): {text!r}")
     return value

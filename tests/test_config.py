@@ -5,11 +5,13 @@ Every call passes `environ` explicitly, so the tests never depend on the develop
 
 from __future__ import annotations
 
+import doctest
 import math
 from typing import Any
 
 import pytest
 
+import server.config
 from server.config import DEMO_MODEL, Config, build_parser, describe_source, load_config, public_url
 
 
@@ -417,6 +419,12 @@ def test_describe_source_names_provider_upstream_and_model(argv: list[str], expe
     text = describe_source(load_config(argv, {}))
     assert text == expected
     assert "s3cret" not in text
+
+
+def test_doctests() -> None:
+    failures, tried = doctest.testmod(server.config)
+    assert tried > 0
+    assert failures == 0
 
 
 def test_with_changes_returns_a_new_config() -> None:
