@@ -152,25 +152,20 @@ def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {text!r}")
-    return value
+def _int_between(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"not {what} ({low}-{high}): {text!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
-_port.__name__ = "int"
-
-
-def _backlog(text: str) -> int:
-    value = int(text)
-    # A bound against typos: 0 or a negative would leave a tiny queue, and 65535 is far above any default somaxconn.
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a listen backlog (1-65535): {text!r}")
-    return value
-
-
-_backlog.__name__ = "int"
+_port = _int_between(0, 65535, "a TCP port")
+# A bound against typos: 0 or a negative would leave a tiny queue, and 65535 is far above any default somaxconn.
+_backlog = _int_between(1, 65535, "a listen backlog")
 
 
 def _base_url(text: str) -> str:

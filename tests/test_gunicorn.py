@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,19 +22,21 @@ import pytest
 
 from server.backlog import read_kernel_limit
 
-ROOT = Path(__file__).resolve().parents[1]
+from .processes import ROOT, clean_env, free_port, listen_backlog, needs_ss
+
 SOMAXCONN = read_kernel_limit()
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
-    return {**env, **extra}
 
 
 def _settings(**env: str) -> dict[str, object]:
     probe = "import json, server.gunicorn as g; print(json.dumps({'backlog': g.backlog, 'worker': g.worker_class}))"
     done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -48,29 +49,15 @@ def test_the_config_module_sets_the_relays_backlog_and_worker() -> None:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _listen_backlog(port: int) -> int | None:
-    out = subprocess.run(
-        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=10
-    ).stdout
-    lines = out.splitlines()
-    return int(lines[0].split()[2]) if lines else None
-
-
 @contextmanager
 def _gunicorn(tmp_path: Path, *argv: str) -> Iterator[tuple[int, Path]]:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "gunicorn.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--config", "python:server.gunicorn", "--bind", f"127.0.0.1:{port}",
              "--workers", "1", "--control-socket", str(tmp_path / "gunicorn.ctl"), *argv, "server.gunicorn:app"],
-            cwd=ROOT, env=_env(LLM_RELAY_LIMITS="false"), stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=clean_env(LLM_RELAY_LIMITS="false"), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     try:
@@ -99,7 +86,7 @@ def _serving(port: int, log: Path) -> None:
     raise AssertionError(f"gunicorn did not serve: {log.read_text()[-2000:]}")
 
 
-@pytest.mark.skipif(shutil.which("ss") is None, reason="reading a listener's backlog needs ss (iproute2)")
+@needs_ss
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -113,4 +100,4 @@ def test_gunicorn_listens_with_its_backlog(tmp_path: Path, argv: list[str], expe
     pytest.importorskip("gunicorn", reason="gunicorn is in the test extra: pip install -e '.[test]'")
     with _gunicorn(tmp_path, *argv) as (port, log):
         _serving(port, log)
-        assert _listen_backlog(port) == expected, log.read_text()[-2000:]
+        assert listen_backlog(port) == expected, log.read_text()[-2000:]

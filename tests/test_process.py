@@ -4,15 +4,11 @@ it listens with its backlog, relays the upstream it is given, and a startup erro
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,44 +17,19 @@ import pytest
 from server.backlog import read_kernel_limit
 
 from .fake_upstream import FakeUpstream
+from .processes import ROOT, clean_env, free_port, listen_backlog, needs_ss, running_server, start_server, wait_up
 from .wire import ndjson_objects, sse_events, sse_text
 
-ROOT = Path(__file__).resolve().parents[1]
 SOMAXCONN = read_kernel_limit()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _wait_up(base: str, http: aiohttp.ClientSession) -> None:
-    for _ in range(200):
-        try:
-            async with http.get(f"{base}/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            await asyncio.sleep(0.05)
-    raise AssertionError("the server did not start")
-
-
 async def test_sigterm_ends_open_streams_in_band_and_exits_within_the_grace_period(tmp_path: Path) -> None:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
-    log = (tmp_path / "stderr").open("wb")
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once; the test then talks to it over sockets
-        [sys.executable, "-m", "server", "--port", str(port), "--demo-delay", "0.05", "--shutdown-grace", "3"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
+    port = free_port()
+    proc = start_server(port, "--demo-delay", "0.05", "--shutdown-grace", "3", stderr=tmp_path / "stderr")
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            await _wait_up(base, http)
+            await wait_up(base, http)
             async with http.get(f"{base}/healthz") as resp:
                 assert (await resp.json())["provider"] == "demo"  # the embedded default, no key needed
             sse = await http.get(f"{base}/api/chat", params={"prompt": "x"})
@@ -75,7 +46,6 @@ async def test_sigterm_ends_open_streams_in_band_and_exits_within_the_grace_peri
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        log.close()
     assert code == 0
     assert took < 3 + 2  # the grace period, plus interpreter exit
     assert b"retry: 3000\n\n" in sse_body
@@ -105,46 +75,6 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
 # -- listening, upstream, startup errors ----------------------------------------------------------------------------
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
-    return {**env, **extra}
-
-
-@contextlib.asynccontextmanager
-async def _running(tmp_path: Path, *argv: str) -> AsyncIterator[tuple[str, Path]]:
-    """``python -m server ARGV`` on a free port, once it answers /healthz: (base URL, its stderr file)."""
-    port = _free_port()
-    stderr = tmp_path / "stderr"
-    with stderr.open("wb") as log:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - started once; the test then talks to it over sockets
-            [sys.executable, "-m", "server", "--port", str(port), "--uvloop", "false", *argv],
-            cwd=ROOT,
-            env=_clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-            await _wait_up(base, http)
-        yield base, stderr
-    finally:
-        proc.kill()
-        await asyncio.to_thread(proc.wait, 10)
-
-
-def _listen_backlog(port: int) -> int:
-    """The backlog of the socket listening on `port`, as the kernel reports it (``ss``: Send-Q of a listener)."""
-    out = subprocess.run(
-        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True, timeout=10
-    ).stdout
-    [line] = out.splitlines()
-    return int(line.split()[2])
-
-
-needs_ss = pytest.mark.skipif(shutil.which("ss") is None, reason="reading a listener's backlog needs ss (iproute2)")
-
-
 @needs_ss
 @pytest.mark.parametrize(
     ("argv", "expected"),
@@ -152,18 +82,18 @@ needs_ss = pytest.mark.skipif(shutil.which("ss") is None, reason="reading a list
     ids=["default", "option"],
 )
 async def test_listens_with_the_backlog(tmp_path: Path, argv: list[str], expected: int) -> None:
-    async with _running(tmp_path, *argv) as (base, stderr):
-        assert _listen_backlog(int(base.rsplit(":", 1)[1])) == expected
-    assert f"(backlog {expected})" in stderr.read_text()
-    assert "capped" not in stderr.read_text()
+    async with running_server(tmp_path, *argv) as server:
+        assert listen_backlog(server.port) == expected
+    assert f"(backlog {expected})" in server.stderr.read_text()
+    assert "capped" not in server.stderr.read_text()
 
 
 @needs_ss
 @pytest.mark.skipif(SOMAXCONN is None or SOMAXCONN >= 65535, reason="needs a readable somaxconn below 65535")
 async def test_a_backlog_above_the_kernels_limit_is_capped_and_logged(tmp_path: Path) -> None:
-    async with _running(tmp_path, "--backlog", "65535") as (base, stderr):
-        assert _listen_backlog(int(base.rsplit(":", 1)[1])) == SOMAXCONN
-    text = stderr.read_text()
+    async with running_server(tmp_path, "--backlog", "65535") as server:
+        assert listen_backlog(server.port) == SOMAXCONN
+    text = server.stderr.read_text()
     assert f"listen backlog 65535 capped to {SOMAXCONN} by the kernel (/proc/sys/net/core/somaxconn)" in text
     assert f"(backlog {SOMAXCONN})" in text
 
@@ -171,23 +101,23 @@ async def test_a_backlog_above_the_kernels_limit_is_capped_and_logged(tmp_path: 
 async def test_a_base_url_without_an_api_key_relays_that_upstream(tmp_path: Path, fake_upstream: FakeUpstream) -> None:
     # Ollama and vLLM need no key.
     argv = ("--base-url", fake_upstream.url, "--model", "fake-model", "--limits", "false", "--heartbeat", "0")
-    async with _running(tmp_path, *argv) as (base, stderr), aiohttp.ClientSession() as http:
-        async with http.get(f"{base}/healthz") as resp:
+    async with running_server(tmp_path, *argv) as server, aiohttp.ClientSession() as http:
+        async with http.get(f"{server.base}/healthz") as resp:
             assert (await resp.json())["provider"] == "openai"
-        async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        async with http.get(f"{server.base}/api/chat", params={"prompt": "x"}) as resp:
             assert resp.status == 200
             body = await resp.read()
     assert sse_text(body) == "Hello, world!"  # the fake upstream's tokens, not the demo's reply
     assert fake_upstream.last.body["model"] == "fake-model"
-    [line] = [line for line in stderr.read_text().splitlines() if "listening on" in line]
+    [line] = [line for line in server.stderr.read_text().splitlines() if "listening on" in line]
     assert f"provider openai, upstream {fake_upstream.url} without an API key, model fake-model" in line
 
 
 def _exits(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server", "--uvloop", "false", *argv],
+        [sys.executable, "-m", "server", *argv],
         cwd=ROOT,
-        env=_clean_env(**(env or {})),
+        env=clean_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=60,

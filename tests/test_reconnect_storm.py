@@ -11,19 +11,15 @@ import os
 import resource
 import socket
 import struct
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from bench.procstat import listen_overflows
 
-ROOT = Path(__file__).resolve().parents[1]
+from .processes import running_server
+
 CLIENTS = 1000
 REQUEST = b"GET /api/chat?prompt=x HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
 # struct tcp_info (linux/tcp.h): eight one-byte fields, then 32-bit ones; tcpi_total_retrans is the 24th of those.
@@ -40,12 +36,6 @@ def _raise_fd_limit(needed: int) -> None:
     if hard != resource.RLIM_INFINITY and hard < needed:
         pytest.skip(f"{CLIENTS} connections need {needed} file descriptors; the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _retransmissions(sock: socket.socket) -> int:
@@ -99,47 +89,20 @@ async def _storm(port: int) -> Storm:
     )
 
 
-@asynccontextmanager
-async def _server(tmp_path: Path) -> AsyncIterator[int]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
-    stderr = tmp_path / "stderr"
-    with stderr.open("wb") as log:
-        # The default backlog, production settings (uvloop), the demo model at a quick pace, no admission limits.
-        proc = subprocess.Popen(  # noqa: ASYNC220 - started once; the test then talks to it over sockets
-            [sys.executable, "-m", "server", "--port", str(port), "--demo-delay", "0.01", "--limits", "false",
-             "--heartbeat", "0"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log,
-        )  # fmt: skip
-    try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"the server did not start: {stderr.read_text()}")
-        yield port
-    finally:
-        proc.kill()
-        await asyncio.to_thread(proc.wait, 10)
-
-
 @pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="reads each connection's retransmissions (Linux)")
 async def test_a_thousand_clients_connecting_at_once_all_get_their_first_frame(tmp_path: Path) -> None:
     _raise_fd_limit(2 * CLIENTS + 200)
-    async with _server(tmp_path) as port:
-        storm = await _storm(port)
+    # The default backlog, production settings (uvloop), the demo model at a quick pace, no admission limits.
+    argv = ("--demo-delay", "0.01", "--limits", "false", "--heartbeat", "0")
+    async with running_server(tmp_path, *argv) as server:
+        storm = await _storm(server.port)
         # TcpExtListenOverflows counts every listener of the network namespace, other processes' too. An overflow
         # of this server's queue makes some client of the storm send its SYN (or its request) again, so a rise
         # that none of them shows came from elsewhere: measure again, at most twice.
         for _ in range(2):
             if not storm.overflows or storm.retransmitting or storm.failures:
                 break
-            storm = await _storm(port)
+            storm = await _storm(server.port)
     assert not storm.failures, f"{len(storm.failures)} of {CLIENTS} got no first frame, e.g. {storm.failures[0]!r}"
     assert storm.retransmitting == 0, (
         f"{storm.retransmitting} of {CLIENTS} clients had to retransmit: the listen queue overflowed "
