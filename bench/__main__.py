@@ -3,6 +3,7 @@
 python -m bench                         # everything, 3 interleaved repeats (about 15 minutes)
 python -m bench --quick                 # a smoke run with small sizes (about 2 minutes)
 python -m bench --scenarios throughput,paced --repeats 5
+python -m bench --scenarios storm       # the reconnect storm alone (about a minute)
 python -m bench --targets aiohttp,starlette --no-uvloop
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 from bench import report, runner, scenarios
 
-SCENARIOS = ("client", "throughput", "paced", "idle", "relay")
+SCENARIOS = ("client", "throughput", "paced", "idle", "relay", "storm")
 RESULTS = runner.ROOT / "bench" / "results"
 _VERSIONS = ("aiohttp", "uvloop", "openai", "aiohttp-sse", "sse-starlette", "uvicorn", "fastapi", "flask", "gunicorn")
 
@@ -37,13 +38,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help=f"comma-separated subset of {','.join(SCENARIOS)} (relay = disconnects and full relay)",
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (relay = disconnects and full relay; storm = "
+        "every client connecting at once after a restart)",
     )
     parser.add_argument("--targets", default="", help="comma-separated name fragments of peers to run (ours always)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per measurement")
     parser.add_argument("--throughput-streams", type=_levels, help="e.g. 1,100,1000")
     parser.add_argument("--paced-streams", type=_levels, help="e.g. 1000,5000")
     parser.add_argument("--idle-streams", type=int, help="e.g. 10000")
+    parser.add_argument("--storm-connections", type=int, help="clients of the reconnect storm, e.g. 1000")
     parser.add_argument("--duration", type=float, help="seconds of each throughput and paced measurement window")
     parser.add_argument("--no-uvloop", action="store_true", help="run every asyncio server on the stdlib loop")
     parser.add_argument("--no-what-if", action="store_true", help="skip the measured proposals (bench/whatif.py)")
@@ -62,6 +65,7 @@ def _plan(args: argparse.Namespace) -> scenarios.Plan:
         ("throughput_streams", "throughput_levels"),
         ("paced_streams", "paced_levels"),
         ("idle_streams", "idle_connections"),
+        ("storm_connections", "storm_connections"),
         ("duration", "duration"),
     ):
         value = getattr(args, option)
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         "paced": lambda: scenarios.paced(plan, tokens, log),
         "idle": lambda: scenarios.capacity(plan, log),
         "relay": lambda: scenarios.relay(plan, tokens, log),
+        "storm": lambda: scenarios.storm(plan, log),
     }
     for name in SCENARIOS:
         if name in chosen:

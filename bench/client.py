@@ -17,6 +17,9 @@ Modes (`Spec.mode`):
 * ``idle``: open every stream, wait until each has its response head and a heartbeat, hold, read server memory.
 * ``leave``: paced background streams plus `leavers` that close their connection after some frames (or seconds)
   and report when they left, so the runner can compare with when the upstream saw its request closed.
+* ``storm``: a reconnect storm, as after a server restart: every connection is started in one tight loop (no
+  gate), each sends its request as soon as it is connected and leaves at its first frame; reports the first frames'
+  times from the start of the storm and how many connection attempts the kernel dropped (listen overflows).
 
 Server CPU and memory are read from /proc at the window's edges by this process, so they line up with its clock.
 """
@@ -24,14 +27,16 @@ Server CPU and memory are read from /proc at the window's edges by this process,
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import resource
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from bench.procstat import core_busy_seconds, cpu_seconds, process_tree, rss_bytes
+from bench.procstat import core_busy_seconds, cpu_seconds, listen_overflows, process_tree, rss_bytes
 
 _HEAD, _SIZE, _DATA, _DATA_END, _TRAILER, _LENGTH, _UNTIL_EOF = range(7)
 
@@ -333,6 +338,13 @@ class Conn(asyncio.Protocol):
     def _frames(self, now: float, counted: int) -> None:
         self.frames += counted
         run = self.run
+        if self.spec.mode == "storm":
+            if not self.done:
+                run.ttff.append(now - run.started)
+                self.finish()
+                if self.transport is not None:
+                    self.transport.abort()
+            return
         if run.window_start <= now < run.window_end:
             run.window_frames += counted
         if self.measured:
@@ -557,6 +569,49 @@ async def _idle(run: Run) -> dict[str, Any]:
     }
 
 
+async def _storm(run: Run) -> dict[str, Any]:
+    spec = run.spec
+    overflows_before = listen_overflows()
+    run.started = time.monotonic()
+    socks: list[socket.socket] = []
+    for _ in range(spec.connections):
+        sock = socket.socket()
+        sock.setblocking(False)
+        code = sock.connect_ex(("127.0.0.1", spec.port))
+        if code in (0, errno.EINPROGRESS):
+            socks.append(sock)
+        else:
+            sock.close()
+            run.broken += 1
+    connect_seconds = time.monotonic() - run.started
+    conns: list[Conn] = []
+    run.pending = len(socks)  # before the first connection can finish
+    for index, sock in enumerate(socks):
+        # The connect may still be in progress: the transport holds the request until the socket is writable.
+        _, conn = await run.loop.create_connection(lambda index=index: Conn(run, index), sock=sock)
+        conns.append(conn)
+        conn.start_stream()
+    try:
+        await asyncio.wait_for(run.finished.wait(), timeout=spec.deadline)
+        timed_out = False
+    except TimeoutError:
+        timed_out = True
+    overflows_after = listen_overflows()
+    _close_all(conns)
+    return {
+        "connections": spec.connections,
+        "first_frames": len(run.ttff),
+        "connect_seconds": connect_seconds,
+        "timed_out": timed_out,
+        "listen_overflows": (
+            overflows_after - overflows_before if overflows_before is not None and overflows_after is not None else None
+        ),
+        "ttff_p50": _percentile(run.ttff, 50),
+        "ttff_p99": _percentile(run.ttff, 99),
+        "ttff_max": max(run.ttff, default=None),
+    }
+
+
 async def run_spec(spec: Spec) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     run = Run(spec=spec, loop=loop, pids=process_tree(spec.server_pid) if spec.server_pid else [])
@@ -568,6 +623,8 @@ async def run_spec(spec: Spec) -> dict[str, Any]:
         result = await _paced(run, leavers=spec.leavers)
     elif spec.mode == "idle":
         result = await _idle(run)
+    elif spec.mode == "storm":
+        result = await _storm(run)
     else:
         raise ValueError(f"unknown mode {spec.mode!r}")
     result.update(

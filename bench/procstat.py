@@ -1,4 +1,4 @@
-"""CPU time and memory of a server's process tree, read from /proc (Linux only).
+"""CPU time and memory of a server's process tree, and the kernel's listen overflows, read from /proc (Linux only).
 
 The tree, not the pid alone: gunicorn serves from a worker process forked by its master.
 """
@@ -78,3 +78,20 @@ def core_busy_seconds(core: str) -> float:
                 # guest time is already counted in user time
                 return (sum(values[:8]) - idle) / _TICK
     return 0.0
+
+
+def listen_overflows() -> int | None:
+    """Connections the kernel dropped because a listen queue was full (``TcpExtListenOverflows`` of
+    /proc/net/netstat, for the whole network namespace), or None where it cannot be read."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    # The file is pairs of lines: the counters' names, then their values, each line starting with its group.
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            counters = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            if "ListenOverflows" in counters:
+                return int(counters["ListenOverflows"])
+    return None

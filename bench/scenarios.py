@@ -1,4 +1,5 @@
-"""The five scenarios of issue 6, plus the load client's own ceiling. Each returns flat result rows.
+"""The five scenarios of issue 6, the reconnect storm of issue 12, and the load client's own ceiling. Each returns
+flat result rows.
 
 Repeats are interleaved (repeat 1 of every target and size, then repeat 2, ...) so that a noisy moment on this
 shared machine hurts every target a little rather than one target a lot. Servers are started once per scenario
@@ -51,6 +52,8 @@ class Plan:
     relay_connections: int = 100
     relay_paced_streams: int = 500
     close_wait: float = 3.0
+    storm_connections: int = 1000  # clients connecting in the same instant, as after a restart
+    storm_deadline: float = 60.0
     what_if: bool = True  # also measure bench.whatif's proposals in the full-relay scenario
     targets: tuple[str, ...] = field(default_factory=tuple)  # names to run; empty: all
 
@@ -69,6 +72,7 @@ class Plan:
             relay_connections=20,
             relay_paced_streams=100,
             close_wait=2.0,
+            storm_connections=500,
         )
 
     def selected(self, candidates: Sequence[t.Target]) -> list[t.Target]:
@@ -259,6 +263,35 @@ def capacity(plan: Plan, log: Log) -> list[Row]:
                     f"{result['kib_per_connection']:.1f} KiB/connection"
                 )
                 rows.append({"scenario": "idle", "target": target.name, "level": count, "repeat": repeat, **result})
+    return rows
+
+
+def storm(plan: Plan, log: Log) -> list[Row]:
+    """Every client connecting in the same instant to a server that has just started, as after a restart."""
+    rows: list[Row] = []
+    count = plan.storm_connections
+    for repeat in range(plan.repeats):
+        for target in (t.OURS, t.OURS_BACKLOG_128):
+            with servers([target], "storm", plan, threads=count) as running:
+                server = running[target.name]
+                spec = Spec(
+                    port=server.port,
+                    path=target.stream_path(plan.paced_tokens, plan.paced_delay),
+                    mode="storm",
+                    accept=target.accept,
+                    delimiter=target.delimiter,
+                    connections=count,
+                    server_pid=server.pid,
+                    deadline=plan.storm_deadline,
+                )
+                result = run_client(spec)
+            overflows = result["listen_overflows"]
+            log(
+                f"storm {target.name} x{count}: {result['first_frames']} first frames, "
+                f"{'unknown' if overflows is None else overflows} listen overflows, first frame "
+                f"p50 {1000 * (result['ttff_p50'] or 0):.0f} ms, p99 {1000 * (result['ttff_p99'] or 0):.0f} ms"
+            )
+            rows.append({"scenario": "storm", "target": target.name, "level": count, "repeat": repeat, **result})
     return rows
 
 

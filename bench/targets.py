@@ -27,11 +27,20 @@ class Target:
     relays: bool = True  # has an openai-based relay route
     idles: bool = True  # has a heartbeat-only route
     variant: str = ""  # ours only: a what-if of bench.whatif
+    options: tuple[str, ...] = ()  # ours only: options added to the scenario's own
 
     def command(self, port: int, scenario: str, *, upstream: str, uvloop: bool, threads: int) -> list[str]:
         if self.kind == "ours":
             variant = ["--bench-variant", self.variant] if self.variant else []
-            return ["-m", self.module, *variant, "--port", str(port), *ours_arguments(scenario, upstream, uvloop)]
+            return [
+                "-m",
+                self.module,
+                *variant,
+                "--port",
+                str(port),
+                *ours_arguments(scenario, upstream, uvloop),
+                *self.options,
+            ]
         if self.module == "gunicorn":
             # One worker, like every other target; a WSGI stream holds a thread, so give it one per stream.
             return [
@@ -75,7 +84,7 @@ def ours_arguments(scenario: str, upstream: str, uvloop: bool) -> list[str]:
     common = ["--limits", "false", "--uvloop", "true" if uvloop else "false"]
     if scenario == "throughput":
         return [*common, "--provider", "demo", "--demo-delay", "0", "--heartbeat", "0"]
-    if scenario == "paced":
+    if scenario in ("paced", "storm"):
         return [*common, "--provider", "demo", "--demo-delay", "0.02", "--heartbeat", "0"]
     if scenario == "idle":
         # The demo model waits an hour before its first token: the stream carries heartbeats only.
@@ -112,6 +121,8 @@ def ours_arguments(scenario: str, upstream: str, uvloop: bool) -> list[str]:
 
 
 OURS = Target("llm-relay", "ours", "bench.ours")
+# The reconnect storm's contrast: the listen backlog aiohttp (and most servers) default to.
+OURS_BACKLOG_128 = Target("llm-relay --backlog 128", "ours", "bench.ours", options=("--backlog", "128"))
 CEILING = Target("bare asyncio.Protocol", "ceiling", "bench.peers.bare_protocol", relays=False)
 BLASTER = Target("blaster (pre-encoded)", "blaster", "bench.peers.bare_protocol", relays=False, idles=False)
 PEERS = (

@@ -1,17 +1,26 @@
-"""``python -m server``: run the relay. ``--help`` lists every option and its environment variable."""
+"""``python -m server``: run the relay. ``--help`` lists every option and its environment variable.
+
+A startup error (a bad option value, a missing ``--api-keys-file``, a bad ``--redis-url``, a port in use) is one
+line on stderr and exit status 2; the startup line is logged only once the server listens.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
 from .app import create_app
-from .config import Config, load_config
+from .backlog import effective_backlog
+from .config import Config, ConfigError, describe_source, load_config, startup_error
 from .gc_tuning import apply_after_startup
+
+log = logging.getLogger("llm_relay")
 
 
 def _event_loop_factory(config: Config) -> None:
@@ -24,29 +33,51 @@ def _event_loop_factory(config: Config) -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _reason(exc: OSError) -> str:
+    """The system's own words for `exc`: uvloop's message repeats the address and errno around them."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(sys.argv[1:] if argv is None else argv)
     # Our own events at INFO; libraries (httpx logs every upstream request at INFO) only when they warn.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("llm_relay").setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
     _event_loop_factory(config)
-    provider = config.resolved_provider
-    where = "the built-in demo model (simulated replies)" if provider == "demo" else "an OpenAI-compatible upstream"
-    logging.getLogger("llm_relay").info(
-        "relaying %s as model %s on http://%s:%d/", where, config.resolved_model, config.host, config.port
-    )
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except ConfigError as exc:
+        startup_error(str(exc))
     if config.gc_tuning:
         apply_after_startup(app)
-    web.run_app(
-        app,
-        host=config.host,
-        port=config.port,
-        shutdown_timeout=config.shutdown_grace,
-        reuse_port=config.reuse_port or None,
-        access_log=None,
-        print=None,
-    )
+    backlog = effective_backlog(config.backlog, log)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    listening = False
+
+    def listens(banner: str) -> None:
+        # run_app calls its `print` once every site has started (aiohttp's "Running on ..." banner): the moment the
+        # relay really serves, after any bind error. tests/test_process.py pins that order.
+        nonlocal listening
+        listening = True
+        log.info("%s; listening on http://%s:%d/ (backlog %d)", describe_source(config), host, config.port, backlog)
+
+    try:
+        web.run_app(
+            app,
+            host=config.host,
+            port=config.port,
+            backlog=backlog,
+            shutdown_timeout=config.shutdown_grace,
+            reuse_port=config.reuse_port or None,
+            access_log=None,
+            print=listens,
+        )
+    except OSError as exc:
+        if listening:
+            raise
+        startup_error(f"cannot listen on {host}:{config.port}: {_reason(exc)}")
 
 
 if __name__ == "__main__":

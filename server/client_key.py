@@ -21,7 +21,7 @@ from pathlib import Path
 
 from aiohttp import hdrs, web
 
-from .config import Config
+from .config import Config, ConfigError
 from .errors import Unauthorized
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -112,11 +112,19 @@ class APIKeys:
 
     @classmethod
     def from_file(cls, path: str | Path) -> APIKeys:
-        """One key per line; blank lines and lines starting with ``#`` are skipped, spaces around a key too."""
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        """One key per line; blank lines and lines starting with ``#`` are skipped, spaces around a key too.
+
+        A file that cannot be read or holds no key is a `ConfigError`: the relay must not start open to everyone.
+        """
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"--api-keys-file {path}: {exc.strerror or 'cannot be read'}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--api-keys-file {path}: not UTF-8 text") from None
         keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not keys:
-            raise ValueError(f"--api-keys-file {path}: the file holds no keys")
+            raise ConfigError(f"--api-keys-file {path}: the file holds no keys")
         return cls(keys)
 
     def __len__(self) -> int:

@@ -3,24 +3,45 @@
 Every option has an environment variable (``LLM_RELAY_`` + the option's name in capitals, ``-`` as ``_``), and
 the upstream's own conventional ones are read too: ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``OPENAI_MODEL``.
 The command line wins over the environment, which wins over the defaults.
+
+A setting the relay cannot start with is a `ConfigError`; ``python -m server`` prints every startup error (a bad
+option value, a missing ``--api-keys-file``, a bad ``--redis-url``, a port in use) as one line on stderr and exits
+with status 2, as argparse does for a bad option: `startup_error`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 DEMO_MODEL = "llm-relay-demo"
+PROG = "python -m server"
+
+
+class ConfigError(ValueError):
+    """A setting the relay cannot start with. The message names the option and never quotes a secret."""
+
+
+def startup_error(message: str) -> NoReturn:
+    """Print `message` as one line (``python -m server: error: ...``) and exit with status 2."""
+    sys.stderr.write(f"{PROG}: error: {' '.join(message.split())}\n")
+    raise SystemExit(2)
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     host: str = "127.0.0.1"
     port: int = 8080
-    # "auto" relays an OpenAI-compatible upstream when an API key is configured, else the built-in demo model.
+    # Connections the kernel queues before they are accepted: enough for every client reconnecting at once after a
+    # restart (server/backlog.py); the kernel lowers it to net.core.somaxconn.
+    backlog: int = 4096
+    # "auto" relays an OpenAI-compatible upstream when an API key or a base URL is configured (Ollama and vLLM need
+    # no key), else the built-in demo model.
     provider: str = "auto"
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
@@ -78,7 +99,7 @@ class Config:
     @property
     def resolved_provider(self) -> str:
         if self.provider == "auto":
-            return "openai" if self.api_key else "demo"
+            return "openai" if self.api_key or self.base_url else "demo"
         return self.provider
 
     @property
@@ -89,6 +110,36 @@ class Config:
 
     def with_changes(self, **changes: Any) -> Config:
         return replace(self, **changes)
+
+
+def public_url(url: str) -> str:
+    """`url` without the parts that can carry a credential (user info, query, fragment), for logs.
+
+    >>> public_url("https://user:secret@example.com:8443/v1?api-key=secret#x")
+    'https://example.com:8443/v1'
+    >>> public_url("http://[::1]:11434/v1")
+    'http://[::1]:11434/v1'
+    """
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "(not a valid URL)"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def describe_source(config: Config) -> str:
+    """Where replies come from, for the startup line: the provider, the upstream (no credentials), the model."""
+    model = config.resolved_model
+    if config.resolved_provider == "demo":
+        why = "--provider demo" if config.provider == "demo" else "no --base-url or --api-key configured"
+        return f"provider demo (the built-in simulated model: {why}), model {model}"
+    upstream = public_url(config.base_url) if config.base_url else "https://api.openai.com/v1 (the openai default)"
+    key = "with an API key" if config.api_key else "without an API key"
+    return f"provider {config.resolved_provider}, upstream {upstream} {key}, model {model}"
 
 
 def _bool(text: str) -> bool:
@@ -111,14 +162,39 @@ def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {text!r}")
-    return value
+def _int_between(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"not {what} ({low}-{high}): {text!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
-_port.__name__ = "int"
+_port = _int_between(0, 65535, "a TCP port")
+# A bound against typos: 0 or a negative would leave a tiny queue, and 65535 is far above any default somaxconn.
+_backlog = _int_between(1, 65535, "a listen backlog")
+
+
+def _base_url(text: str) -> str:
+    try:
+        parts = urlsplit(text.strip())
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a URL") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        # Not echoed: a base URL may carry credentials (https://user:secret@host/v1).
+        raise argparse.ArgumentTypeError("not an http:// or https:// URL with a host, e.g. http://localhost:11434/v1")
+    if parts.username is not None or parts.password is not None:
+        # The openai client always sends its own Authorization header, and aiohttp refuses a request that has both
+        # (every stream would fail with a 500).
+        raise argparse.ArgumentTypeError("must not carry user:password@; give the upstream's key with --api-key")
+    return text.strip()
+
+
+_base_url.__name__ = "URL"
 
 
 def _list(text: str) -> list[str]:
@@ -140,14 +216,21 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("host", "address to listen on"),
     _Option("port", "port to listen on", _port),
     _Option(
+        "backlog",
+        "connections the kernel queues before they are accepted (after a restart every client reconnects at "
+        "once); capped by net.core.somaxconn",
+        _backlog,
+    ),
+    _Option(
         "provider",
         "where replies come from: demo (built-in, simulated), openai (an OpenAI-compatible "
-        "upstream) or auto (openai when an API key is set)",
+        "upstream) or auto (openai when an API key or a base URL is set)",
         choices=("auto", "demo", "openai"),
     ),
     _Option(
         "base-url",
         "OpenAI-compatible upstream base URL, e.g. http://localhost:11434/v1",
+        _base_url,
         env=("OPENAI_BASE_URL",),
     ),
     _Option("api-key", "upstream API key (never logged or echoed)", env=("OPENAI_API_KEY",)),
@@ -260,9 +343,15 @@ def _env_names(option: _Option) -> tuple[str, ...]:
     return ("LLM_RELAY_" + option.name.upper().replace("-", "_"), *option.env)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints its whole usage (thirty lines) before the message; one line says what is wrong.
+        startup_error(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m server",
+    parser = _Parser(
+        prog=PROG,
         description="llm-relay: stream chat completions to browsers (SSE) and fetch clients (NDJSON).",
     )
     defaults = Config()

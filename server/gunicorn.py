@@ -1,15 +1,34 @@
-"""Entry point for gunicorn's aiohttp workers, configured from the environment (``LLM_RELAY_*``, ``OPENAI_*``):
+"""Entry point for gunicorn's aiohttp workers, configured from the environment (``LLM_RELAY_*``, ``OPENAI_*``).
 
-gunicorn server.gunicorn:app --worker-class aiohttp.GunicornUVLoopWebWorker --workers 4 --bind 127.0.0.1:8080
+The module is also gunicorn's configuration file: it sets the worker class and the listen backlog::
+
+    gunicorn --config python:server.gunicorn server.gunicorn:app --workers 4 --bind 127.0.0.1:8080
+
+Without ``--config python:server.gunicorn`` pass ``--worker-class server.gunicorn_worker.RelayUVLoopWebWorker``
+and ``--backlog``: aiohttp's own workers ignore gunicorn's backlog and listen with 128 (aio-libs/aiohttp#5283), which
+a restart's reconnect storm overflows (server/backlog.py). The command line wins over this file.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 from aiohttp import web
 
 from .app import create_app
 from .config import load_config
 from .gc_tuning import apply_after_startup
+
+_config = load_config([])
+
+# gunicorn settings, read when this module is gunicorn's --config. The worker applies `backlog` after aiohttp's
+# worker has listened with its own default (server/gunicorn_worker.py); gunicorn's default is 2048.
+backlog = _config.backlog
+worker_class = (
+    "server.gunicorn_worker.RelayUVLoopWebWorker"
+    if _config.use_uvloop and importlib.util.find_spec("uvloop") is not None
+    else "server.gunicorn_worker.RelayWebWorker"
+)
 
 
 async def app() -> web.Application:

@@ -41,7 +41,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from .admission import Admission, Limiter
-from .config import Config
+from .config import Config, ConfigError
 from .errors import Overloaded, RateLimited
 from .limits import LimitPolicy, TokenBucket, exact_rate, float_up, parse_rate, service_limit
 
@@ -372,16 +372,23 @@ class RedisLimiter:
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
         except ImportError:  # pragma: no cover - depends on the installation
-            raise RuntimeError("--redis-url needs the redis package: pip install 'llm-relay[redis]'") from None
+            raise ConfigError("--redis-url needs the redis package: pip install 'llm-relay[redis]'") from None
 
         timeout = kwargs.get("timeout", REDIS_TIMEOUT)
-        # No retries inside the client: a retry would spend the request's time; the fallback decides instead.
-        redis = Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        try:
+            # No retries inside the client: a retry would spend the request's time; the fallback decides instead.
+            redis = Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError:
+            # redis-py's message can quote part of the URL, and a password that is not percent-encoded with it.
+            raise ConfigError(
+                "--redis-url is not a Redis URL: expected redis://[[user]:password@]host[:port][/db], rediss://... "
+                "or unix:///path, with '@', ':' and '/' in a password percent-encoded"
+            ) from None
         return cls(policy, redis, **kwargs)
 
     @property

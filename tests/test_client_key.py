@@ -19,7 +19,7 @@ from server.client_key import (
     parse_address,
     parse_networks,
 )
-from server.config import Config
+from server.config import Config, ConfigError
 from server.errors import Unauthorized
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -124,6 +124,19 @@ def test_an_empty_keys_file_is_an_error(tmp_path: Path) -> None:
         APIKeys.from_file(_keys_file(tmp_path, "# nothing yet\n\n"))
     with pytest.raises(ValueError, match="no API keys"):
         APIKeys([])
+
+
+def test_a_keys_file_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^--api-keys-file \S+absent: No such file or directory$"):
+        APIKeys.from_file(tmp_path / "absent")
+    with pytest.raises(ConfigError, match="Is a directory"):
+        APIKeys.from_file(tmp_path)
+    binary = tmp_path / "keys.bin"
+    binary.write_bytes(b"\xff\xfe key")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        APIKeys.from_file(binary)
+    with pytest.raises(ConfigError, match="holds no keys"):
+        APIKeys.from_file(_keys_file(tmp_path, "\n"))
 
 
 def test_the_key_is_not_the_client_key() -> None:

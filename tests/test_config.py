@@ -5,12 +5,14 @@ Every call passes `environ` explicitly, so the tests never depend on the develop
 
 from __future__ import annotations
 
+import doctest
 import math
 from typing import Any
 
 import pytest
 
-from server.config import DEMO_MODEL, Config, build_parser, load_config
+import server.config
+from server.config import DEMO_MODEL, Config, build_parser, describe_source, load_config, public_url
 
 
 def exits(argv: list[str], environ: dict[str, str] | None = None) -> SystemExit:
@@ -28,6 +30,7 @@ def exits(argv: list[str], environ: dict[str, str] | None = None) -> SystemExit:
         # The README's configuration table.
         ("host", "127.0.0.1"),
         ("port", 8080),
+        ("backlog", 4096),
         ("provider", "auto"),
         ("api_key", None),
         ("base_url", None),
@@ -78,6 +81,10 @@ def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--host", "0.0.0.0"], "host", "0.0.0.0"),
         (["--port", "9000"], "port", 9000),
         (["--port", "0"], "port", 0),
+        (["--backlog", "1"], "backlog", 1),
+        (["--backlog", "65535"], "backlog", 65535),
+        (["--base-url", "https://example.com:8443/v1"], "base_url", "https://example.com:8443/v1"),
+        (["--base-url", " http://[::1]:8000/v1 "], "base_url", "http://[::1]:8000/v1"),
         (["--provider", "demo"], "provider", "demo"),
         (["--provider", "openai"], "provider", "openai"),
         (["--base-url", "http://localhost:11434/v1"], "base_url", "http://localhost:11434/v1"),
@@ -132,6 +139,7 @@ def test_command_line(argv: list[str], field: str, value: Any) -> None:
     [
         ({"LLM_RELAY_HOST": "::"}, "host", "::"),
         ({"LLM_RELAY_PORT": "9000"}, "port", 9000),
+        ({"LLM_RELAY_BACKLOG": "1000"}, "backlog", 1000),
         ({"LLM_RELAY_PROVIDER": "demo"}, "provider", "demo"),
         ({"LLM_RELAY_BASE_URL": "http://x/v1"}, "base_url", "http://x/v1"),
         ({"OPENAI_BASE_URL": "http://y/v1"}, "base_url", "http://y/v1"),
@@ -279,6 +287,55 @@ def test_port_upper_bound_is_accepted() -> None:
     assert load_config(["--port", "65535"], {}).port == 65535
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "65536", "1.5", "many"])
+def test_backlog_out_of_range_is_refused(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert exits(["--backlog", value]).code == 2
+    assert exits([], {"LLM_RELAY_BACKLOG": value}).code == 2
+    assert "LLM_RELAY_BACKLOG" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "upstream.example:8000/v2",
+        "ftp://example.com/v2",
+        "http:///v2",
+        "http://example.com:port/v2",
+        "/v2",
+        "sk-secret-key",
+        "https://user:sk-secret@example.com/v2",
+        "https://sk-secret@example.com/v2",
+    ],
+    ids=["no-scheme", "ftp", "no-host", "bad-port", "path", "a-key-by-mistake", "user-and-password", "user"],
+)
+def test_base_url_that_is_not_an_http_url_is_refused_without_echoing_it(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A base URL may carry credentials, and a key pasted into the wrong option is a credential too.
+    assert exits(["--base-url", url]).code == 2
+    assert exits([], {"OPENAI_BASE_URL": url}).code == 2
+    err = capsys.readouterr().err
+    assert "OPENAI_BASE_URL" in err
+    assert url not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [(["--port", "x"], {}), ([], {"LLM_RELAY_PORT": "x"}), (["--provider", "bogus"], {}), (["--rate", "fast"], {}),
+     (["--no-such-option"], {}), (["--trusted-proxy", "not-a-network"], {})],
+    ids=["bad-int", "bad-env", "not-a-choice", "bad-rate", "unknown-option", "bad-network"],
+)  # fmt: skip
+def test_a_bad_option_is_one_line_on_stderr(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exits(argv, env).code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith("python -m server: error: ")
+    assert line.endswith("(see --help)")
+
+
 @pytest.mark.parametrize("value", ["bogus", "Demo", "OPENAI", "", "auto "])
 def test_provider_not_a_choice_on_command_line(value: str) -> None:
     assert exits(["--provider", value]).code == 2
@@ -328,14 +385,61 @@ def test_unknown_option_is_refused() -> None:
         ([], {"OPENAI_API_KEY": "sk-x", "OPENAI_MODEL": "gpt-4.1"}, "openai", "gpt-4.1"),
         (["--model", "mine"], {}, "demo", "mine"),
         (["--provider", "auto"], {"LLM_RELAY_API_KEY": "k"}, "openai", "gpt-4o-mini"),
+        # Ollama and vLLM need no key: a base URL alone is an upstream to relay, never the demo under its name.
+        (["--base-url", "http://localhost:11434/v1", "--model", "llama3"], {}, "openai", "llama3"),
+        ([], {"OPENAI_BASE_URL": "http://localhost:8000/v1"}, "openai", "gpt-4o-mini"),
+        ([], {"LLM_RELAY_BASE_URL": "http://localhost:8000/v1", "OPENAI_MODEL": "qwen"}, "openai", "qwen"),
+        (["--provider", "demo", "--base-url", "http://localhost:11434/v1"], {}, "demo", DEMO_MODEL),
     ],
     ids=["nothing", "env-key", "cli-key", "empty-env-key", "empty-cli-key", "demo-despite-key", "openai-no-key",
-         "model-from-env", "model-for-demo", "auto-explicit"],
+         "model-from-env", "model-for-demo", "auto-explicit", "base-url-only", "env-base-url-only",
+         "relay-base-url-only", "demo-despite-base-url"],
 )  # fmt: skip
 def test_resolved_provider_and_model(argv: list[str], env: dict[str, str], provider: str, model: str) -> None:
     config = load_config(argv, env)
     assert config.resolved_provider == provider
     assert config.resolved_model == model
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://localhost:11434/v1", "http://localhost:11434/v1"),
+        ("https://user:s3cret@example.com/v1", "https://example.com/v1"),
+        ("https://:s3cret@example.com:8443/v1?api-key=s3cret#s3cret", "https://example.com:8443/v1"),
+        ("http://[::1]:8000/v1", "http://[::1]:8000/v1"),
+        ("http://example.com:port/v1", "(not a valid URL)"),
+    ],
+    ids=["plain", "userinfo", "everything", "ipv6", "unparsable"],
+)
+def test_public_url_drops_what_can_carry_a_credential(url: str, shown: str) -> None:
+    assert public_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([],
+         f"provider demo (the built-in simulated model: no --base-url or --api-key configured), model {DEMO_MODEL}"),
+        (["--provider", "demo", "--api-key", "sk-s3cret"],
+         "provider demo (the built-in simulated model: --provider demo), model " + DEMO_MODEL),
+        (["--base-url", "http://localhost:11434/v1", "--model", "llama3"],
+         "provider openai, upstream http://localhost:11434/v1 without an API key, model llama3"),
+        (["--api-key", "sk-s3cret"],
+         "provider openai, upstream https://api.openai.com/v1 (the openai default) with an API key, model gpt-4o-mini"),
+    ],
+    ids=["demo", "demo-chosen", "base-url", "key"],
+)  # fmt: skip
+def test_describe_source_names_provider_upstream_and_model(argv: list[str], expected: str) -> None:
+    text = describe_source(load_config(argv, {}))
+    assert text == expected
+    assert "s3cret" not in text
+
+
+def test_doctests() -> None:
+    failures, tried = doctest.testmod(server.config)
+    assert tried > 0
+    assert failures == 0
 
 
 def test_with_changes_returns_a_new_config() -> None:

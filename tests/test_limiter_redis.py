@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from server.admission import Admission
 from server.app import create_app, create_relay_app
 from server.chat_request import ChatRequest
-from server.config import Config
+from server.config import Config, ConfigError
 from server.errors import Overloaded, RateLimited
 from server.events import Delta, Done, Event
 from server.limiter import LocalAdmission, LocalLimiter, RedisLimiter, build_limiter
@@ -351,3 +351,15 @@ async def test_build_limiter_with_redis() -> None:
     assert math.isclose(opened.policy.rate, 2.0)
     for limiter in (opened, closed):
         await limiter.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:6379/0", "127.0.0.1:6379", "redis://:s3cret/x@127.0.0.1:6379/0", "redis://host:s3cret/0"],
+    ids=["http", "no-scheme", "unencoded-slash-in-password", "bad-port"],
+)
+def test_a_bad_redis_url_is_a_config_error_that_quotes_none_of_it(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^--redis-url is not a Redis URL:") as info:
+        build_limiter(Config(redis_url=url))
+    assert "s3cret" not in str(info.value)
+    assert "127.0.0.1" not in str(info.value)

@@ -1,9 +1,9 @@
-"""``python -m server`` as a real process: it starts on its defaults, serves, and shuts down gracefully on SIGTERM."""
+"""``python -m server`` as a real process: it starts on its defaults, serves, and shuts down gracefully on SIGTERM;
+it listens with its backlog, relays the upstream it is given, and a startup error is one line and exit status 2."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
@@ -13,44 +13,24 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from .wire import ndjson_objects, sse_events
+from server.backlog import read_kernel_limit
 
-ROOT = Path(__file__).resolve().parents[1]
+from .fake_upstream import FakeUpstream
+from .processes import ROOT, clean_env, free_port, listen_backlog, needs_ss, running_server, start_server, wait_up
+from .wire import ndjson_objects, sse_events, sse_text
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _wait_up(base: str, http: aiohttp.ClientSession) -> None:
-    for _ in range(200):
-        try:
-            async with http.get(f"{base}/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            await asyncio.sleep(0.05)
-    raise AssertionError("the server did not start")
+SOMAXCONN = read_kernel_limit()
 
 
 async def test_sigterm_ends_open_streams_in_band_and_exits_within_the_grace_period(tmp_path: Path) -> None:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
-    log = (tmp_path / "stderr").open("wb")
-    proc = subprocess.Popen(  # noqa: ASYNC220 - started once; the test then talks to it over sockets
-        [sys.executable, "-m", "server", "--port", str(port), "--demo-delay", "0.05", "--shutdown-grace", "3"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
+    port = free_port()
+    proc = start_server(port, "--demo-delay", "0.05", "--shutdown-grace", "3", stderr=tmp_path / "stderr")
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            await _wait_up(base, http)
+            await wait_up(base, http)
             async with http.get(f"{base}/healthz") as resp:
                 assert (await resp.json())["provider"] == "demo"  # the embedded default, no key needed
             sse = await http.get(f"{base}/api/chat", params={"prompt": "x"})
@@ -67,7 +47,6 @@ async def test_sigterm_ends_open_streams_in_band_and_exits_within_the_grace_peri
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        log.close()
     assert code == 0
     assert took < 3 + 2  # the grace period, plus interpreter exit
     # The reconnection hint is jittered per stream, between the configured hint and twice it.
@@ -95,3 +74,97 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
         assert option in out
         assert "LLM_RELAY_" + option[2:].upper().replace("-", "_") in out.replace("\n", "").replace(" ", "")
     assert "OPENAI_API_KEY" in out
+
+
+# -- listening, upstream, startup errors ----------------------------------------------------------------------------
+
+
+@needs_ss
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], min(4096, SOMAXCONN or 4096)), (["--backlog", "1000"], 1000)],
+    ids=["default", "option"],
+)
+async def test_listens_with_the_backlog(tmp_path: Path, argv: list[str], expected: int) -> None:
+    async with running_server(tmp_path, *argv) as server:
+        assert listen_backlog(server.port) == expected
+    assert f"(backlog {expected})" in server.stderr.read_text()
+    assert "capped" not in server.stderr.read_text()
+
+
+@needs_ss
+@pytest.mark.skipif(SOMAXCONN is None or SOMAXCONN >= 65535, reason="needs a readable somaxconn below 65535")
+async def test_a_backlog_above_the_kernels_limit_is_capped_and_logged(tmp_path: Path) -> None:
+    async with running_server(tmp_path, "--backlog", "65535") as server:
+        assert listen_backlog(server.port) == SOMAXCONN
+    text = server.stderr.read_text()
+    assert f"listen backlog 65535 capped to {SOMAXCONN} by the kernel (/proc/sys/net/core/somaxconn)" in text
+    assert f"(backlog {SOMAXCONN})" in text
+
+
+async def test_a_base_url_without_an_api_key_relays_that_upstream(tmp_path: Path, fake_upstream: FakeUpstream) -> None:
+    # Ollama and vLLM need no key.
+    argv = ("--base-url", fake_upstream.url, "--model", "fake-model", "--limits", "false", "--heartbeat", "0")
+    async with running_server(tmp_path, *argv) as server, aiohttp.ClientSession() as http:
+        async with http.get(f"{server.base}/healthz") as resp:
+            assert (await resp.json())["provider"] == "openai"
+        async with http.get(f"{server.base}/api/chat", params={"prompt": "x"}) as resp:
+            assert resp.status == 200
+            body = await resp.read()
+    assert sse_text(body) == "Hello, world!"  # the fake upstream's tokens, not the demo's reply
+    assert fake_upstream.last.body["model"] == "fake-model"
+    [line] = [line for line in server.stderr.read_text().splitlines() if "listening on" in line]
+    assert f"provider openai, upstream {fake_upstream.url} without an API key, model fake-model" in line
+
+
+def _exits(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *argv],
+        cwd=ROOT,
+        env=clean_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess[str], problem: str) -> None:
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("python -m server: error: ")
+    assert problem in line
+    assert done.returncode == 2
+
+
+def test_a_port_in_use_is_one_line_and_status_2() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = _exits(["--port", str(port)])
+    # No startup line either: it is logged once the server listens.
+    _assert_one_line_error(done, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "problem"),
+    [
+        (["--api-keys-file", "{tmp}/absent"], {}, "--api-keys-file {tmp}/absent: No such file or directory"),
+        (["--api-keys-file", "{tmp}"], {}, "--api-keys-file {tmp}: Is a directory"),
+        (["--redis-url", "http://127.0.0.1:6379/0"], {}, "--redis-url is not a Redis URL"),
+        (["--redis-url", "redis://:s3cret/x@127.0.0.1:6379/0"], {}, "--redis-url is not a Redis URL"),
+        (["--port", "x"], {}, "argument --port: invalid int value: 'x'"),
+        (["--backlog", "0"], {}, "argument --backlog: not a listen backlog (1-65535): '0'"),
+        ([], {"LLM_RELAY_BACKLOG": "x"}, "LLM_RELAY_BACKLOG: invalid literal for int()"),
+        (["--base-url", "s3cret"], {}, "argument --base-url: not an http:// or https:// URL"),
+        (["--base-url", "http://relay:s3cret@127.0.0.1:1/v1"], {}, "--base-url: must not carry user:password@"),
+    ],
+    ids=["keys-file-missing", "keys-file-a-directory", "redis-url-scheme", "redis-url-unencoded", "bad-int",
+         "bad-backlog", "bad-env", "bad-base-url", "base-url-credentials"],
+)  # fmt: skip
+def test_a_startup_error_is_one_line_and_status_2(
+    tmp_path: Path, argv: list[str], env: dict[str, str], problem: str
+) -> None:
+    done = _exits(["--port", "0", *(arg.format(tmp=tmp_path) for arg in argv)], env)
+    _assert_one_line_error(done, problem.format(tmp=tmp_path))
+    assert "s3cret" not in done.stderr
