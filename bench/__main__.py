@@ -4,6 +4,7 @@ python -m bench                         # everything, 3 interleaved repeats (abo
 python -m bench --quick                 # a smoke run with small sizes (about 2 minutes)
 python -m bench --scenarios throughput,paced --repeats 5
 python -m bench --scenarios storm       # the reconnect storm alone (about a minute)
+python -m bench --scenarios relay,resume --baseline 00c4d06 --targets none --no-what-if   # A/B of our own code
 python -m bench --targets aiohttp,starlette --no-uvloop
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from bench import report, runner, scenarios
 
-SCENARIOS = ("client", "throughput", "paced", "idle", "relay", "storm")
+SCENARIOS = ("client", "throughput", "paced", "idle", "relay", "storm", "resume")
 RESULTS = runner.ROOT / "bench" / "results"
 _VERSIONS = ("aiohttp", "uvloop", "openai", "aiohttp-sse", "sse-starlette", "uvicorn", "fastapi", "flask", "gunicorn")
 
@@ -39,7 +40,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)} (relay = disconnects and full relay; storm = "
-        "every client connecting at once after a restart)",
+        "every client connecting at once after a restart; resume = replays of ended streams and their memory)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default="",
+        help="also run ours from REV's server/ package (target ours@<commit>) in the full relay, beside ours",
     )
     parser.add_argument("--targets", default="", help="comma-separated name fragments of peers to run (ours always)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per measurement")
@@ -125,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     if "idle" in chosen and limit < plan.idle_connections + 1000:
         raise SystemExit(f"{plan.idle_connections} idle streams need more file descriptors than the limit {limit}")
     tokens = runner.prepare()
+    if args.baseline:
+        commit, root = runner.export_server(args.baseline)
+        plan = dataclasses.replace(plan, baseline=commit, baseline_root=str(root))
     started = time.monotonic()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         "idle": lambda: scenarios.capacity(plan, log),
         "relay": lambda: scenarios.relay(plan, tokens, log),
         "storm": lambda: scenarios.storm(plan, log),
+        "resume": lambda: scenarios.resume(plan, log),
     }
     for name in SCENARIOS:
         if name in chosen:

@@ -20,6 +20,10 @@ Modes (`Spec.mode`):
 * ``storm``: a reconnect storm, as after a server restart: every connection is started in one tight loop (no
   gate), each sends its request as soon as it is connected and leaves at its first frame; reports the first frames'
   times from the start of the storm and how many connection attempts the kernel dropped (listen overflows).
+* ``resume``: create `connections` resumable streams (``path``, read whole, one at a time) and report how much
+  the server's retained logs (``/healthz``) and memory grew per stream; then `replays` reconnecting readers, one
+  at a time on new connections, each replaying one of them from its start (``/api/streams/{id}?after=0``): the
+  time from sending the request to the body's last byte, checked to hold every event.
 
 Server CPU and memory are read from /proc at the window's edges by this process, so they line up with its clock.
 """
@@ -63,6 +67,7 @@ class Spec:
     upstream_port: int = 0  # leave: the fake upstream to ask when it saw each leaver's request closed
     close_wait: float = 3.0  # leave: how long after the last leaver left to wait for the upstream closes
     leave_spread: float = 1.0  # leave: seconds over which the leavers' requests arrive
+    replays: int = 0  # resume: reconnecting readers, one after another
     server_pid: int = 0
     connect_concurrency: int = 100
     deadline: float = 120.0  # hard cap on the whole run
@@ -612,6 +617,103 @@ async def _storm(run: Run) -> dict[str, Any]:
     }
 
 
+_LAST_CHUNK = b"\r\n0\r\n\r\n"  # the previous chunk's end, then the last chunk and an empty trailer
+
+
+class _Fetch(asyncio.Protocol):
+    """One request on a new connection, sent as soon as it is connected; notes when the last chunk of a chunked
+    body arrives. Only the time is taken as data arrives: the response is parsed afterwards (`_chunked`)."""
+
+    def __init__(self, request: bytes, done: asyncio.Future[None]) -> None:
+        self.request = request
+        self.done = done
+        self.parts: list[bytes] = []
+        self.tail = b""
+        self.sent_at = 0.0
+        self.ended_at = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.sent_at = time.monotonic()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self.parts.append(data)
+        self.tail = (self.tail + data)[-len(_LAST_CHUNK) :]
+        if self.tail == _LAST_CHUNK and not self.done.done():
+            self.ended_at = now
+            self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _chunked(raw: bytes) -> tuple[bytes, bytes]:
+    """The head (lower-cased) and the de-chunked body of a whole chunked response; ValueError if it is not one."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        raise ValueError(raw[:300])
+    body = bytearray()
+    pos = 0
+    while size := int(rest[pos : rest.index(b"\r\n", pos)], 16):
+        start = rest.index(b"\r\n", pos) + 2
+        body += rest[start : start + size]
+        pos = start + size + 2
+    return head.lower(), bytes(body)
+
+
+async def _fetch(spec: Spec, path: str, frames: int) -> tuple[float, bytes]:
+    """GET `path` as SSE on a new connection: the seconds from sending the request to the body's last byte, and
+    the response head. Raises unless the answer is a 200 with `frames` SSE blocks."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nUser-Agent: bench\r\n\r\n"
+    _, fetch = await loop.create_connection(lambda: _Fetch(request.encode(), done), "127.0.0.1", spec.port)
+    try:
+        await asyncio.wait_for(done, timeout=10)
+    finally:
+        if fetch.transport is not None:
+            fetch.transport.abort()  # RST: no TIME_WAIT left behind
+    raw = b"".join(fetch.parts)
+    head, body = _chunked(raw)
+    if not head.startswith(b"http/1.1 200") or not fetch.ended_at or body.count(b"\n\n") != frames:
+        raise RuntimeError(f"{path}: expected a 200 with {frames} SSE blocks, got {raw[:300]!r}")
+    return fetch.ended_at - fetch.sent_at, head
+
+
+async def _resume(run: Run) -> dict[str, Any]:
+    spec = run.spec
+    before, rss_before = await _get_json(spec.port, "/healthz"), rss_bytes(run.pids)
+    ids: list[str] = []
+    for index in range(spec.connections):
+        # A resumable stream opens with `event: stream`, then its tokens and `done`.
+        _, head = await _fetch(spec, spec.path.replace("{i}", str(index)), spec.tokens + 2)
+        ids.append(head.split(b"x-stream-id: ", 1)[1].split(b"\r\n", 1)[0].decode())
+    after, rss_after = await _get_json(spec.port, "/healthz"), rss_bytes(run.pids)
+    retained = after["retained_streams"] - before["retained_streams"]
+    cpu_before = cpu_seconds(run.pids)
+    times = [
+        (await _fetch(spec, f"/api/streams/{ids[k % len(ids)]}?after=0", spec.tokens + 1))[0]
+        for k in range(spec.replays)
+    ]
+    cpu = cpu_seconds(run.pids) - cpu_before
+    return {
+        "streams": spec.connections,
+        "events_per_stream": spec.tokens + 1,
+        "retained_added": retained,
+        "log_bytes_per_stream": (after["log_bytes"] - before["log_bytes"]) / retained if retained else None,
+        "rss_bytes_per_stream": (rss_after - rss_before) / max(1, spec.connections),
+        "replays": len(times),
+        "replay_p50": _percentile(times, 50),
+        "replay_p99": _percentile(times, 99),
+        "replay_max": max(times, default=None),
+        "replay_server_cpu_us": 1e6 * cpu / len(times) if times else None,
+    }
+
+
 async def run_spec(spec: Spec) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     run = Run(spec=spec, loop=loop, pids=process_tree(spec.server_pid) if spec.server_pid else [])
@@ -625,6 +727,8 @@ async def run_spec(spec: Spec) -> dict[str, Any]:
         result = await _idle(run)
     elif spec.mode == "storm":
         result = await _storm(run)
+    elif spec.mode == "resume":
+        result = await _resume(run)
     else:
         raise ValueError(f"unknown mode {spec.mode!r}")
     result.update(

@@ -19,9 +19,11 @@ import types
 from pathlib import Path
 
 ENV = "BENCH_PROBE_DIR"
-# Code of ours (server/) and of the peers (bench/peers/): the only generators a disconnect can strand.
+# Code of ours (server/, or a baseline's under BENCH_SERVER_ROOT) and of the peers (bench/peers/): the only
+# generators a disconnect can strand.
 _ROOT = Path(__file__).resolve().parent.parent
-_WATCHED = (f"{_ROOT / 'server'}{os.sep}", f"{_ROOT / 'bench' / 'peers'}{os.sep}")
+_SERVER = Path(os.environ.get("BENCH_SERVER_ROOT") or _ROOT).resolve() / "server"
+_WATCHED = (f"{_SERVER}{os.sep}", f"{_ROOT / 'bench' / 'peers'}{os.sep}")
 
 
 def socket_path(directory: str | Path, pid: int) -> str:

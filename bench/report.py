@@ -216,6 +216,56 @@ def checks(rows: list[Row], plan: dict[str, Any]) -> list[Check]:
             "{ms:.0f} ms",
         )
     )
+    if plan.get("baseline"):
+        out += _baseline_checks(rows, t.baseline_name(plan["baseline"]), level)
+    if _select(rows, "resume"):
+        out += _resume_checks(rows, max(plan["resume_tokens"]))
+    return out
+
+
+def _baseline_checks(rows: list[Row], base: str, level: int) -> list[Check]:
+    """The core rebuild's criteria: ours against the baseline's medians in the same run (paced relay)."""
+    out = []
+    for metric, goal, limit, unit, scale in (
+        ("server_cpu_us_per_frame", "CPU per relayed token", 1.15, "µs", 1),
+        ("ttff_p50", "time to first token p50", 1.0, "ms", 1000),
+        ("ttff_p99", "time to first token p99", 1.0, "ms", 1000),
+    ):
+        mine = stat(rows, "relay-paced", metric, target=t.OURS.name).median
+        theirs = stat(rows, "relay-paced", metric, target=base).median
+        out.append(
+            _check(
+                f"{level} relayed streams: {goal} ≤ {limit:.2f}x {base}",
+                mine / theirs if mine is not None and theirs else None,
+                lambda v, limit=limit: v <= limit,
+                f"{_num(mine, 1, scale)} / {_num(theirs, 1, scale)} {unit} = {{v:.2f}}x",
+            )
+        )
+    return out
+
+
+def _resume_checks(rows: list[Row], tokens: int) -> list[Check]:
+    events = tokens + 1  # the tokens and the done event
+    out = []
+    for metric in ("replay_p50", "replay_p99"):
+        out.append(
+            _check(
+                f"replaying {events:,} logged events to a reconnecting reader: {metric[-3:]} < 5 ms",
+                stat(rows, "resume", metric, level=tokens).median,
+                lambda v: v < 0.005,
+                "{ms:.2f} ms",
+            )
+        )
+    log_bytes = stat(rows, "resume", "log_bytes_per_stream", level=tokens).median
+    rss = stat(rows, "resume", "rss_bytes_per_stream", level=tokens).median
+    out.append(
+        _check(
+            f"log memory per stream reported ({tokens:,}-token reply)",
+            log_bytes,
+            lambda v: True,
+            f"{{v:,.0f}} B estimated (/healthz), {_num(rss, 0, 1 / 1024)} KiB RSS per retained stream",
+        )
+    )
     return out
 
 
@@ -479,6 +529,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
             ],
             body,
         )
+        if plan.get("baseline"):
+            lines += _baseline_table(rows, t.baseline_name(plan["baseline"]))
     if _select(rows, "storm"):
         lines += [
             "",
@@ -509,8 +561,103 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
             ["server", "first frames / clients", "listen overflows", "first frame p50 / p99 ms", "first frame max ms"],
             body,
         )
+    if _select(rows, "resume"):
+        lines += _resume_section(rows, plan)
     lines.append("")
     return "\n".join(lines)
+
+
+def _paired(rows: list[Row], scenario: str, metric: str, base: str) -> Stat:
+    """Ours over the baseline, repeat by repeat (the two ran back to back in each repeat)."""
+    theirs = {r["repeat"]: r.get(metric) for r in _select(rows, scenario, target=base)}
+    return Stat.of(
+        r[metric] / theirs[r["repeat"]]
+        for r in _select(rows, scenario, target=t.OURS.name)
+        if r.get(metric) is not None and theirs.get(r["repeat"])
+    )
+
+
+def _baseline_table(rows: list[Row], base: str) -> list[str]:
+    lines = [
+        "",
+        f"### {t.OURS.name} against {base} (our server from that commit's server/, same options, same run)",
+        "",
+        "Ratios: ours over the baseline, of the medians, and repeat by repeat (each repeat ran the two back to back). "
+        "Core 0 shared: CPU time of other processes on the server's core during the window.",
+        "",
+    ]
+    body = []
+    for scenario, metric, label, digits, scale in (
+        ("relay-fast", "server_cpu_us_per_frame", "fast: CPU-µs per token", 1, 1),
+        ("relay-paced", "server_cpu_us_per_frame", "paced: CPU-µs per token", 1, 1),
+        ("relay-paced", "ttff_p50", "paced: first token p50 ms", 1, 1000),
+        ("relay-paced", "ttff_p99", "paced: first token p99 ms", 1, 1000),
+        ("relay-paced", "lag_p99", "paced: delivery lag p99 ms", 1, 1000),
+        ("relay-paced", "stretch_p50", "paced: cadence stretch p50", 3, 1),
+        ("relay-paced", "server_cpu_percent", "paced: server CPU %", 0, 1),
+        ("relay-paced", "core0_other_percent", "paced: core 0 shared %", 0, 1),
+    ):
+        mine = stat(rows, scenario, metric, target=t.OURS.name)
+        theirs = stat(rows, scenario, metric, target=base)
+        body.append(
+            [
+                label,
+                cell(mine, digits, scale),
+                cell(theirs, digits, scale),
+                ratio(mine.median, theirs.median),
+                cell(_paired(rows, scenario, metric, base), 2, unit="x"),
+            ]
+        )
+    return lines + _table(["", t.OURS.name, base, "ratio of medians", "ratio per repeat"], body)
+
+
+def _resume_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## 7. Resume: reconnecting readers replay an ended stream; what a retained stream costs",
+        "",
+        f"Ours only, relaying the fake upstream (the payload's tokens repeated for long replies). Per size and "
+        f"repeat, {plan['resume_streams']} streams opt in to resume (`resume=1`) and are read whole, one at a time; "
+        f"then {plan['resume_replays']} reconnecting readers, one at a time, each on a new connection, replay one "
+        f"from its start (`GET /api/streams/{{id}}?after=0`, SSE). Replay: from sending the request to the last "
+        f"byte of the body (checked to hold every event). Log: the growth of `/healthz`'s `log_bytes` over the "
+        f"growth of `retained_streams` (the relay's own estimate); RSS: the server's VmRSS growth over the streams "
+        f"created.",
+        "",
+    ]
+    body = []
+    for tokens in plan["resume_tokens"]:
+
+        def s(metric: str, tokens: int = tokens) -> Stat:
+            return stat(rows, "resume", metric, level=tokens)
+
+        events = tokens + 1
+        log_bytes, rss = s("log_bytes_per_stream"), s("rss_bytes_per_stream")
+        body.append(
+            [
+                f"{tokens:,} tokens ({events:,} events)",
+                cell(s("replay_p50"), 2, 1000) + " / " + cell(s("replay_p99"), 2, 1000),
+                cell(s("replay_max"), 2, 1000),
+                cell(s("replay_server_cpu_us")),
+                cell(log_bytes),
+                _num(log_bytes.median and log_bytes.median / events),
+                cell(rss, 1, 1 / 1024),
+                _num(rss.median and rss.median / events),
+            ]
+        )
+    return lines + _table(
+        [
+            "reply",
+            "replay p50 / p99 ms",
+            "replay max ms",
+            "server CPU-µs per replay",
+            "log bytes per stream",
+            "per event",
+            "RSS KiB per stream",
+            "RSS bytes per event",
+        ],
+        body,
+    )
 
 
 def write(rows: list[Row], meta: dict[str, Any], directory: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +43,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def environment(upstream: str, uvloop: bool) -> dict[str, str]:
+def environment(upstream: str, uvloop: bool, server_root: str = "") -> dict[str, str]:
+    """`server_root`: a directory whose server/ package the process imports instead of the working tree's."""
     env = dict(os.environ)
     env.update(
         BENCH_PAYLOAD=str(WORK / "payload.json"),
@@ -53,7 +55,29 @@ def environment(upstream: str, uvloop: bool) -> dict[str, str]:
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",
     )
+    if server_root:
+        # `python -m` puts the working directory (ROOT, with its own server/) first on sys.path; PYTHONSAFEPATH
+        # leaves it out, so the exported package, first on PYTHONPATH, is the one imported. bench.ours checks.
+        env.update(BENCH_SERVER_ROOT=server_root, PYTHONPATH=f"{server_root}{os.pathsep}{ROOT}", PYTHONSAFEPATH="1")
     return env
+
+
+def export_server(rev: str) -> tuple[str, Path]:
+    """Export `rev`'s server/ package (and web/, which server/page.py finds beside it) to
+    bench/.work/baseline-<commit>/; returns the short commit and that root."""
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short", f"{rev}^{{commit}}").decode().strip()
+    except subprocess.CalledProcessError:
+        raise SystemExit(f"--baseline: {rev!r} is not a commit of this repository") from None
+    root = WORK / f"baseline-{commit}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(root)], input=git("archive", commit, "server", "web"), check=True)
+    return commit, root
 
 
 def prepare() -> list[str]:

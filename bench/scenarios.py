@@ -1,5 +1,5 @@
-"""The five scenarios of issue 6, the reconnect storm of issue 12, and the load client's own ceiling. Each returns
-flat result rows.
+"""The five scenarios of issue 6, the reconnect storm of issue 12, resuming, and the load client's own ceiling.
+Each returns flat result rows.
 
 Repeats are interleaved (repeat 1 of every target and size, then repeat 2, ...) so that a noisy moment on this
 shared machine hurts every target a little rather than one target a lot. Servers are started once per scenario
@@ -56,6 +56,12 @@ class Plan:
     storm_deadline: float = 60.0
     what_if: bool = True  # also measure bench.whatif's proposals in the full-relay scenario
     targets: tuple[str, ...] = field(default_factory=tuple)  # names to run; empty: all
+    # --baseline: ours from another commit's server/ (exported under baseline_root), in the full-relay scenario.
+    baseline: str = ""
+    baseline_root: str = ""
+    resume_tokens: tuple[int, ...] = (200, 1000)  # reply sizes of the retained streams; replays of each
+    resume_streams: int = 200  # retained streams created per size and repeat (the memory per stream)
+    resume_replays: int = 200  # reconnecting readers per size and repeat, one at a time (the replay latency)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -73,6 +79,8 @@ class Plan:
             relay_paced_streams=100,
             close_wait=2.0,
             storm_connections=500,
+            resume_streams=50,
+            resume_replays=50,
         )
 
     def selected(self, candidates: Sequence[t.Target]) -> list[t.Target]:
@@ -85,12 +93,12 @@ class Plan:
 def servers(
     chosen: Sequence[t.Target], scenario: str, plan: Plan, *, upstream: str = "", threads: int = 1000
 ) -> Iterator[dict[str, Server]]:
-    env = environment(upstream, plan.uvloop)
     started: dict[str, Server] = {}
     try:
         for target in chosen:
             port = free_port()
             args = target.command(port, scenario, upstream=upstream, uvloop=plan.uvloop, threads=threads)
+            env = environment(upstream, plan.uvloop, target.server_root)
             started[target.name] = Server(target.name, args, port, env)
         for server in started.values():
             server.wait_listening()
@@ -300,32 +308,38 @@ def _relay_prompt(n: int, delay: float, first: float = 0.0, ident: str = "") -> 
     return f"{prompt} id={ident}" if ident else prompt
 
 
-def relay(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
-    """Scenarios 4 and 5: everything that goes through the fake upstream and the openai client."""
-    relays = [c for c in plan.selected((t.OURS, *t.PEERS)) if c.relays]
-    proposals = list(t.WHAT_IF) if plan.what_if else []
-    rows: list[Row] = []
-    upstream_port = free_port()
+@contextmanager
+def fake_upstream(plan: Plan) -> Iterator[tuple[int, str]]:
+    """The fake OpenAI-compatible upstream on the client's core: its port and its base URL."""
+    port = free_port()
     upstream = Server(
-        "fake upstream",
-        ["-m", "bench.upstream", "--port", str(upstream_port)],
-        upstream_port,
-        environment("", plan.uvloop),
-        core=CLIENT_CORE,
+        "fake upstream", ["-m", "bench.upstream", "--port", str(port)], port, environment("", plan.uvloop), CLIENT_CORE
     )
     try:
         upstream.wait_listening()
-        url = f"http://127.0.0.1:{upstream_port}/v1"
+        yield port, f"http://127.0.0.1:{port}/v1"
+    finally:
+        upstream.stop()
+
+
+def relay(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
+    """Scenarios 4 and 5: everything that goes through the fake upstream and the openai client."""
+    relays = [c for c in plan.selected((t.OURS, *t.PEERS)) if c.relays]
+    baselines = [t.baseline(plan.baseline, plan.baseline_root)] if plan.baseline else []
+    # The baseline runs right after ours (the first of `relays`), so the two sides of the A/B run back to back.
+    measured = [*relays[:1], *baselines, *relays[1:], *(t.WHAT_IF if plan.what_if else ())]
+    rows: list[Row] = []
+    with fake_upstream(plan) as (upstream_port, url):
         threads = max(plan.relay_paced_streams, plan.disconnect_load + plan.leavers, plan.relay_connections)
-        with servers(relays + proposals, "relay", plan, upstream=url, threads=threads) as running:
+        with servers(measured, "relay", plan, upstream=url, threads=threads) as running:
             n_fast = plan.relay_tokens
-            for target in relays + proposals:
+            for target in measured:
                 path = target.relay_path(_relay_prompt(n_fast, 0))
                 check_payload(running[target.name], target, path, tokens[:n_fast])
             for repeat in range(plan.repeats):
-                for target in relays + proposals:
+                for target in measured:
                     rows.append(_relay_fast(plan, target, running[target.name], repeat, log))
-                for target in relays + proposals:
+                for target in measured:
                     # 500 relayed streams are several cores' work for every peer: like the heavy paced sizes,
                     # one repeat of those; ours and the what-ifs, which the targets are about, get every repeat.
                     if target.kind == "peer" and repeat >= plan.heavy_repeats:
@@ -343,8 +357,6 @@ def relay(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
                     )
                     for case in cases:
                         rows.append(_disconnects(plan, target, running, case, repeat, upstream_port, url, log))
-    finally:
-        upstream.stop()
     return rows
 
 
@@ -452,7 +464,8 @@ def _disconnects(
             uvloop=plan.uvloop,
             threads=max(plan.disconnect_load + plan.leavers, plan.relay_paced_streams),
         )
-        running[target.name] = Server(target.name, args, server.port, environment(upstream_url, plan.uvloop))
+        env = environment(upstream_url, plan.uvloop, target.server_root)
+        running[target.name] = Server(target.name, args, server.port, env)
         running[target.name].wait_listening()
     level = plan.leavers
     return {
@@ -465,6 +478,39 @@ def _disconnects(
         **result,
         **leftover,
     }
+
+
+def resume(plan: Plan, log: Log) -> list[Row]:
+    """Ours only: ended streams retained for resuming (their memory), and reconnecting readers replaying one from
+    its start (``GET /api/streams/{id}?after=0``, SSE), one at a time. Relayed from the fake upstream, which
+    repeats the payload's tokens for replies longer than it."""
+    rows: list[Row] = []
+    with fake_upstream(plan) as (_, url), servers([t.OURS], "resume", plan, upstream=url) as running:
+        server = running[t.OURS.name]
+
+        def spec(tokens: int, streams: int, replays: int) -> Spec:
+            return Spec(
+                port=server.port,
+                path=t.OURS.relay_path(_relay_prompt(tokens, 0)) + "&resume=1",
+                mode="resume",
+                tokens=tokens,
+                connections=streams,
+                replays=replays,
+                server_pid=server.pid,
+            )
+
+        # Warm up (lazy imports, first-request caches), so that what grows afterwards is the streams' own.
+        run_client(spec(max(plan.resume_tokens), 20, 20))
+        for repeat in range(plan.repeats):
+            for tokens in plan.resume_tokens:
+                result = run_client(spec(tokens, plan.resume_streams, plan.resume_replays))
+                log(
+                    f"resume {tokens} tokens: replay p50 {1000 * result['replay_p50']:.2f} ms, "
+                    f"p99 {1000 * result['replay_p99']:.2f} ms; log {result['log_bytes_per_stream']:,.0f} B and "
+                    f"RSS {result['rss_bytes_per_stream']:,.0f} B per retained stream"
+                )
+                rows.append({"scenario": "resume", "target": t.OURS.name, "level": tokens, "repeat": repeat, **result})
+    return rows
 
 
 def _get(port: int, path: str) -> Any:

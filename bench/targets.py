@@ -2,7 +2,8 @@
 
 Ours runs through `bench.ours` (our real ``python -m server`` entry point plus the probe); every peer is a module
 of `bench.peers`. Each server is started fresh for a scenario, because ours takes its demo pace and provider from
-the command line, and is kept for all of that scenario's sizes and repeats.
+the command line, and is kept for all of that scenario's sizes and repeats. A baseline (``--baseline REV``) is ours
+run the same way from another revision's ``server/`` package, exported by `bench.runner.export_server`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Target:
     idles: bool = True  # has a heartbeat-only route
     variant: str = ""  # ours only: a what-if of bench.whatif
     options: tuple[str, ...] = ()  # ours only: options added to the scenario's own
+    server_root: str = ""  # ours only: a directory holding the server/ package to run instead of the working tree's
 
     def command(self, port: int, scenario: str, *, upstream: str, uvloop: bool, threads: int) -> list[str]:
         if self.kind == "ours":
@@ -103,7 +105,9 @@ def ours_arguments(scenario: str, upstream: str, uvloop: bool) -> list[str]:
             "--total-timeout",
             "0",
         ]
-    if scenario == "relay":
+    if scenario in ("relay", "resume"):
+        # resume: ended streams stay resumable for the whole scenario (the retention is 60 s by default).
+        retention = ["--stream-retention", "3600"] if scenario == "resume" else []
         return [
             *common,
             "--provider",
@@ -116,6 +120,7 @@ def ours_arguments(scenario: str, upstream: str, uvloop: bool) -> list[str]:
             "fake-model",
             "--heartbeat",
             "0",
+            *retention,
         ]
     raise ValueError(f"unknown scenario {scenario!r}")
 
@@ -133,5 +138,16 @@ PEERS = (
     Target("Flask/gunicorn gthread", "peer", "gunicorn"),
 )
 ALL = (OURS, *PEERS, CEILING)
+
+
+def baseline(commit: str, server_root: str) -> Target:
+    """Ours as of `commit` (its server/ exported under `server_root`): the A side of an A/B of our own code."""
+    return Target(baseline_name(commit), "ours", "bench.ours", server_root=server_root)
+
+
+def baseline_name(commit: str) -> str:
+    return f"ours@{commit}"
+
+
 # Measured proposals for server/ (see bench.whatif), shown beside ours in the full-relay tables only.
 WHAT_IF = (Target("what-if: llm-relay + aiohttp provider", "ours", "bench.ours", variant="aiohttp-provider"),)

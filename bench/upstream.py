@@ -6,21 +6,24 @@ core 1 with the load client (tests/fake_upstream.py, on aiohttp, would cost more
 
 The reply is chosen by the prompt, so one upstream serves every relay scenario through relays that were started
 once: ``"n=50 d=0.02 f=0 id=track7"`` asks for 50 tokens, 20 ms apart, the first one ``f`` seconds after the
-role chunk. For a request whose ``id`` starts with ``track`` it records when the request started, when the relay
-closed the connection before the reply was complete, and when the reply completed (the disconnect scenario).
-``GET /stats`` returns those records as JSON; ``POST /reset`` forgets them.
+role chunk; a reply longer than the payload repeats its tokens (up to `MAX_TOKENS`). For a request whose ``id``
+starts with ``track`` it records when the request started, when the relay closed the connection before the reply
+was complete, and when the reply completed (the disconnect scenario). ``GET /stats`` returns those records as JSON;
+``POST /reset`` forgets them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 from typing import Any, cast
 
 from bench.payload import tokens as payload_tokens
 
+MAX_TOKENS = 4096
 _SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
     b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -49,7 +52,7 @@ class Reply:
 
     def __init__(self, tokens: list[str]) -> None:
         self.first = _SSE_HEAD + _event(_chunk({"role": "assistant", "content": ""}))
-        self.tokens = [_event(_chunk({"content": t})) for t in tokens]
+        self.tokens = [_event(_chunk({"content": t})) for t in itertools.islice(itertools.cycle(tokens), MAX_TOKENS)]
         self.finish = _event(_chunk({}, "stop"))
         self.done = _event("[DONE]") + b"0\r\n\r\n"
         self._joined: dict[int, bytes] = {}
