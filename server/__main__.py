@@ -19,6 +19,7 @@ from .app import create_app
 from .backlog import effective_backlog
 from .config import Config, ConfigError, describe_source, load_config, startup_error
 from .gc_tuning import apply_after_startup
+from .state import RELAY
 
 log = logging.getLogger("llm_relay")
 
@@ -62,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         nonlocal listening
         listening = True
         log.info("%s; listening on http://%s:%d/ (backlog %d)", describe_source(config), host, config.port, backlog)
+        # An operator who reaches the relay by a name not listed sees why it answers 421.
+        log.info("Host check: %s", app[RELAY].origin_policy.describe())
 
     try:
         web.run_app(

@@ -119,8 +119,6 @@ def create_relay_app(
     `provider` and `limiter` default to what `config` describes; pass your own to reuse a client.
     """
     origin_policy = OriginPolicy.from_settings(config.public_origins, config.cors_origins)
-    # Once per app: an operator who reaches the relay by a name not listed sees why it answers 421.
-    log.info("Host check: %s", origin_policy.describe())
     api = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
     state = RelayState(
         config=config,

@@ -113,8 +113,11 @@ async def test_a_base_url_without_an_api_key_relays_that_upstream(tmp_path: Path
             body = await resp.read()
     assert sse_text(body) == "Hello, world!"  # the fake upstream's tokens, not the demo's reply
     assert fake_upstream.last.body["model"] == "fake-model"
-    [line] = [line for line in server.stderr.read_text().splitlines() if "listening on" in line]
+    lines = server.stderr.read_text().splitlines()
+    [line] = [line for line in lines if "listening on" in line]
     assert f"provider openai, upstream {fake_upstream.url} without an API key, model fake-model" in line
+    [host_check] = [line for line in lines if "Host check:" in line]  # right after it, once
+    assert lines.index(host_check) == lines.index(line) + 1
 
 
 def _exits(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
