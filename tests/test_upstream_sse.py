@@ -465,3 +465,223 @@ def test_any_content_in_any_chunking(contents: list[str], line_end: bytes, data:
 def test_chunk_json_accepts_what_json_loads_of_bytes_accepts(payload: bytes) -> None:
     expected = json.loads(payload)["choices"][0]["delta"]["content"]
     assert decode([b"data: " + payload + b"\n\ndata: [DONE]\n\n"]) == [Delta(expected), Done()]
+
+
+# --- bounds: what one upstream can make the decoder hold, and do --------------------------------------------------
+
+
+def feed_all(decoder: ChunkStreamDecoder, blob: bytes, piece: int) -> int:
+    """Feed `blob` in pieces of `piece` bytes; the offset of the piece that was refused, -1 if none was."""
+    for at in range(0, len(blob), piece):
+        try:
+            decoder.feed(blob[at : at + piece])
+        except UpstreamProtocolError:
+            return at
+    return -1
+
+
+def test_an_event_of_max_lines_is_accepted() -> None:
+    # Data lines of one event are joined with LF, which JSON reads as whitespace.
+    event = b'data: {"choices":[{"delta":{"content":"x"}}]}\n' + b"data:\n" * (MAX_EVENT_LINES - 1) + b"\n"
+    assert decode([event + DONE]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"data:\n", b"data: x\n", b": comment\n", b"id: 1\n", b"data\n"],
+    ids=["empty-data", "short-data", "comment", "other-field", "data-without-colon"],
+)
+def test_an_event_of_one_line_too_many_is_refused(line: bytes) -> None:
+    # Empty data lines add no bytes: only the line count stops an event made of them.
+    with pytest.raises(UpstreamProtocolError, match="oversized"):
+        decode([X + line * (MAX_EVENT_LINES + 1)])
+    # At the bound, no refusal for size (a block of data lines that is not JSON is a malformed chunk instead).
+    blob = X + line * MAX_EVENT_LINES + b"\n" + DONE
+    if line.startswith(b"data"):
+        with pytest.raises(UpstreamProtocolError, match="malformed"):
+            decode([blob])
+    else:
+        assert decode([blob]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize(
+    ("flood", "bound"),
+    [
+        # 40,000 short data lines (625 KiB) in one event: once froze the event loop for 24 s.
+        (b"data: 0123456789\n" * 40_000, MAX_EVENT_LINES * 17),
+        # 5 MB of empty data lines: no bytes, so the byte bound never tripped; minutes of a frozen loop.
+        (b"data:\n" * (5_000_000 // 6), MAX_EVENT_LINES * 6),
+        # Comment lines, each a block of its own: nothing is an event, the gap bound stops them.
+        (b":\n\n" * (52_000_000 // 3), MAX_GAP_BYTES),
+        # Nothing but line ends (what a gzip bomb of newlines inflates to).
+        (b"\n" * (MAX_GAP_BYTES * 2), MAX_GAP_BYTES),
+        # One line that never ends.
+        (b"data: " + b"x" * (MAX_EVENT_BYTES * 2), MAX_EVENT_BYTES),
+    ],
+    ids=["40k-short-data-lines", "5mb-empty-data-lines", "52mb-comment-blocks", "line-ends", "endless-line"],
+)
+@pytest.mark.parametrize("piece", [16 * 1024, 65_521], ids=["16KiB", "odd"])
+def test_a_flood_is_refused_within_its_bound(flood: bytes, bound: int, piece: int) -> None:
+    decoder = ChunkStreamDecoder()
+    decoder.feed(X)
+    refused_at = feed_all(decoder, flood, piece)
+    assert 0 <= refused_at <= bound + piece
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    line=st.sampled_from([b"data:", b"data: abc", b": c", b"event: e", b""]),
+    line_end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    data=st.data(),
+)
+def test_a_flood_is_refused_whatever_the_chunking(line: bytes, line_end: bytes, data: st.DataObject) -> None:
+    # The running counts are the decoder's only memory of an event: any chunking must give the same refusal (or
+    # the same events), as one read of the whole would.
+    flood = X + (line + line_end) * (MAX_EVENT_LINES + 10)
+    if not line:
+        flood += b"\n" * (MAX_GAP_BYTES + 1)
+    cuts = data.draw(st.lists(st.integers(0, len(flood)), max_size=30))
+    assert decode_until_error(chunked(flood, cuts)) == ([Delta("x")], UpstreamProtocolError)
+
+
+def test_decoding_work_is_linear_in_the_lines_of_an_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A count of work, not a timing: the decoder's size bookkeeping goes through len(), and summing the sizes of
+    # an event's lines again at every line (the quadratic decoder) calls it n²/2 times for n lines. The module's
+    # global `len` is replaced by a counting one (a test-only seam: builtins are looked up through the module).
+    import server.upstream_sse as module
+
+    calls = 0
+
+    def counting_len(obj: Any) -> int:
+        nonlocal calls
+        calls += 1
+        return len(obj)
+
+    monkeypatch.setattr(module, "len", counting_len, raising=False)
+
+    def work(lines: int) -> int:
+        nonlocal calls
+        calls = 0
+        decoder = ChunkStreamDecoder()
+        blob = b"data: 0123456789\n" * lines
+        for at in range(0, len(blob), 4096):
+            decoder.feed(blob[at : at + 4096])
+        return calls
+
+    small, large = work(MAX_EVENT_LINES // 8), work(MAX_EVENT_LINES)
+    assert small > 0
+    assert large <= 8 * small * 1.25  # linear: 8 times the lines, about 8 times the work (quadratic: 64 times)
+
+
+# --- odd endings ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        (b'error: {"code":400,"message":"Incorrect API key provided: sk-secret"}', "(code 400)"),
+        (b'error: {"error":{"code":503,"message":"sk-secret overloaded"}}', "(code 503)"),
+        (b'error:{"code":"400","message":"sk-secret"}', None),
+        (b'error: {"code":99999999999999999999,"message":"sk-secret"}', None),
+        (b'error: {"code":true}', None),
+        (b"error: sk-secret is not valid", None),
+        (b"error", None),
+    ],
+    ids=["llama-cpp", "nested", "code-string", "code-huge", "code-bool", "not-json", "no-value"],
+)
+def test_an_sse_error_field_is_an_upstream_error(field: bytes, message: str | None) -> None:
+    # Older llama.cpp servers: an ``error:`` field (not data), then ``data: [DONE]``. The text is never relayed.
+    blob = X + field + b"\n\n" + DONE
+    events, error = decode_until_error([blob])
+    assert (events, error) == ([Delta("x")], UpstreamError)
+    for chunks in ([blob[i : i + 1] for i in range(len(blob))], [blob[:-1], blob[-1:]]):
+        assert decode_until_error(chunks) == ([Delta("x")], UpstreamError)
+    with pytest.raises(UpstreamError) as info:
+        decode([field + b"\n\n" + DONE])
+    assert type(info.value) is UpstreamError
+    assert "secret" not in info.value.message
+    assert "code" not in info.value.message if message is None else message in info.value.message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"data: [DONE]  ", b"data:[DONE]\t", b"data:  [DONE]", b"data: [DONE]\x0c", b"data: [DONE] \t "],
+    ids=["trailing-spaces", "trailing-tab", "leading-space", "form-feed", "mixed"],
+)
+def test_done_with_whitespace_ends_the_stream(line: bytes) -> None:
+    # The openai package ends a stream on any data that starts with [DONE]; the relay accepts the whitespace.
+    blob = X + line + b"\n\n" + data_line(chunk([choice({"content": "late"})]))
+    assert decode([blob]) == [Delta("x"), Done()]
+    assert decode([blob[i : i + 1] for i in range(len(blob))]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize("payload", [b"[DONE]x", b"[DONE] x", b"x[DONE]"], ids=["suffix", "word", "prefix"])
+def test_done_with_other_text_is_a_protocol_error(payload: bytes) -> None:
+    assert decode_until_error([X + b"data: " + payload + b"\n\n"]) == ([Delta("x")], UpstreamProtocolError)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        DONE,
+        data_line(chunk([choice({"role": "assistant", "content": ""})])) + DONE,
+        data_line(chunk([], {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1})) + DONE,
+        data_line(chunk([choice({"reasoning_content": "thinking"})])) + DONE,
+        data_line(chunk([{"index": 1, "delta": {"content": "another choice's text"}}])) + DONE,
+    ],
+    ids=["done-only", "role-only", "usage-only", "reasoning-only", "other-choice-only"],
+)
+def test_done_without_a_reply_is_a_protocol_error(blob: bytes) -> None:
+    # No text and no finish_reason: the upstream never started answering. An empty Done would show the user a
+    # finished, empty reply; the relay reports a failure instead.
+    with pytest.raises(UpstreamProtocolError, match="without a reply"):
+        decode([blob])
+
+
+@pytest.mark.parametrize(
+    ("blob", "events"),
+    [
+        (X + DONE, [Delta("x"), Done(None)]),
+        (data_line(chunk([choice({}, "stop")])) + DONE, [Done("stop")]),
+        (data_line(chunk([choice({}, "content_filter")])) + DONE, [Done("content_filter")]),
+    ],
+    ids=["text-no-finish-reason", "finish-reason-no-text", "filtered"],
+)
+def test_done_after_text_or_a_finish_reason_is_done(blob: bytes, events: list[Event]) -> None:
+    assert decode([blob]) == events
+
+
+def test_only_choice_0_is_relayed_found_by_its_index() -> None:
+    # n > 1 forced by an upstream or a proxy: each chunk may hold several choices, in any order.
+    def two(first: tuple[int, str, str | None], second: tuple[int, str, str | None]) -> bytes:
+        return data_line(
+            chunk([{"index": i, "delta": {"content": text}, "finish_reason": reason} for i, text, reason in (first,
+                                                                                                           second)])
+        )  # fmt: skip
+
+    blob = (
+        two((1, "B1", None), (0, "A1", None))
+        + two((0, "A2", None), (1, "B2", None))
+        + data_line(chunk([{"index": 1, "delta": {"content": "B3"}, "finish_reason": "length"}]))
+        + two((1, "", None), (0, "", "stop"))
+        + DONE
+    )
+    assert decode([blob]) == [Delta("A1"), Delta("A2"), Done("stop")]
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [{"delta": {"content": "x"}}, {"delta": {"content": "y"}}],
+        [{"index": 0, "delta": {"content": "x"}}, {"delta": {"content": "y"}}],
+    ],
+    ids=["no-index", "mixed"],
+)
+def test_a_choice_without_an_index_counts_at_its_position(choices: list[dict[str, Any]]) -> None:
+    assert decode([data_line({"choices": choices}) + DONE]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize("index", ["0", 0.0, None, True], ids=["string", "float", "null", "bool"])
+def test_a_choice_index_that_is_not_an_integer_is_a_protocol_error(index: Any) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode([data_line({"choices": [{"index": index, "delta": {"content": "x"}}]}) + DONE])
