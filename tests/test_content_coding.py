@@ -98,3 +98,12 @@ def test_misuse_is_refused() -> None:
         BoundedInflater("identity", 10)
     with pytest.raises(ValueError, match="positive"):
         BoundedInflater("gzip", 0)
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import server.content_coding
+
+    failures, tried = doctest.testmod(server.content_coding)
+    assert (failures, tried > 0) == (0, True)
