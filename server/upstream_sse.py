@@ -20,6 +20,8 @@ MAX_EVENT_BYTES = 1 << 20  # the data of one event (or one unfinished line): one
 MAX_EVENT_LINES = 1_000  # the lines of one event (data, comments, other fields): empty ``data:`` lines add no bytes
 MAX_GAP_BYTES = 4 << 20  # everything read between two events: comments, blank lines, ignored fields, the event itself
 _HTTP_STATUS = range(100, 600)
+_OVERSIZED = "the model provider sent an oversized stream event"
+_TOO_MUCH_WITHOUT_EVENT = "the model provider sent too much without a stream event"
 _BOM = b"\xef\xbb\xbf"
 _decode_json = json.JSONDecoder().decode
 
@@ -67,14 +69,19 @@ class ChunkStreamDecoder:
             self._parts = []
             self._parts_size = 0
             chunk = buffer[len(_BOM) :] if buffer.startswith(_BOM) else buffer
-        if b"\n" not in chunk and b"\r" not in chunk:
+        # rfind: a read nearly always ends with its line end, found at once from the right.
+        if chunk.rfind(b"\n") < 0 and b"\r" not in chunk:
             # No line ends: keep the piece without copying what came before (a long line costs one join at its end).
             if chunk:
                 self._parts.append(chunk)
                 self._parts_size += len(chunk)
                 self._check_unfinished()
             return []
-        buffer = b"".join((*self._parts, chunk)) if self._parts else chunk
+        if self._parts:
+            buffer = b"".join((*self._parts, chunk))
+            self._parts = []
+        else:
+            buffer = chunk
         if b"\r" in buffer:
             # A CR at the very end may be the first half of a CRLF split across reads: keep it for later.
             held = b"\r" if buffer.endswith(b"\r") else b""
@@ -84,12 +91,49 @@ class ChunkStreamDecoder:
         else:
             lines = buffer.split(b"\n")
             rest = lines.pop()
-        self._parts = [rest] if rest else []
+        if rest:
+            self._parts.append(rest)
         self._parts_size = len(rest)
         events: list[Event] = []
+        # The running counts live in locals for the loop (this is the per-token path) and are stored after it;
+        # after a failure they no longer matter (the decoder only raises from then on).
+        gap = self._gap_bytes
+        event_lines = self._event_lines
         try:
-            self._read_lines(lines, events)
-            if not self.finished:
+            for line in lines:
+                gap += len(line) + 1
+                if not line:
+                    # A blank line ends the event (§9.2.6 "dispatch the event"); without data it dispatches nothing.
+                    event_lines = 0
+                    if self._data:
+                        gap = 0
+                        self._dispatch(events)
+                        if self.finished:
+                            return events
+                    elif gap > MAX_GAP_BYTES:
+                        raise UpstreamProtocolError(_TOO_MUCH_WITHOUT_EVENT)
+                    continue
+                event_lines += 1
+                if event_lines > MAX_EVENT_LINES:
+                    raise UpstreamProtocolError(_OVERSIZED)
+                if line.startswith(b"data:"):
+                    value = line[6:] if line.startswith(b"data: ") else line[5:]
+                    self._data.append(value)
+                    self._event_bytes += len(value)
+                    if self._event_bytes > MAX_EVENT_BYTES:
+                        raise UpstreamProtocolError(_OVERSIZED)
+                elif line == b"data":  # §9.2.6: a line without a colon is a field with an empty value
+                    self._data.append(b"")
+                elif line.startswith(b"error:") or line == b"error":
+                    # Older llama.cpp servers report a failure after the headers as an SSE field of its own,
+                    # ``error: {"code": 400, "message": ...}``, followed by ``data: [DONE]``.
+                    raise _reported_error(line[6:])
+                elif gap > MAX_GAP_BYTES:
+                    # Comments and other fields (event, id, retry) carry nothing for this format, but they count.
+                    raise UpstreamProtocolError(_TOO_MUCH_WITHOUT_EVENT)
+            self._gap_bytes = gap
+            self._event_lines = event_lines
+            if rest:
                 self._check_unfinished()
         except UpstreamError as exc:
             if not events:
@@ -99,48 +143,11 @@ class ChunkStreamDecoder:
             self._failure = exc
         return events
 
-    def _read_lines(self, lines: list[bytes], events: list[Event]) -> None:
-        gap = self._gap_bytes
-        try:
-            for line in lines:
-                gap += len(line) + 1
-                if not line:
-                    # A blank line ends the event (§9.2.6 "dispatch the event"); without data it dispatches nothing.
-                    self._event_lines = 0
-                    if self._data:
-                        gap = 0
-                        self._dispatch(events)
-                        if self.finished:
-                            return
-                    elif gap > MAX_GAP_BYTES:
-                        raise UpstreamProtocolError("the model provider sent too much without a stream event")
-                    continue
-                self._event_lines += 1
-                if self._event_lines > MAX_EVENT_LINES:
-                    raise UpstreamProtocolError("the model provider sent an oversized stream event")
-                if line.startswith(b"data:"):
-                    value = line[6:] if line.startswith(b"data: ") else line[5:]
-                    self._data.append(value)
-                    self._event_bytes += len(value)
-                    if self._event_bytes > MAX_EVENT_BYTES:
-                        raise UpstreamProtocolError("the model provider sent an oversized stream event")
-                elif line == b"data":  # §9.2.6: a line without a colon is a field with an empty value
-                    self._data.append(b"")
-                elif line.startswith(b"error:") or line == b"error":
-                    # Older llama.cpp servers report a failure after the headers as an SSE field of its own,
-                    # ``error: {"code": 400, "message": ...}``, followed by ``data: [DONE]``.
-                    raise _reported_error(line[6:])
-                elif gap > MAX_GAP_BYTES:
-                    # Comments and other fields (event, id, retry) carry nothing for this format, but they count.
-                    raise UpstreamProtocolError("the model provider sent too much without a stream event")
-        finally:
-            self._gap_bytes = gap
-
     def _check_unfinished(self) -> None:
         if self._parts_size > MAX_EVENT_BYTES:
-            raise UpstreamProtocolError("the model provider sent an oversized stream event")
+            raise UpstreamProtocolError(_OVERSIZED)
         if self._gap_bytes + self._parts_size > MAX_GAP_BYTES:
-            raise UpstreamProtocolError("the model provider sent too much without a stream event")
+            raise UpstreamProtocolError(_TOO_MUCH_WITHOUT_EVENT)
 
     def end(self) -> list[Event]:
         """The upstream closed its body. A stream that never said it finished is an error, not a quiet end."""
@@ -158,18 +165,19 @@ class ChunkStreamDecoder:
             return events
         raise UpstreamProtocolError("the model provider's stream ended before the reply was complete")
 
+    def _done(self, events: list[Event]) -> None:
+        if not self._replied and self._finish_reason is None:
+            # Nothing was said and nothing says why: a reply that never started, not an empty answer.
+            raise UpstreamProtocolError("the model provider ended the stream without a reply")
+        self.finished = True
+        events.append(Done(self._finish_reason, self._usage))
+
     def _dispatch(self, events: list[Event]) -> None:
         payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         self._data = []
         self._event_bytes = 0
-        # The openai package ends the stream on any data starting with [DONE]; we accept it with ASCII whitespace
-        # around it (``data: [DONE]  ``, ``data:[DONE]\t``), and refuse anything else that is not JSON.
-        if payload == b"[DONE]" or (payload[:1] != b"{" and payload.strip() == b"[DONE]"):
-            if not self._replied and self._finish_reason is None:
-                # Nothing was said and nothing says why: a reply that never started, not an empty answer.
-                raise UpstreamProtocolError("the model provider ended the stream without a reply")
-            self.finished = True
-            events.append(Done(self._finish_reason, self._usage))
+        if payload == b"[DONE]":
+            self._done(events)
             return
         try:
             # §9.2.5: the stream is UTF-8. Decoding here spares json.loads its encoding detection per chunk, with
@@ -178,6 +186,11 @@ class ChunkStreamDecoder:
             text = payload.decode("utf-8", "surrogatepass")
             chunk = _decode_json(text[1:] if text.startswith("\ufeff") else text)
         except (ValueError, RecursionError):  # ValueError: JSONDecodeError, UnicodeDecodeError, int() digit limit
+            # The openai package ends the stream on any data starting with [DONE]; we accept it with ASCII
+            # whitespace around it (``data: [DONE]  ``, ``data:[DONE]\t``), and refuse anything else.
+            if payload.strip() == b"[DONE]":
+                self._done(events)
+                return
             raise UpstreamProtocolError("the model provider sent a malformed stream chunk") from None
         if not isinstance(chunk, dict):
             raise UpstreamProtocolError("the model provider sent a malformed stream chunk")
@@ -187,7 +200,15 @@ class ChunkStreamDecoder:
             raise _error_with_code(error)
         choices = chunk.get("choices")
         if choices:
-            choice = _first_choice(choices)
+            if (
+                type(choices) is list
+                and len(choices) == 1
+                and type(first := choices[0]) is dict
+                and type(index := first.get("index", 0)) is int
+            ):
+                choice = first if index == 0 else None  # one choice, the common case: spare the general walk
+            else:
+                choice = _first_choice(choices)
             if choice is not None:
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
