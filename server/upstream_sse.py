@@ -3,7 +3,8 @@
 Parsing the raw lines ourselves, instead of letting the ``openai`` package build a ``ChatCompletionChunk`` model
 per chunk, is what keeps the relay cheap: the package still builds the request, authenticates, retries and maps
 HTTP errors; we only read the body. Line handling follows WHATWG HTML §9.2.6 (CR, LF or CRLF end a line; a blank
-line dispatches; only ``data`` matters for this format; comments and other fields are skipped).
+line dispatches; only ``data`` matters for this format, and ``error``, which older llama.cpp servers send; comments
+and other fields are skipped). What one upstream can make the decoder hold or do is bounded (see the constants).
 """
 
 from __future__ import annotations

@@ -13,10 +13,19 @@ Failure mapping (the messages never contain the API key or the upstream's own te
 
     connection refused, DNS failure, reset   -> UpstreamUnavailable (502)
     connect or read timeout                  -> UpstreamTimeout (504)
-    HTTP 429                                 -> UpstreamRateLimited (503, Retry-After passed on)
+    HTTP 429                                 -> UpstreamRateLimited (503, Retry-After passed on, at most 3600 s)
     HTTP 401 / 403                           -> UpstreamError (502), "rejected the relay's credentials"
     any other HTTP status                    -> UpstreamError (502), naming the status
-    malformed chunk, early end               -> UpstreamProtocolError (502)
+    an error object or SSE error field       -> UpstreamError (502), naming its code when it is an HTTP status
+    malformed chunk, early end, [DONE] with
+    no text and no finish_reason, oversized
+    event, a flood without events, a content
+    coding the relay did not offer           -> UpstreamProtocolError (502)
+
+An upstream never holds the event loop: the body is decoded at most `_TURN_BYTES` per loop turn, a compressed body
+is inflated in pieces of at most `_READ_SIZE`, and the decoder's bounds (`upstream_sse`) end a flood of lines,
+comments or newlines after a few MiB. Valid events that carry no text yield no batch, so the relay's first-token
+and idle timeouts (which only text moves) end a flood of those.
 """
 
 from __future__ import annotations
