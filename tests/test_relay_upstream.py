@@ -12,13 +12,15 @@ import gc
 import time
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 
 from server.app import _rules, build_provider, create_app, setup
 from server.chat_request import from_query
 from server.config import Config
-from server.events import Delta
+from server.events import Delta, Done
+from server.providers import OpenAIProvider
 from server.providers.openai_compat import aiohttp_response, make_openai_client, post_chat_stream
 from server.state import RELAY
 
@@ -517,3 +519,28 @@ def test_docstring_examples() -> None:
 
     failures, tried = doctest.testmod(server.providers.openai_compat)
     assert (failures, tried > 0) == (0, True)
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+async def test_another_http_transport_reads_the_raw_body_and_inflates_it_in_bounded_pieces(
+    fake_upstream: FakeUpstream, gzip: bool
+) -> None:
+    # A provider given a client on the package's httpx transport (an embedding app's choice) reads the body
+    # through httpx's public aiter_raw, and inflates it as the aiohttp path does: never the client's iter_bytes,
+    # which inflates a whole read at once.
+    fake_upstream.behavior = Behavior(tokens=["zip", "ped"] * 50, gzip=gzip)
+    client = openai.AsyncOpenAI(
+        api_key=SECRET, base_url=fake_upstream.url, max_retries=0, http_client=openai.DefaultAsyncHttpxClient()
+    )
+    provider = OpenAIProvider(client)
+    events: list[object] = []
+    try:
+        async with contextlib.aclosing(provider.stream(from_query({"prompt": "x"}, _rules(Config())))) as batches:
+            async for batch in batches:
+                assert batch  # never an empty batch
+                events.extend(batch)
+    finally:
+        await provider.aclose()
+    assert "".join(e.content for e in events if isinstance(e, Delta)) == "zipped" * 50
+    assert isinstance(events[-1], Done)
+    assert events[-1].finish_reason == "stop"
