@@ -199,9 +199,10 @@ class FakeUpstream:
 
         async def flood() -> None:
             block = b.flood * max(1, (1 << 20) // max(1, len(b.flood)))
+            total = b.flood_bytes - b.flood_bytes % max(1, len(b.flood))  # whole repetitions only
             sent = 0
-            while sent < b.flood_bytes:
-                piece = block[: b.flood_bytes - sent]
+            while sent < total:
+                piece = block[: total - sent]
                 await write(piece)
                 sent += len(piece)
                 # A write only waits when the relay's socket is full, and a compressed block is small: without

@@ -9,6 +9,7 @@ timeouts. One test runs ``python -m server`` as a process: its memory stays boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from server.app import create_app
+from server.app import _rules, build_provider, create_app
+from server.chat_request import from_query
+from server.config import Config
+from server.events import Delta, Done, Usage
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
@@ -203,3 +207,19 @@ async def test_the_server_process_stays_small_and_stops_on_sigterm_mid_flood(
     assert exited < 2 + 3  # the grace period, plus interpreter exit
     assert sse_events(body)[-1][1]["error"]["type"] == "server_shutdown"
     assert "Traceback" not in (tmp_path / "stderr").read_text()
+
+
+async def test_the_provider_yields_no_empty_batch_for_bytes_without_text(fake_upstream: FakeUpstream) -> None:
+    # The relay's idle clock moves on every batch it gets; bytes that carry no text must not reach it as one.
+    fake_upstream.behavior = Behavior(tokens=["a", "b"], fault="flood", fault_after=1, flood=EMPTY_CHUNK,
+                                      flood_bytes=2_000_000)  # fmt: skip
+    provider = build_provider(upstream_config(fake_upstream))
+    batches: list[list[object]] = []
+    try:
+        async with contextlib.aclosing(provider.stream(from_query({"prompt": "x"}, _rules(Config())))) as stream:
+            async for batch in stream:
+                batches.append(list(batch))
+    finally:
+        await provider.aclose()
+    assert all(batches)
+    assert [event for batch in batches for event in batch] == [Delta("a"), Delta("b"), Done("stop", Usage(7, 2, 9))]
