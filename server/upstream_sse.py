@@ -3,7 +3,8 @@
 Parsing the raw lines ourselves, instead of letting the ``openai`` package build a ``ChatCompletionChunk`` model
 per chunk, is what keeps the relay cheap: the package still builds the request, authenticates, retries and maps
 HTTP errors; we only read the body. Line handling follows WHATWG HTML §9.2.6 (CR, LF or CRLF end a line; a blank
-line dispatches; only ``data`` matters for this format; comments and other fields are skipped).
+line dispatches; only ``data`` matters for this format, and ``error``, which older llama.cpp servers send; comments
+and other fields are skipped). What one upstream can make the decoder hold or do is bounded (see the constants).
 """
 
 from __future__ import annotations
@@ -13,21 +14,43 @@ import json
 from .errors import UpstreamError, UpstreamProtocolError
 from .events import Delta, Done, Event, Usage
 
-MAX_EVENT_BYTES = 1 << 20  # one chunk larger than this is not a token stream; refuse to buffer it
+# Bounds on what the decoder holds and how much work one upstream can make it do. An event of this format is one
+# JSON chunk on one ``data:`` line (a few hundred bytes); these limits are far above any real chunk and far below what
+# would let an upstream hold the server's memory or its event loop.
+MAX_EVENT_BYTES = 1 << 20  # the data of one event (or one unfinished line): one chunk larger is not a token stream
+MAX_EVENT_LINES = 1_000  # the lines of one event (data, comments, other fields): empty ``data:`` lines add no bytes
+MAX_GAP_BYTES = 4 << 20  # everything read between two events: comments, blank lines, ignored fields, the event itself
+_HTTP_STATUS = range(100, 600)
+_OVERSIZED = "the model provider sent an oversized stream event"
+_TOO_MUCH_WITHOUT_EVENT = "the model provider sent too much without a stream event"
 _BOM = b"\xef\xbb\xbf"
 _decode_json = json.JSONDecoder().decode
 
 
 class ChunkStreamDecoder:
-    """Incremental decoder: `feed(bytes) -> [Event]` as network reads arrive, `end() -> [Event]` at EOF."""
+    """Incremental decoder: `feed(bytes) -> [Event]` as network reads arrive, `end() -> [Event]` at EOF.
 
-    __slots__ = ("_data", "_failure", "_finish_reason", "_pending", "_started", "_usage", "finished")
+    The work is linear in the bytes fed, whatever their chunking: an unfinished line is kept as a list of parts
+    (joined once, when its end arrives), and the size and line count of the event being read are running counts.
+    The bounds above are checked as the lines arrive, so an upstream that never sends a blank line, or sends only
+    comments or blank lines, is refused after at most a few MiB.
+    """
+
+    __slots__ = (
+        "_data", "_event_bytes", "_event_lines", "_failure", "_finish_reason", "_gap_bytes", "_parts",
+        "_parts_size", "_replied", "_started", "_usage", "finished",
+    )  # fmt: skip
 
     def __init__(self) -> None:
-        self._pending = b""
-        self._data: list[bytes] = []
+        self._parts: list[bytes] = []  # the unfinished last line, as it arrived
+        self._parts_size = 0
+        self._data: list[bytes] = []  # the data lines of the event being read
+        self._event_bytes = 0  # their total size
+        self._event_lines = 0  # the event's lines so far, of any field
+        self._gap_bytes = 0  # bytes of complete lines read since the last event was dispatched
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
+        self._replied = False  # some text was relayed
         self._started = False
         self._failure: UpstreamError | None = None
         self.finished = False
@@ -37,41 +60,82 @@ class ChunkStreamDecoder:
             raise self._failure
         if self.finished:
             return []
-        buffer = self._pending + chunk if self._pending else chunk
         if not self._started:
+            buffer = b"".join(self._parts) + chunk
             # §9.2.6: "One leading U+FEFF BYTE ORDER MARK character must be ignored if any are present."
             if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
-                self._pending = buffer
+                self._parts = [buffer]
                 return []
             self._started = True
-            if buffer.startswith(_BOM):
-                buffer = buffer[len(_BOM) :]
+            self._parts = []
+            self._parts_size = 0
+            chunk = buffer[len(_BOM) :] if buffer.startswith(_BOM) else buffer
+        # rfind: a read nearly always ends with its line end, found at once from the right.
+        if chunk.rfind(b"\n") < 0 and b"\r" not in chunk:
+            # No line ends: keep the piece without copying what came before (a long line costs one join at its end).
+            if chunk:
+                self._parts.append(chunk)
+                self._parts_size += len(chunk)
+                self._check_unfinished()
+            return []
+        if self._parts:
+            buffer = b"".join((*self._parts, chunk))
+            self._parts = []
+        else:
+            buffer = chunk
         if b"\r" in buffer:
             # A CR at the very end may be the first half of a CRLF split across reads: keep it for later.
             held = b"\r" if buffer.endswith(b"\r") else b""
             body = buffer[:-1] if held else buffer
-            buffer = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            lines = buffer.split(b"\n")
-            self._pending = lines.pop() + held
+            lines = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            rest = lines.pop() + held
         else:
             lines = buffer.split(b"\n")
-            self._pending = lines.pop()
+            rest = lines.pop()
+        if rest:
+            self._parts.append(rest)
+        self._parts_size = len(rest)
         events: list[Event] = []
+        # The running counts live in locals for the loop (this is the per-token path) and are stored after it;
+        # after a failure they no longer matter (the decoder only raises from then on).
+        gap = self._gap_bytes
+        event_lines = self._event_lines
         try:
             for line in lines:
+                gap += len(line) + 1
                 if not line:
+                    # A blank line ends the event (§9.2.6 "dispatch the event"); without data it dispatches nothing.
+                    event_lines = 0
                     if self._data:
+                        gap = 0
                         self._dispatch(events)
                         if self.finished:
-                            break
-                elif line.startswith(b"data:"):
+                            return events
+                    elif gap > MAX_GAP_BYTES:
+                        raise UpstreamProtocolError(_TOO_MUCH_WITHOUT_EVENT)
+                    continue
+                event_lines += 1
+                if event_lines > MAX_EVENT_LINES:
+                    raise UpstreamProtocolError(_OVERSIZED)
+                if line.startswith(b"data:"):
                     value = line[6:] if line.startswith(b"data: ") else line[5:]
                     self._data.append(value)
-                    if sum(map(len, self._data)) > MAX_EVENT_BYTES:
-                        raise UpstreamProtocolError("the model provider sent an oversized stream event")
-                # Other fields (event, id, retry) and comments carry nothing for this format.
-            if not self.finished and len(self._pending) > MAX_EVENT_BYTES:
-                raise UpstreamProtocolError("the model provider sent an oversized stream event")
+                    self._event_bytes += len(value)
+                    if self._event_bytes > MAX_EVENT_BYTES:
+                        raise UpstreamProtocolError(_OVERSIZED)
+                elif line == b"data":  # §9.2.6: a line without a colon is a field with an empty value
+                    self._data.append(b"")
+                elif line.startswith(b"error:") or line == b"error":
+                    # Older llama.cpp servers report a failure after the headers as an SSE field of its own,
+                    # ``error: {"code": 400, "message": ...}``, followed by ``data: [DONE]``.
+                    raise _reported_error(line[6:])
+                elif gap > MAX_GAP_BYTES:
+                    # Comments and other fields (event, id, retry) carry nothing for this format, but they count.
+                    raise UpstreamProtocolError(_TOO_MUCH_WITHOUT_EVENT)
+            self._gap_bytes = gap
+            self._event_lines = event_lines
+            if rest:
+                self._check_unfinished()
         except UpstreamError as exc:
             if not events:
                 raise
@@ -80,13 +144,19 @@ class ChunkStreamDecoder:
             self._failure = exc
         return events
 
+    def _check_unfinished(self) -> None:
+        if self._parts_size > MAX_EVENT_BYTES:
+            raise UpstreamProtocolError(_OVERSIZED)
+        if self._gap_bytes + self._parts_size > MAX_GAP_BYTES:
+            raise UpstreamProtocolError(_TOO_MUCH_WITHOUT_EVENT)
+
     def end(self) -> list[Event]:
         """The upstream closed its body. A stream that never said it finished is an error, not a quiet end."""
         if self._failure is not None:
             raise self._failure
         if self.finished:
             return []
-        events = self.feed(b"\n\n") if self._pending or self._data else []
+        events = self.feed(b"\n\n") if self._parts or self._data else []
         if self.finished:
             return events
         if self._finish_reason is not None:
@@ -96,12 +166,19 @@ class ChunkStreamDecoder:
             return events
         raise UpstreamProtocolError("the model provider's stream ended before the reply was complete")
 
+    def _done(self, events: list[Event]) -> None:
+        if not self._replied and self._finish_reason is None:
+            # Nothing was said and nothing says why: a reply that never started, not an empty answer.
+            raise UpstreamProtocolError("the model provider ended the stream without a reply")
+        self.finished = True
+        events.append(Done(self._finish_reason, self._usage))
+
     def _dispatch(self, events: list[Event]) -> None:
         payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         self._data = []
+        self._event_bytes = 0
         if payload == b"[DONE]":
-            self.finished = True
-            events.append(Done(self._finish_reason, self._usage))
+            self._done(events)
             return
         try:
             # §9.2.5: the stream is UTF-8. Decoding here spares json.loads its encoding detection per chunk, with
@@ -110,28 +187,82 @@ class ChunkStreamDecoder:
             text = payload.decode("utf-8", "surrogatepass")
             chunk = _decode_json(text[1:] if text.startswith("\ufeff") else text)
         except (ValueError, RecursionError):  # ValueError: JSONDecodeError, UnicodeDecodeError, int() digit limit
+            # The openai package ends the stream on any data starting with [DONE]; we accept it with ASCII
+            # whitespace around it (``data: [DONE]  ``, ``data:[DONE]\t``), and refuse anything else.
+            if payload.strip() == b"[DONE]":
+                self._done(events)
+                return
             raise UpstreamProtocolError("the model provider sent a malformed stream chunk") from None
         if not isinstance(chunk, dict):
             raise UpstreamProtocolError("the model provider sent a malformed stream chunk")
-        if chunk.get("error") is not None:
+        error = chunk.get("error")
+        if error is not None:
             # An error object inside a 200 stream (OpenAI and vLLM do this for failures after headers).
-            raise UpstreamError("the model provider reported an error during generation")
+            raise _error_with_code(error)
         choices = chunk.get("choices")
         if choices:
-            choice = choices[0] if isinstance(choices, list) else None
-            if not isinstance(choice, dict):
-                raise UpstreamProtocolError("the model provider sent a malformed stream chunk")
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                content = delta.get("content")
-                if isinstance(content, str) and content:
-                    events.append(Delta(content))
-            reason = choice.get("finish_reason")
-            if isinstance(reason, str):
-                self._finish_reason = reason
+            if (
+                type(choices) is list
+                and len(choices) == 1
+                and type(first := choices[0]) is dict
+                and type(index := first.get("index", 0)) is int
+            ):
+                choice = first if index == 0 else None  # one choice, the common case: spare the general walk
+            else:
+                choice = _first_choice(choices)
+            if choice is not None:
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    content = delta.get("content")
+                    if isinstance(content, str) and content:
+                        self._replied = True
+                        events.append(Delta(content))
+                reason = choice.get("finish_reason")
+                if isinstance(reason, str):
+                    self._finish_reason = reason
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = _usage(usage)
+
+
+def _first_choice(choices: object) -> dict[str, object] | None:
+    """The choice whose ``index`` is 0, or None when this chunk carries only other choices.
+
+    The relay asks for one choice, but an upstream or a proxy may force n > 1: the chunks of the choices then
+    interleave, each naming its ``index``, in any order. Only choice 0 is relayed, found by its index, not its
+    position. A choice without an index is taken at its position (minimal servers omit it for a single choice).
+    """
+    if not isinstance(choices, list):
+        raise UpstreamProtocolError("the model provider sent a malformed stream chunk")
+    found: dict[str, object] | None = None
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            raise UpstreamProtocolError("the model provider sent a malformed stream chunk")
+        index = choice.get("index", position)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise UpstreamProtocolError("the model provider sent a malformed stream chunk")
+        if index == 0 and found is None:
+            found = choice
+    return found
+
+
+def _reported_error(value: bytes) -> UpstreamError:
+    """The upstream's SSE ``error`` field. Its text is never relayed (it can quote a key or a prompt); a code that
+    is an HTTP status is named."""
+    try:
+        error: object = json.loads(value)
+    except (ValueError, RecursionError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("error"), dict):
+        error = error["error"]  # the shape of an error response body, {"error": {...}}
+    return _error_with_code(error)
+
+
+def _error_with_code(error: object) -> UpstreamError:
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, int) and not isinstance(code, bool) and code in _HTTP_STATUS:
+        return UpstreamError(f"the model provider reported an error during generation (code {code})")
+    return UpstreamError("the model provider reported an error during generation")
 
 
 def _usage(data: dict[str, object]) -> Usage | None:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import random
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +28,10 @@ FAULTS = (
     "stall",  # stop sending after `fault_after` tokens, keep the connection open
     "no_done",  # end the body after the tokens, without finish_reason or [DONE]
     "error_chunk",  # an in-stream {"error": ...} object after `fault_after` tokens
+    "error_field",  # an SSE `error:` field line after `fault_after` tokens, then [DONE] (older llama.cpp servers)
+    "no_finish",  # the tokens, then [DONE] without a finish_reason
+    "flood",  # after `fault_after` tokens, `flood` repeated up to `flood_bytes`, as fast as the relay reads
+    "flood_after_done",  # the whole reply, then `flood` repeated up to `flood_bytes` after [DONE]
 )
 
 
@@ -43,7 +48,12 @@ class Behavior:
     error_body: dict[str, Any] | None = None
     usage: bool = True
     crlf: bool = False  # use CRLF line endings, as some servers do
-    gzip: bool = False  # compress the body (Content-Encoding: gzip), as some proxies do
+    gzip: bool = False  # compress the body (Content-Encoding: gzip, flushed at every write), as some proxies do
+    content_encoding: str | None = None  # a Content-Encoding header to send (the body is not changed)
+    flood: bytes = b""  # what the "flood" faults repeat (compressed like the rest of the body when gzip is set)
+    flood_bytes: int = 0  # how much of it, before compression
+    done_line: str = "data: [DONE]"  # the line that ends the stream
+    choices: int = 1  # choices per content chunk, in reverse index order (n > 1 forced by an upstream or proxy)
     chaos: float = 0.0  # the share of requests that get a random fault instead (soak tests)
 
 
@@ -85,9 +95,22 @@ def _random_fault(behavior: Behavior, rng: random.Random) -> Behavior:
     )
 
 
+def _choices_chunk(token: str, count: int) -> dict[str, Any]:
+    """A content chunk with `count` choices, the last first: choice 0 says `token`, the others something else."""
+    body = _chunk(content=token)
+    body["choices"] = [
+        {"index": i, "delta": {"content": token if i == 0 else f"<choice {i}>"}, "logprobs": None,
+         "finish_reason": None}
+        for i in reversed(range(count))
+    ]  # fmt: skip
+    return body
+
+
 class FakeUpstream:
     def __init__(self, behavior: Behavior | None = None) -> None:
         self.behavior = behavior or Behavior()
+        # A request whose last message has one of these contents gets that behavior instead (concurrent tests).
+        self.by_prompt: dict[str, Behavior] = {}
         self.seen: list[Seen] = []
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self._completions)
@@ -131,7 +154,8 @@ class FakeUpstream:
         body = await request.json()
         seen = Seen(body=body, headers=dict(request.headers), started_at=time.monotonic())
         self.seen.append(seen)
-        b = self.behavior
+        messages = body.get("messages") or [{}]
+        b = self.by_prompt.get(str(messages[-1].get("content")), self.behavior)
         if b.chaos and self._random.random() < b.chaos:
             b = _random_fault(b, self._random)
         try:
@@ -153,27 +177,60 @@ class FakeUpstream:
             }
             return web.json_response(error, status=b.status, headers=headers)
         eol = "\r\n" if b.crlf else "\n"
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        if b.gzip:
-            response.enable_compression(web.ContentCoding.gzip)
+        headers = {"Content-Type": "text/event-stream; charset=utf-8"}
+        # Compressed here, not by aiohttp (whose compression holds everything until the end of the body): a flood
+        # of a gigabyte is compressed block by block as the relay reads it, never held whole.
+        packer = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS) if b.gzip else None
+        if packer is not None:
+            headers["Content-Encoding"] = "gzip"
+        if b.content_encoding is not None:
+            headers["Content-Encoding"] = b.content_encoding
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
+
+        async def write(data: bytes) -> None:
+            if packer is not None:
+                data = packer.compress(data) + packer.flush(zlib.Z_SYNC_FLUSH)
+            await response.write(data)
 
         async def send(obj: dict[str, Any] | str) -> None:
             data = obj if isinstance(obj, str) else json.dumps(obj)
-            await response.write(f"data: {data}{eol}{eol}".encode())
+            await write(f"data: {data}{eol}{eol}".encode())
+
+        async def flood() -> None:
+            block = b.flood * max(1, (1 << 20) // max(1, len(b.flood)))
+            total = b.flood_bytes - b.flood_bytes % max(1, len(b.flood))  # whole repetitions only
+            sent = 0
+            while sent < total:
+                piece = block[: total - sent]
+                await write(piece)
+                sent += len(piece)
+                # A write only waits when the relay's socket is full, and a compressed block is small: without
+                # this the fake, which shares the test's event loop, would be the one freezing it.
+                await asyncio.sleep(0)
 
         await send(_chunk(content="", role=True))
         if b.first_delay:
             await asyncio.sleep(b.first_delay)
         for index, token in enumerate(b.tokens):
-            if index == b.fault_after and b.fault in {"reset", "malformed", "stall", "error_chunk"}:
+            if index == b.fault_after and b.fault in {"reset", "malformed", "stall", "error_chunk", "error_field",
+                                                      "flood"}:  # fmt: skip
                 if b.fault == "reset":
                     assert request.transport is not None
                     request.transport.abort()
                     seen.completed = True
                     return response
                 if b.fault == "malformed":
-                    await response.write(f"data: {{not json{eol}{eol}".encode())
+                    await write(f"data: {{not json{eol}{eol}".encode())
+                elif b.fault == "error_field":
+                    error = {"code": 400, "message": "Incorrect API key provided: sk-secret-upstream-key"}
+                    await write(f"error: {json.dumps(error)}{eol}{eol}".encode())
+                    await send("[DONE]")
+                    await response.write_eof()
+                    seen.completed = True
+                    return response
+                elif b.fault == "flood":
+                    await flood()
                 elif b.fault == "error_chunk":
                     await send(
                         {"error": {"message": "The server had an error (secret detail)", "type": "server_error"}}
@@ -182,10 +239,11 @@ class FakeUpstream:
                     await asyncio.sleep(3600)
             if index and b.delay:
                 await asyncio.sleep(b.delay)
-            await send(_chunk(content=token))
+            await send(_chunk(content=token) if b.choices == 1 else _choices_chunk(token, b.choices))
             seen.tokens_sent += 1
         if b.fault != "no_done":
-            await send(_chunk(finish="stop"))
+            if b.fault != "no_finish":
+                await send(_chunk(finish="stop"))
             if b.usage and seen.body.get("stream_options", {}).get("include_usage"):
                 n = len(b.tokens)
                 await send(
@@ -198,7 +256,11 @@ class FakeUpstream:
                         "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n},
                     }
                 )
-            await send("[DONE]")
+            await write(f"{b.done_line}{eol}{eol}".encode())
+            if b.fault == "flood_after_done":
+                await flood()
+        if packer is not None:
+            await response.write(packer.flush())
         await response.write_eof()
         seen.completed = True
         return response

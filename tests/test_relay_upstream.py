@@ -12,13 +12,15 @@ import gc
 import time
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 
 from server.app import _rules, build_provider, create_app, setup
 from server.chat_request import from_query
 from server.config import Config
-from server.events import Delta
+from server.events import Delta, Done
+from server.providers import OpenAIProvider
 from server.providers.openai_compat import aiohttp_response, make_openai_client, post_chat_stream
 from server.state import RELAY
 
@@ -383,3 +385,162 @@ async def test_a_batch_holds_at_most_one_bounded_read_of_the_upstream(fake_upstr
         await provider.aclose()
     assert total == 500 * 4000
     assert largest <= 20_000
+
+
+# --- upstream streams that end oddly --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["sse", "ndjson"])
+async def test_an_sse_error_field_mid_reply_is_an_in_band_upstream_error(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, fmt: str
+) -> None:
+    # Older llama.cpp servers: ``error: {"code":400,"message":...}`` then ``data: [DONE]``. Read as a failure (not
+    # as an empty, finished reply), naming the code, never the upstream's text (it quotes a key here).
+    fake_upstream.behavior = Behavior(tokens=["one", " two", " three"], fault="error_field", fault_after=2)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": fmt}) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    assert b"secret" not in body
+    assert b"Incorrect" not in body
+    last = sse_events(body)[-1] if fmt == "sse" else ("error", ndjson_objects(body)[-1], None)
+    text = sse_text(body) if fmt == "sse" else "".join(o.get("content", "") for o in ndjson_objects(body))
+    assert text == "one two"
+    assert last[0] == "error"
+    assert last[1]["error"]["type"] == "upstream_error"
+    assert "code 400" in last[1]["error"]["message"]
+
+
+async def test_an_sse_error_field_before_any_token_is_a_502(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(fault="error_field", fault_after=0)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 502
+        assert resp.content_type == "application/json"
+        text = await resp.text()
+    assert "secret" not in text
+    assert (await _json(text))["error"]["type"] == "upstream_error"
+    assert "code 400" in (await _json(text))["error"]["message"]
+
+
+async def test_done_without_any_text_or_finish_reason_is_a_502(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    # A role chunk, a usage chunk, [DONE]: the model never answered. Not an empty, finished reply.
+    fake_upstream.behavior = Behavior(tokens=[], fault="no_finish")
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_protocol_error"
+    assert "without a reply" in body["error"]["message"]
+
+
+async def test_done_after_text_without_a_finish_reason_is_done(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=["a", "b"], fault="no_finish")
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        body = await resp.read()
+    assert sse_text(body) == "ab"
+    assert sse_events(body)[-1][0] == "done"
+    assert sse_events(body)[-1][1]["finish_reason"] is None
+
+
+@pytest.mark.parametrize("done_line", ["data: [DONE]  ", "data:[DONE]\t", "data:  [DONE]"])
+async def test_done_with_whitespace_ends_the_reply(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, done_line: str
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=["a", "b"], done_line=done_line)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        body = await resp.read()
+    assert sse_text(body) == "ab"
+    assert sse_events(body)[-1][:2] == (
+        "done",
+        {"finish_reason": "stop", "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}},
+    )
+
+
+@pytest.mark.parametrize("fmt", ["sse", "ndjson"])
+async def test_only_choice_0_is_relayed_when_an_upstream_sends_several(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, fmt: str
+) -> None:
+    # Each content chunk holds choices 2, 1, 0 in that order: choice 0 is found by its index, not its position.
+    fake_upstream.behavior = Behavior(tokens=["Hel", "lo", "!"], choices=3)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": fmt}) as resp:
+        body = await resp.read()
+    assert b"choice" not in body
+    text = sse_text(body) if fmt == "sse" else "".join(o.get("content", "") for o in ndjson_objects(body))
+    assert text == "Hello!"
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "header"),
+    [("inf", None), ("nan", None), ("1e400", None), ("-5", None), ("99999999999", "3600"),
+     ("9" * 5000, "3600"), ("4000", "3600"), ("7.2", "8"), ("Fri, 31 Dec 1999 23:59:59 GMT", None), ("", None)],
+    ids=["inf", "nan", "1e400", "negative", "huge", "5000-digits", "over-max", "fraction", "http-date", "empty"],
+)  # fmt: skip
+async def test_an_insane_upstream_retry_after_is_ignored_or_clamped(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, retry_after: str, header: str | None
+) -> None:
+    # ``inf`` once crashed the relay into a text/plain 500 with a traceback.
+    fake_upstream.behavior = Behavior(fault="status", status=429, retry_after=retry_after)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 503
+        assert resp.content_type == "application/json"
+        assert resp.headers.get("Retry-After") == header
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_rate_limited"
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip"])
+async def test_a_body_in_a_coding_the_relay_did_not_offer_is_a_502(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, coding: str
+) -> None:
+    fake_upstream.behavior = Behavior(content_encoding=coding)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"]["type"] == "upstream_protocol_error"
+    assert fake_upstream.seen[0].headers.get("Accept-Encoding") == "gzip, deflate"
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import server.providers.openai_compat
+
+    failures, tried = doctest.testmod(server.providers.openai_compat)
+    assert (failures, tried > 0) == (0, True)
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["identity", "gzip"])
+async def test_another_http_transport_reads_the_raw_body_and_inflates_it_in_bounded_pieces(
+    fake_upstream: FakeUpstream, gzip: bool
+) -> None:
+    # A provider given a client on the package's httpx transport (an embedding app's choice) reads the body
+    # through httpx's public aiter_raw, and inflates it as the aiohttp path does: never the client's iter_bytes,
+    # which inflates a whole read at once.
+    fake_upstream.behavior = Behavior(tokens=["zip", "ped"] * 50, gzip=gzip)
+    client = openai.AsyncOpenAI(
+        api_key=SECRET, base_url=fake_upstream.url, max_retries=0, http_client=openai.DefaultAsyncHttpxClient()
+    )
+    provider = OpenAIProvider(client)
+    events: list[object] = []
+    try:
+        async with contextlib.aclosing(provider.stream(from_query({"prompt": "x"}, _rules(Config())))) as batches:
+            async for batch in batches:
+                assert batch  # never an empty batch
+                events.extend(batch)
+    finally:
+        await provider.aclose()
+    assert "".join(e.content for e in events if isinstance(e, Delta)) == "zipped" * 50
+    assert isinstance(events[-1], Done)
+    assert events[-1].finish_reason == "stop"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from server.errors import RelayError, UpstreamError, UpstreamProtocolError
 from server.events import Delta, Done, Event, Usage
-from server.upstream_sse import MAX_EVENT_BYTES, ChunkStreamDecoder
+from server.upstream_sse import MAX_EVENT_BYTES, MAX_EVENT_LINES, MAX_GAP_BYTES, ChunkStreamDecoder
 
 
 def chunk(choices: list[dict[str, Any]] | None = None, usage: Any = None, **extra: Any) -> dict[str, Any]:
@@ -67,6 +67,12 @@ SAMPLE_EVENTS: list[Event] = [
     Delta("\n\n- a\r\n"),
     Done("stop", Usage(9, 12, 21)),
 ]
+
+
+# A reply with some text, for the cases that test something else: a [DONE] after no text and no finish_reason is
+# a failure of its own (see test_done_without_a_reply_is_a_protocol_error).
+X = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+DONE = b"data: [DONE]\n\n"
 
 
 def decode(chunks: list[bytes]) -> list[Event]:
@@ -153,8 +159,8 @@ def test_deltas_arrive_as_their_chunks_do() -> None:
         # Blank lines without data dispatch nothing.
         (b"\n\n\n" + SAMPLE, SAMPLE_EVENTS),
         # Lines after [DONE] are not read.
-        (b'data: [DONE]\n\ndata: {"choices":[{"delta":{"content":"late"}}]}\n\n', [Done()]),
-        (b"data: [DONE]\n\ndata: not json\n\n", [Done()]),
+        (X + b'data: [DONE]\n\ndata: {"choices":[{"delta":{"content":"late"}}]}\n\n', [Delta("x"), Done()]),
+        (X + b"data: [DONE]\n\ndata: not json\n\n", [Delta("x"), Done()]),
         # finish_reason and usage travel to Done.
         (
             data_line(chunk([choice({"content": "x"}, "length")], {"prompt_tokens": 1, "completion_tokens": 2,
@@ -164,7 +170,7 @@ def test_deltas_arrive_as_their_chunks_do() -> None:
         ),
         (data_line(chunk([choice({}, "content_filter")])) + b"data: [DONE]\n\n", [Done("content_filter")]),
         # A choices-less chunk with usage null changes nothing.
-        (data_line(chunk([], None)) + b"data: [DONE]\n\n", [Done()]),
+        (X + data_line(chunk([], None)) + DONE, [Delta("x"), Done()]),
         # Unknown extra fields are ignored.
         (data_line(chunk([choice({"content": "x", "tool_calls": None})], obfuscation="abc")) + b"data: [DONE]\n\n",
          [Delta("x"), Done()]),
@@ -197,7 +203,7 @@ def test_a_bom_before_a_chunks_json_is_skipped_like_json_loads_of_bytes_does() -
     ids=["empty", "empty-content", "null-content", "role-only", "number", "list", "refusal", "tool-call"],
 )  # fmt: skip
 def test_no_delta_without_text(delta: dict[str, Any]) -> None:
-    assert decode([data_line(chunk([choice(delta)])) + b"data: [DONE]\n\n"]) == [Done()]
+    assert decode([X + data_line(chunk([choice(delta)])) + DONE]) == [Delta("x"), Done()]
 
 
 @pytest.mark.parametrize(
@@ -206,7 +212,7 @@ def test_no_delta_without_text(delta: dict[str, Any]) -> None:
     ids=["null", "string", "number", "list"],
 )
 def test_a_delta_that_is_not_an_object_is_skipped(delta_field: Any) -> None:
-    assert decode([data_line({"choices": [{"delta": delta_field}]}) + b"data: [DONE]\n\n"]) == [Done()]
+    assert decode([X + data_line({"choices": [{"delta": delta_field}]}) + DONE]) == [Delta("x"), Done()]
 
 
 @pytest.mark.parametrize(
@@ -222,14 +228,14 @@ def test_a_delta_that_is_not_an_object_is_skipped(delta_field: Any) -> None:
     ids=["string", "float", "bool", "null", "missing", "empty"],
 )
 def test_usage_with_bad_types_is_none(usage: dict[str, Any]) -> None:
-    assert decode([data_line(chunk([], usage)) + b"data: [DONE]\n\n"]) == [Done(None, None)]
+    assert decode([X + data_line(chunk([], usage)) + DONE]) == [Delta("x"), Done(None, None)]
 
 
 @pytest.mark.parametrize("usage", ["12", 12, ["prompt_tokens"], True], ids=["string", "number", "list", "bool"])
 def test_usage_that_is_not_an_object_keeps_what_came_before(usage: Any) -> None:
     good = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
-    blob = data_line(chunk([], good)) + data_line(chunk([], usage)) + b"data: [DONE]\n\n"
-    assert decode([blob]) == [Done(None, Usage(1, 2, 3))]
+    blob = X + data_line(chunk([], good)) + data_line(chunk([], usage)) + DONE
+    assert decode([blob]) == [Delta("x"), Done(None, Usage(1, 2, 3))]
 
 
 # --- failures ---------------------------------------------------------------------------------------------------
@@ -241,7 +247,6 @@ def test_usage_that_is_not_an_object_keeps_what_came_before(usage: Any) -> None:
         b"not json",
         b'{"choices": [',
         b"[DONE",
-        b"[DONE] ",
         b"DONE",
         b"",
         b'{"choices":[{"delta":{"content":"x"}}]} extra',
@@ -249,7 +254,7 @@ def test_usage_that_is_not_an_object_keeps_what_came_before(usage: Any) -> None:
         b"[" * 100_000 + b"]" * 100_000,
         b'{"n": ' + b"9" * 5000 + b"}",  # beyond int()'s 4300-digit limit: json raises a plain ValueError
     ],
-    ids=["text", "truncated", "done-truncated", "done-trailing-space", "done-no-brackets", "empty", "trailing",
+    ids=["text", "truncated", "done-truncated", "done-no-brackets", "empty", "trailing",
          "invalid-utf8", "deeply-nested", "huge-int"],
 )  # fmt: skip
 def test_malformed_json_is_a_protocol_error(payload: bytes) -> None:
@@ -360,10 +365,12 @@ def test_a_large_but_sane_event_is_accepted() -> None:
     ]
 
 
-def test_a_long_comment_stream_is_not_an_oversized_event() -> None:
-    # Many small lines that carry no data never add up to "an event".
-    blob = b": keep-alive\n" * (MAX_EVENT_BYTES // 10) + b"data: [DONE]\n\n"
-    assert decode([blob]) == [Done()]
+def test_keep_alive_comments_are_not_an_oversized_event() -> None:
+    # Keep-alive comments, each a block of its own (OpenRouter, DeepSeek), never add up to "an event": megabytes
+    # of them pass, as long as they stay under the gap bound.
+    blob = X + b": keep-alive\n\n" * (MAX_GAP_BYTES // 16) + DONE
+    assert len(blob) > 3 * MAX_EVENT_BYTES
+    assert decode([blob]) == [Delta("x"), Done()]
 
 
 # --- the end of the body -------------------------------------------------------------------------------------------
@@ -379,9 +386,9 @@ def test_a_long_comment_stream_is_not_an_oversized_event() -> None:
                                                                        "total_tokens": 3})),
          [Done("stop", Usage(1, 2, 3))]),
         # The last event's blank line (or its whole line end) may be missing at EOF.
-        (b"data: [DONE]", [Done()]),
-        (b"data: [DONE]\n", [Done()]),
-        (b"data: [DONE]\r", [Done()]),
+        (X + b"data: [DONE]", [Delta("x"), Done()]),
+        (X + b"data: [DONE]\n", [Delta("x"), Done()]),
+        (X + b"data: [DONE]\r", [Delta("x"), Done()]),
         (data_line(chunk([choice({}, "stop")]))[:-2], [Done("stop")]),
         (b'data: {"choices":[{"delta":{"content":"x"},"finish_reason":"stop"}]}', [Delta("x"), Done("stop")]),
     ],
@@ -413,7 +420,7 @@ def test_end_without_done_or_finish_reason_is_a_protocol_error(blob: bytes) -> N
 
 def test_feed_and_end_after_done_return_nothing() -> None:
     decoder = ChunkStreamDecoder()
-    assert decoder.feed(b"data: [DONE]\n\n") == [Done()]
+    assert decoder.feed(X + DONE) == [Delta("x"), Done()]
     assert decoder.finished
     assert decoder.feed(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') == []
     assert decoder.feed(b"data: not json\n\n") == []
@@ -439,7 +446,10 @@ def test_any_content_in_any_chunking(contents: list[str], line_end: bytes, data:
     blob = b"".join(data_line({"choices": [{"delta": {"content": text}}]}) for text in contents)
     blob = (blob + b"data: [DONE]\n\n").replace(b"\n", line_end)
     cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=12))
-    assert decode(chunked(blob, cuts)) == [*(Delta(text) for text in contents if text), Done()]
+    if any(contents):
+        assert decode(chunked(blob, cuts)) == [*(Delta(text) for text in contents if text), Done()]
+    else:  # no text and no finish_reason: not a reply
+        assert decode_until_error(chunked(blob, cuts)) == ([], UpstreamProtocolError)
 
 
 @pytest.mark.parametrize(
@@ -455,3 +465,223 @@ def test_any_content_in_any_chunking(contents: list[str], line_end: bytes, data:
 def test_chunk_json_accepts_what_json_loads_of_bytes_accepts(payload: bytes) -> None:
     expected = json.loads(payload)["choices"][0]["delta"]["content"]
     assert decode([b"data: " + payload + b"\n\ndata: [DONE]\n\n"]) == [Delta(expected), Done()]
+
+
+# --- bounds: what one upstream can make the decoder hold, and do --------------------------------------------------
+
+
+def feed_all(decoder: ChunkStreamDecoder, blob: bytes, piece: int) -> int:
+    """Feed `blob` in pieces of `piece` bytes; the offset of the piece that was refused, -1 if none was."""
+    for at in range(0, len(blob), piece):
+        try:
+            decoder.feed(blob[at : at + piece])
+        except UpstreamProtocolError:
+            return at
+    return -1
+
+
+def test_an_event_of_max_lines_is_accepted() -> None:
+    # Data lines of one event are joined with LF, which JSON reads as whitespace.
+    event = b'data: {"choices":[{"delta":{"content":"x"}}]}\n' + b"data:\n" * (MAX_EVENT_LINES - 1) + b"\n"
+    assert decode([event + DONE]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"data:\n", b"data: x\n", b": comment\n", b"id: 1\n", b"data\n"],
+    ids=["empty-data", "short-data", "comment", "other-field", "data-without-colon"],
+)
+def test_an_event_of_one_line_too_many_is_refused(line: bytes) -> None:
+    # Empty data lines add no bytes: only the line count stops an event made of them.
+    with pytest.raises(UpstreamProtocolError, match="oversized"):
+        decode([X + line * (MAX_EVENT_LINES + 1)])
+    # At the bound, no refusal for size (a block of data lines that is not JSON is a malformed chunk instead).
+    blob = X + line * MAX_EVENT_LINES + b"\n" + DONE
+    if line.startswith(b"data"):
+        with pytest.raises(UpstreamProtocolError, match="malformed"):
+            decode([blob])
+    else:
+        assert decode([blob]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize(
+    ("flood", "bound"),
+    [
+        # 40,000 short data lines (625 KiB) in one event: once froze the event loop for 24 s.
+        (b"data: 0123456789\n" * 40_000, MAX_EVENT_LINES * 17),
+        # 5 MB of empty data lines: no bytes, so the byte bound never tripped; minutes of a frozen loop.
+        (b"data:\n" * (5_000_000 // 6), MAX_EVENT_LINES * 6),
+        # Comment lines, each a block of its own: nothing is an event, the gap bound stops them.
+        (b":\n\n" * (52_000_000 // 3), MAX_GAP_BYTES),
+        # Nothing but line ends (what a gzip bomb of newlines inflates to).
+        (b"\n" * (MAX_GAP_BYTES * 2), MAX_GAP_BYTES),
+        # One line that never ends.
+        (b"data: " + b"x" * (MAX_EVENT_BYTES * 2), MAX_EVENT_BYTES),
+    ],
+    ids=["40k-short-data-lines", "5mb-empty-data-lines", "52mb-comment-blocks", "line-ends", "endless-line"],
+)
+@pytest.mark.parametrize("piece", [16 * 1024, 65_521], ids=["16KiB", "odd"])
+def test_a_flood_is_refused_within_its_bound(flood: bytes, bound: int, piece: int) -> None:
+    decoder = ChunkStreamDecoder()
+    decoder.feed(X)
+    refused_at = feed_all(decoder, flood, piece)
+    assert 0 <= refused_at <= bound + piece
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    line=st.sampled_from([b"data:", b"data: abc", b": c", b"event: e", b""]),
+    line_end=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    data=st.data(),
+)
+def test_a_flood_is_refused_whatever_the_chunking(line: bytes, line_end: bytes, data: st.DataObject) -> None:
+    # The running counts are the decoder's only memory of an event: any chunking must give the same refusal (or
+    # the same events), as one read of the whole would.
+    flood = X + (line + line_end) * (MAX_EVENT_LINES + 10)
+    if not line:
+        flood += b"\n" * (MAX_GAP_BYTES + 1)
+    cuts = data.draw(st.lists(st.integers(0, len(flood)), max_size=30))
+    assert decode_until_error(chunked(flood, cuts)) == ([Delta("x")], UpstreamProtocolError)
+
+
+def test_decoding_work_is_linear_in_the_lines_of_an_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A count of work, not a timing: the decoder's size bookkeeping goes through len(), and summing the sizes of
+    # an event's lines again at every line (the quadratic decoder) calls it n²/2 times for n lines. The module's
+    # global `len` is replaced by a counting one (a test-only seam: builtins are looked up through the module).
+    import server.upstream_sse as module
+
+    calls = 0
+
+    def counting_len(obj: Any) -> int:
+        nonlocal calls
+        calls += 1
+        return len(obj)
+
+    monkeypatch.setattr(module, "len", counting_len, raising=False)
+
+    def work(lines: int) -> int:
+        nonlocal calls
+        calls = 0
+        decoder = ChunkStreamDecoder()
+        blob = b"data: 0123456789\n" * lines
+        for at in range(0, len(blob), 4096):
+            decoder.feed(blob[at : at + 4096])
+        return calls
+
+    small, large = work(MAX_EVENT_LINES // 8), work(MAX_EVENT_LINES)
+    assert small > 0
+    assert large <= 8 * small * 1.25  # linear: 8 times the lines, about 8 times the work (quadratic: 64 times)
+
+
+# --- odd endings ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        (b'error: {"code":400,"message":"Incorrect API key provided: sk-secret"}', "(code 400)"),
+        (b'error: {"error":{"code":503,"message":"sk-secret overloaded"}}', "(code 503)"),
+        (b'error:{"code":"400","message":"sk-secret"}', None),
+        (b'error: {"code":99999999999999999999,"message":"sk-secret"}', None),
+        (b'error: {"code":true}', None),
+        (b"error: sk-secret is not valid", None),
+        (b"error", None),
+    ],
+    ids=["llama-cpp", "nested", "code-string", "code-huge", "code-bool", "not-json", "no-value"],
+)
+def test_an_sse_error_field_is_an_upstream_error(field: bytes, message: str | None) -> None:
+    # Older llama.cpp servers: an ``error:`` field (not data), then ``data: [DONE]``. The text is never relayed.
+    blob = X + field + b"\n\n" + DONE
+    events, error = decode_until_error([blob])
+    assert (events, error) == ([Delta("x")], UpstreamError)
+    for chunks in ([blob[i : i + 1] for i in range(len(blob))], [blob[:-1], blob[-1:]]):
+        assert decode_until_error(chunks) == ([Delta("x")], UpstreamError)
+    with pytest.raises(UpstreamError) as info:
+        decode([field + b"\n\n" + DONE])
+    assert type(info.value) is UpstreamError
+    assert "secret" not in info.value.message
+    assert "code" not in info.value.message if message is None else message in info.value.message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"data: [DONE]  ", b"data:[DONE]\t", b"data:  [DONE]", b"data: [DONE]\x0c", b"data: [DONE] \t "],
+    ids=["trailing-spaces", "trailing-tab", "leading-space", "form-feed", "mixed"],
+)
+def test_done_with_whitespace_ends_the_stream(line: bytes) -> None:
+    # The openai package ends a stream on any data that starts with [DONE]; the relay accepts the whitespace.
+    blob = X + line + b"\n\n" + data_line(chunk([choice({"content": "late"})]))
+    assert decode([blob]) == [Delta("x"), Done()]
+    assert decode([blob[i : i + 1] for i in range(len(blob))]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize("payload", [b"[DONE]x", b"[DONE] x", b"x[DONE]"], ids=["suffix", "word", "prefix"])
+def test_done_with_other_text_is_a_protocol_error(payload: bytes) -> None:
+    assert decode_until_error([X + b"data: " + payload + b"\n\n"]) == ([Delta("x")], UpstreamProtocolError)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        DONE,
+        data_line(chunk([choice({"role": "assistant", "content": ""})])) + DONE,
+        data_line(chunk([], {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1})) + DONE,
+        data_line(chunk([choice({"reasoning_content": "thinking"})])) + DONE,
+        data_line(chunk([{"index": 1, "delta": {"content": "another choice's text"}}])) + DONE,
+    ],
+    ids=["done-only", "role-only", "usage-only", "reasoning-only", "other-choice-only"],
+)
+def test_done_without_a_reply_is_a_protocol_error(blob: bytes) -> None:
+    # No text and no finish_reason: the upstream never started answering. An empty Done would show the user a
+    # finished, empty reply; the relay reports a failure instead.
+    with pytest.raises(UpstreamProtocolError, match="without a reply"):
+        decode([blob])
+
+
+@pytest.mark.parametrize(
+    ("blob", "events"),
+    [
+        (X + DONE, [Delta("x"), Done(None)]),
+        (data_line(chunk([choice({}, "stop")])) + DONE, [Done("stop")]),
+        (data_line(chunk([choice({}, "content_filter")])) + DONE, [Done("content_filter")]),
+    ],
+    ids=["text-no-finish-reason", "finish-reason-no-text", "filtered"],
+)
+def test_done_after_text_or_a_finish_reason_is_done(blob: bytes, events: list[Event]) -> None:
+    assert decode([blob]) == events
+
+
+def test_only_choice_0_is_relayed_found_by_its_index() -> None:
+    # n > 1 forced by an upstream or a proxy: each chunk may hold several choices, in any order.
+    def two(first: tuple[int, str, str | None], second: tuple[int, str, str | None]) -> bytes:
+        return data_line(
+            chunk([{"index": i, "delta": {"content": text}, "finish_reason": reason} for i, text, reason in (first,
+                                                                                                           second)])
+        )  # fmt: skip
+
+    blob = (
+        two((1, "B1", None), (0, "A1", None))
+        + two((0, "A2", None), (1, "B2", None))
+        + data_line(chunk([{"index": 1, "delta": {"content": "B3"}, "finish_reason": "length"}]))
+        + two((1, "", None), (0, "", "stop"))
+        + DONE
+    )
+    assert decode([blob]) == [Delta("A1"), Delta("A2"), Done("stop")]
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [{"delta": {"content": "x"}}, {"delta": {"content": "y"}}],
+        [{"index": 0, "delta": {"content": "x"}}, {"delta": {"content": "y"}}],
+    ],
+    ids=["no-index", "mixed"],
+)
+def test_a_choice_without_an_index_counts_at_its_position(choices: list[dict[str, Any]]) -> None:
+    assert decode([data_line({"choices": choices}) + DONE]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize("index", ["0", 0.0, None, True], ids=["string", "float", "null", "bool"])
+def test_a_choice_index_that_is_not_an_integer_is_a_protocol_error(index: Any) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        decode([data_line({"choices": [{"index": index, "delta": {"content": "x"}}]}) + DONE])

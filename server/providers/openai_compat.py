@@ -13,14 +13,24 @@ Failure mapping (the messages never contain the API key or the upstream's own te
 
     connection refused, DNS failure, reset   -> UpstreamUnavailable (502)
     connect or read timeout                  -> UpstreamTimeout (504)
-    HTTP 429                                 -> UpstreamRateLimited (503, Retry-After passed on)
+    HTTP 429                                 -> UpstreamRateLimited (503, Retry-After passed on, at most 3600 s)
     HTTP 401 / 403                           -> UpstreamError (502), "rejected the relay's credentials"
     any other HTTP status                    -> UpstreamError (502), naming the status
-    malformed chunk, early end               -> UpstreamProtocolError (502)
+    an error object or SSE error field       -> UpstreamError (502), naming its code when it is an HTTP status
+    malformed chunk, early end, [DONE] with
+    no text and no finish_reason, oversized
+    event, a flood without events, a content
+    coding the relay did not offer           -> UpstreamProtocolError (502)
+
+An upstream never holds the event loop: the body is decoded at most `_TURN_BYTES` per loop turn, a compressed body
+is inflated in pieces of at most `_READ_SIZE`, and the decoder's bounds (`upstream_sse`) end a flood of lines,
+comments or newlines after a few MiB. Valid events that carry no text yield no batch, so the relay's first-token
+and idle timeouts (which only text moves) end a flood of those.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
@@ -30,6 +40,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from ..chat_request import ChatRequest
+from ..content_coding import IDENTITY, BoundedInflater, content_coding
 from ..errors import (
     RelayError,
     UpstreamError,
@@ -45,6 +56,19 @@ from .base import on_abort
 # stopped reading then holds about the transport's high-water mark plus one batch, not whatever the upstream
 # reader had buffered (reading everything buffered made 1.4 MB per stalled stream in the soak test).
 _READ_SIZE = 16 * 1024
+
+# Decoded bytes between two turns of the event loop (see `stream`): a turn decodes at most this much, a few
+# milliseconds of work even for the costliest input (a read of nothing but line ends), so an upstream that floods
+# the relay delays other streams, timers and signals by that much and no more.
+_TURN_BYTES = 64 * 1024
+
+# After [DONE], the rest of the body is read only to let the pool reuse the connection: a well-behaved upstream
+# has nothing more to send, and one that keeps sending costs its connection instead of the relay's time.
+_DRAIN_LIMIT = 64 * 1024
+
+# The longest Retry-After passed on to clients: a larger value from an upstream is more likely a bug than a plan,
+# and a client told to wait a day gives up on the service.
+MAX_RETRY_AFTER = 3600.0
 
 # The header `with_streaming_response` sets: the client returns the response unread, its body streamed.
 _RAW_STREAM: openai.RequestOptions = {"headers": {"X-Stainless-Raw-Response": "stream"}}
@@ -80,14 +104,29 @@ def make_openai_client(
 
 
 def _retry_after(headers: httpx2.Headers) -> float | None:
-    value = headers.get("retry-after")
+    return retry_after_seconds(headers.get("retry-after"))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """An upstream's ``Retry-After`` as seconds to pass on, at most `MAX_RETRY_AFTER`; None when it is not a number.
+
+    RFC 9110 §10.2.3: delay-seconds is ``1*DIGIT``. A decimal fraction is taken too (some servers send one);
+    ``inf``, ``nan``, exponents, signs and the rest of what ``float()`` accepts are not delay-seconds.
+
+    >>> retry_after_seconds("7"), retry_after_seconds("1.5"), retry_after_seconds("99999999999")
+    (7.0, 1.5, 3600.0)
+    >>> retry_after_seconds("inf"), retry_after_seconds("-5"), retry_after_seconds("1e400")
+    (None, None, None)
+    """
     if value is None:
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP-date: rare from model APIs; the client gets no hint rather than a wrong one
-    return seconds if seconds >= 0 else None
+    text = value.strip()
+    whole, _, fraction = text.partition(".")
+    if not (whole.isascii() and whole.isdigit()) or (fraction and not (fraction.isascii() and fraction.isdigit())):
+        return None  # an HTTP-date is rare from model APIs: the client gets no hint rather than a wrong one
+    if len(whole) > 9:  # more than 31 years: clamp before float() sees a digit string of any length
+        return MAX_RETRY_AFTER
+    return min(float(text), MAX_RETRY_AFTER)
 
 
 def _refused(exc: BaseException) -> bool:
@@ -139,23 +178,43 @@ def _drop(raw: aiohttp.ClientResponse) -> None:
     raw.close()
 
 
-def _body_chunks(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[bytes]:
-    """The response body as it arrives, and a synchronous way to drop the upstream socket if the client leaves.
+def _raw_body(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[bytes]:
+    """The response body as it arrives, still in its content coding, and a synchronous way to drop the upstream
+    socket if the client leaves.
 
-    With the package's aiohttp transport, the body stream wraps an ``aiohttp.ClientResponse``. Aborting its
-    transport drops the connection at once (`_drop`, registered with `on_abort`), and reading its content directly
-    (at most `_READ_SIZE` at a time) skips the client's four layers of async iterators (in the relay
-    bench's paced scenario the gain was within its noise, 47.5 -> 47.0 CPU-µs per token; the abort is the point).
-    The transport asks aiohttp not to decompress; a compressed body, or any other transport, takes the client's
-    own ``iter_bytes``.
+    With the package's aiohttp transport, the body stream wraps an ``aiohttp.ClientResponse`` (which the transport
+    asks not to decompress). Aborting its transport drops the connection at once (`_drop`, registered with
+    `on_abort`), and reading its content directly (at most `_READ_SIZE` at a time) skips the client's four layers
+    of async iterators (in the relay bench's paced scenario the gain was within its noise, 47.5 -> 47.0 CPU-µs per
+    token; the abort is the point). Any other transport is read through httpx's public ``aiter_raw``. Neither path
+    decompresses: the client's own ``iter_bytes`` would inflate a whole read at once (see `content_coding`).
     """
     raw = aiohttp_response(response)
     if raw is None:
-        return response.iter_bytes()
+        return response.http_response.aiter_raw(_READ_SIZE)
     on_abort(lambda: _drop(raw))
-    if raw.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
-        return response.iter_bytes()
     return raw.content.iter_chunked(_READ_SIZE)
+
+
+def _body(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[bytes]:
+    """The decoded body, in pieces of at most `_READ_SIZE` bytes however much a compressed read inflates to."""
+    coding = content_coding(response.headers.get("content-encoding"))
+    chunks = _raw_body(response)
+    return chunks if coding == IDENTITY else _inflated(chunks, BoundedInflater(coding, _READ_SIZE))
+
+
+async def _inflated(chunks: AsyncIterator[bytes], inflater: BoundedInflater) -> AsyncGenerator[bytes, None]:
+    async for chunk in chunks:
+        for piece in inflater.feed(chunk):
+            yield piece
+    inflater.end()
+
+
+async def _close(body: AsyncIterator[bytes]) -> None:
+    """Close what `_body` returned, if it is a generator (aiohttp's chunk iterator has nothing to close)."""
+    close = getattr(body, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _status_error(exc: openai.APIStatusError) -> RelayError:
@@ -198,11 +257,29 @@ class OpenAIProvider:
             # left) closes the HTTP response; an unfinished body cannot be reused, so the connection goes too.
             try:
                 decoder = ChunkStreamDecoder()
-                async for data in _body_chunks(response):
-                    events = decoder.feed(data)
-                    if events:
-                        yield events
-                # Reading on to the end of the body after [DONE] lets the pool reuse the connection.
+                since_turn = after_done = 0
+                body = _body(response)
+                try:
+                    async for piece in body:
+                        if decoder.finished:
+                            # Reading on to the end of the body after [DONE] lets the pool reuse the connection;
+                            # an upstream that keeps sending after it is not worth reading: drop the connection.
+                            after_done += len(piece)
+                            if after_done > _DRAIN_LIMIT:
+                                break
+                        else:
+                            events = decoder.feed(piece)
+                            # Never an empty batch: the relay's idle clock must not take bytes for progress.
+                            if events:
+                                yield events
+                        since_turn += len(piece)
+                        if since_turn >= _TURN_BYTES:
+                            # aiohttp hands out buffered data without a pause: let the loop run other streams,
+                            # timers (this stream's own timeouts) and signals before decoding more.
+                            since_turn = 0
+                            await asyncio.sleep(0)
+                finally:
+                    await _close(body)
                 tail = decoder.end()
                 if tail:
                     yield tail
