@@ -29,7 +29,7 @@ from server.events import Delta, Done, Usage
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
-from .test_process import ROOT, _free_port, _wait_up
+from .processes import ROOT, free_port, wait_up
 from .wire import sse_events, sse_text
 
 # Small timeouts where a timeout is the expected end (valid events without text: no bound applies); long ones where
@@ -161,7 +161,7 @@ async def test_the_server_process_stays_small_and_stops_on_sigterm_mid_flood(
     # upstream's bytes were buffered, so neither the signal handler nor /healthz got a turn.
     behavior, _ = FLOODS[flood]
     fake_upstream.behavior = replace(behavior, fault_after=1, flood_bytes=1 << 40)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
     log = (tmp_path / "stderr").open("wb")
     command = [
@@ -175,7 +175,7 @@ async def test_the_server_process_stays_small_and_stops_on_sigterm_mid_flood(
     took: list[float] = []
     try:
         async with aiohttp.ClientSession() as http:
-            await _wait_up(base, http)
+            await wait_up(base, http)
             idle = _memory_kib(proc.pid)["VmRSS"]
             stream = await http.get(f"{base}/api/chat", params={"prompt": "x"})
             assert stream.status == 200
