@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from .app import create_app
+from .app import create_app, runner_settings
 from .config import Config, load_config
+from .descriptors import install_accept_warning
 from .gc_tuning import apply_after_startup
 
 
@@ -38,14 +39,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     app = create_app(config)
     if config.gc_tuning:
         apply_after_startup(app)
+    loop = asyncio.new_event_loop()
+    install_accept_warning(loop)
     web.run_app(
         app,
         host=config.host,
         port=config.port,
-        shutdown_timeout=config.shutdown_grace,
         reuse_port=config.reuse_port or None,
-        access_log=None,
         print=None,
+        loop=loop,
+        **runner_settings(config),
     )
 
 

@@ -1,4 +1,5 @@
-"""HTTP handlers: parse, validate, negotiate, admit, then hand the request to a `RelayStream`.
+"""HTTP handlers: identify, admit, validate and negotiate (`server/intake.py`), then hand the request to a
+`RelayStream`.
 
 Everything that can be refused is refused here, before a byte of the response is written, so that every refusal
 is a proper status with a JSON body ``{"error": {"type", "message"}}``.
@@ -11,53 +12,12 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from . import chat_request
-from .errors import (
-    Forbidden,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    RelayError,
-    UnsupportedMediaType,
-)
-from .framing import FRAMINGS
-from .negotiation import choose_framing
+from .errors import MethodNotAllowed, NotFound, RelayError
+from .intake import accept_chat, check_origin, read_body
 from .state import RELAY
 from .stream import RelayStream, error_response
 
 log = logging.getLogger("llm_relay.handlers")
-
-_JSON_TYPES = frozenset({"application/json", "text/json"})
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (also when the app is mounted in a host whose
-    ``client_max_size`` differs: aiohttp applies that only on the root app)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def check_origin(request: web.Request, allowed: frozenset[str]) -> None:
-    """Refuse browser requests from pages of other origins unless CORS allows them.
-
-    CORS only hides a cross-origin response from the page; the request itself (and the generation it pays for)
-    would still run. Browsers send ``Origin`` on cross-origin EventSource and fetch requests, so check it here.
-    """
-    origin = request.headers.get(hdrs.ORIGIN)
-    if origin is None or origin in allowed:
-        return
-    if origin == f"{request.scheme}://{request.host}":
-        return
-    raise Forbidden("this origin is not allowed to use the API")
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -67,21 +27,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
         # Only a reconnecting EventSource sends Last-Event-ID. Starting the generation again would pay for a
         # second reply; 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3), so the browser gives up.
         return web.Response(status=204, headers={"Cache-Control": "no-store"})
-    try:
-        check_origin(request, state.cors_origins)
-        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
-        if request.method == hdrs.METH_GET:
-            chat_req = chat_request.from_query(request.query, state.rules)
-        else:
-            mime = request.content_type
-            if mime not in _JSON_TYPES:
-                raise UnsupportedMediaType("send the body as application/json")
-            body = await read_body(request, state.config.max_body_bytes)
-            chat_req = chat_request.from_json_body(body, state.rules)
-        client = state.identify(request)
-        admission = await state.limiter.admit(client)
-    except RelayError as error:
-        return error_response(error)
+    accepted = await accept_chat(request, state)  # identified and admitted before the body is read (intake.py)
+    if isinstance(accepted, web.StreamResponse):
+        return accepted
+    chat_req, framing, admission = accepted.chat, accepted.framing, accepted.admission
     stream = RelayStream(
         state.provider,
         chat_req,
