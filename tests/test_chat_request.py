@@ -390,4 +390,5 @@ def test_query_encoding_refused(raw: str) -> None:
 
 def test_docstring_examples_run() -> None:
     failures, tried = doctest.testmod(server.chat_request)
-    assert tried and not failures
+    assert tried
+    assert not failures
