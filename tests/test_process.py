@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
+from .raw_http import closed_by_server, connect, post_head, read_response
 from .wire import ndjson_objects, sse_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +87,46 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
         "--host", "--port", "--provider", "--base-url", "--api-key", "--model", "--demo-delay",
         "--first-token-timeout", "--idle-timeout", "--total-timeout", "--write-timeout", "--heartbeat",
         "--cors-origin", "--rate", "--burst", "--redis-url", "--trusted-proxy", "--api-keys-file",
+        "--request-head-timeout", "--request-body-timeout", "--auth-failures", "--auth-failure-rate",
     )  # fmt: skip
     for option in options:
         assert option in out
         assert "LLM_RELAY_" + option[2:].upper().replace("-", "_") in out.replace("\n", "").replace(" ", "")
     assert "OPENAI_API_KEY" in out
+
+
+async def test_the_request_timeouts_apply_to_the_standalone_server(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LLM_RELAY_"))}
+    argv = ["--port", str(port), "--demo-delay", "0", "--request-head-timeout", "1", "--request-body-timeout", "1"]
+    log = (tmp_path / "stderr").open("wb")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once; the test then talks to it over sockets
+        [sys.executable, "-m", "server", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _wait_up(base, http)
+            # A head that never ends is closed after the head timeout.
+            reader, writer = await connect(base)
+            writer.write(b"GET /api/chat?prompt=x HTTP/1.1\r\nHost: relay.test\r\n")
+            started = time.monotonic()
+            assert await closed_by_server(reader, timeout=4)
+            assert time.monotonic() - started >= 0.9
+            writer.close()
+            # A body that never ends gets 408 after the body timeout, and the connection closes.
+            reader, writer = await connect(base)
+            writer.write(post_head("/api/chat", 100) + b'{"prompt": ')
+            response = await read_response(reader, timeout=4)
+            assert response.status == 408
+            assert response.json()["error"]["type"] == "request_timeout"
+            assert await closed_by_server(reader, timeout=4)
+            writer.close()
+            async with http.post(f"{base}/api/chat", json={"prompt": "hi"}) as resp:
+                assert resp.status == 200
+                assert sse_events(await resp.read())[-1][0] == "done"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 10)
+        log.close()
+    assert "Traceback" not in (tmp_path / "stderr").read_text()
