@@ -94,19 +94,21 @@ class EpisodeLog:
 _EPISODES = EpisodeLog()
 
 
-def warn_out_of_descriptors(while_doing: str, clock: Callable[[], float] = time.monotonic) -> None:
+def warn_out_of_descriptors(
+    while_doing: str, *, episodes: EpisodeLog = _EPISODES, clock: Callable[[], float] = time.monotonic
+) -> None:
     """Log the start of an episode at the descriptor limit; later failures of the episode only at debug level."""
-    if _EPISODES.starts_episode(clock()):
+    if episodes.starts_episode(clock()):
         log.warning(
             "out of file descriptors (EMFILE/ENFILE) while %s: clients are refused (503) or not accepted until "
             "descriptors free up; raise the limit (ulimit -n, LimitNOFILE=) or lower --max-streams",
             while_doing,
         )
     else:
-        log.debug("out of file descriptors while %s (%d in this episode)", while_doing, _EPISODES.failures)
+        log.debug("out of file descriptors while %s (%d in this episode)", while_doing, episodes.failures)
 
 
-def install_accept_warning(loop: asyncio.AbstractEventLoop) -> None:
+def install_accept_warning(loop: asyncio.AbstractEventLoop, *, episodes: EpisodeLog = _EPISODES) -> None:
     """Report the loop's accept failures at the descriptor limit through `warn_out_of_descriptors`.
 
     Only for the relay's own processes (``python -m server``, the gunicorn app): the loop's exception handler is
@@ -118,7 +120,7 @@ def install_accept_warning(loop: asyncio.AbstractEventLoop) -> None:
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and out_of_descriptors(exc):
-            warn_out_of_descriptors("accepting connections")
+            warn_out_of_descriptors("accepting connections", episodes=episodes)
         elif previous is not None:
             previous(loop, context)
         else:

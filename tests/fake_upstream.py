@@ -45,6 +45,7 @@ class Behavior:
     crlf: bool = False  # use CRLF line endings, as some servers do
     gzip: bool = False  # compress the body (Content-Encoding: gzip), as some proxies do
     chaos: float = 0.0  # the share of requests that get a random fault instead (soak tests)
+    keep_alive: bool = True  # False: Connection: close, so that every request needs a new connection
 
 
 @dataclass
@@ -154,6 +155,8 @@ class FakeUpstream:
             return web.json_response(error, status=b.status, headers=headers)
         eol = "\r\n" if b.crlf else "\n"
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        if not b.keep_alive:
+            response.force_close()
         if b.gzip:
             response.enable_compression(web.ContentCoding.gzip)
         await response.prepare(request)
