@@ -4,10 +4,11 @@ Every socket, file and pipe takes a descriptor; at the limit (``ulimit -n``) the
 EMFILE (ENFILE when the whole system is out). Two places fail then:
 
 * **accepting** a connection. asyncio's accept loop hands "socket.accept() out of system resource" to the loop's
-  exception handler, with a traceback, for every pending connection (CPython 3.11 retries the whole backlog),
-  and stops accepting for a second; uvloop (libuv) accepts the connection and closes it again, silently. Either
-  way that client gets no answer: there is no descriptor to answer on. `install_accept_warning` replaces
-  asyncio's tracebacks with the warning below, in the relay's own processes only.
+  exception handler, with a traceback, for each failed ``accept()`` (its loop goes on after the error, up to the
+  backlog, and schedules a retry each time: CPython gh-151615), and stops accepting for a second; uvloop (libuv)
+  accepts the connection and closes it again, silently. Either way that client gets no answer: there is no
+  descriptor to answer on. `install_accept_warning` replaces asyncio's tracebacks with the warning below, in the
+  relay's own processes only.
 * **inside a request**: opening the upstream connection, or anything else that needs a descriptor (the openai
   client's first request imports a module, which opens its file). The provider turns that into
   `server.errors.OutOfDescriptors`: the client whose connection was accepted gets 503 ``server_overloaded``
