@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from server.config import Config
 
@@ -184,7 +185,7 @@ async def test_text_that_is_not_unicode_is_400_and_never_reaches_the_upstream(
     base = await serve_standalone(upstream_config(fake_upstream))
     async with aiohttp.ClientSession() as http:
         kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if body else {}
-        async with http.request(method, aiohttp.client.URL(f"{base}{target}", encoded=True), **kwargs) as resp:  # type: ignore[arg-type]
+        async with http.request(method, URL(f"{base}{target}", encoded=True), **kwargs) as resp:  # type: ignore[arg-type]
             assert resp.status == 400
             error = (await resp.json())["error"]
             assert error["type"] == "invalid_request"
