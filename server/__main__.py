@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from .app import create_app
+from .app import create_app, runner_settings
 from .backlog import effective_backlog
 from .config import Config, ConfigError, describe_source, load_config, startup_error
+from .descriptors import install_accept_warning
 from .gc_tuning import apply_after_startup
 from .state import RELAY
 
@@ -66,16 +67,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         # An operator who reaches the relay by a name not listed sees why it answers 421.
         log.info("Host check: %s", app[RELAY].origin_policy.describe())
 
+    loop = asyncio.new_event_loop()
+    install_accept_warning(loop)
     try:
         web.run_app(
             app,
             host=config.host,
             port=config.port,
             backlog=backlog,
-            shutdown_timeout=config.shutdown_grace,
             reuse_port=config.reuse_port or None,
-            access_log=None,
             print=listens,
+            loop=loop,
+            **runner_settings(config),
         )
     except OSError as exc:
         if listening:

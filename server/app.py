@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import aiohttp_cors
 from aiohttp import web
@@ -19,6 +20,7 @@ from .client_key import ClientIdentifier
 from .config import DEMO_MODEL, Config
 from .generation import GenerationSettings
 from .handlers import chat, healthz, json_errors, stop, stream
+from .intake import expect_handler
 from .limiter import build_limiter as build_backend_limiter
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
 from .reader import ReaderSettings
@@ -29,6 +31,29 @@ from .state import RELAY, RelayState
 log = logging.getLogger("llm_relay")
 
 API_PREFIX = "/api"
+
+# After a response to a request whose body was left unread (a refusal), aiohttp goes on reading and discarding the
+# body for up to `lingering_time`, so that closing the connection does not reset the response away before the
+# client has read it (RFC 9112 §9.6). Its default, 10 s, is ten seconds of reading at the wire's speed for every
+# refused request; a second covers the bytes in flight.
+LINGERING_TIME = 1.0
+
+
+def runner_settings(config: Config) -> dict[str, Any]:
+    """The keyword arguments of aiohttp's runner (``web.AppRunner``, ``web.run_app``) for the relay's own
+    processes: ``python -m server`` and the gunicorn app. A host that embeds the relay sets these on its own
+    runner (docs/request-limits.md).
+
+    aiohttp closes a connection whose request head is not complete `keepalive_timeout` after the connection
+    opened or its previous response ended (the same clock ends idle keep-alive connections; RFC 9112 §9.5 leaves
+    both to the server). The body's timeout is the handler's own (`server.intake`).
+    """
+    return {
+        "keepalive_timeout": config.request_head_timeout,
+        "lingering_time": LINGERING_TIME,
+        "shutdown_timeout": config.shutdown_grace,
+        "access_log": None,
+    }
 
 
 def build_provider(config: Config) -> Provider:
@@ -133,9 +158,10 @@ def create_relay_app(
     )
     api[RELAY] = state
     chat_resource = api.router.add_resource("/chat", name="chat")
+    # The expect handler leaves 100 Continue to the handler, which sends it once the client is admitted.
     routes = [
-        chat_resource.add_route("GET", chat),
-        chat_resource.add_route("POST", chat),
+        chat_resource.add_route("GET", chat, expect_handler=expect_handler),
+        chat_resource.add_route("POST", chat, expect_handler=expect_handler),
     ]
     stream_resource = api.router.add_resource("/streams/{id}", name="stream")
     routes += [

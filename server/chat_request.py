@@ -4,13 +4,20 @@ Two shapes reach us: the query string of ``GET /api/chat?prompt=...`` (all an ``
 JSON body of ``POST /api/chat``: ``{"messages": [{"role", "content"}, ...], "model"?, "max_tokens"?,
 "temperature"?}`` or ``{"prompt": "..."}``. Every rule here raises `RequestError` with a message that says
 what to change.
+
+Text must be Unicode that UTF-8 can carry, since that is how it travels on to the model provider. A JSON string
+can spell a lone UTF-16 surrogate (``"\\ud800"``, which JavaScript strings may hold) and a query string can
+percent-encode bytes that are not UTF-8 (``%ED%A0%80``, a surrogate's would-be encoding, RFC 3629 §3); both are
+refused here rather than failing later, in the provider's client, as a 500.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 from .errors import RequestError
 
@@ -53,11 +60,22 @@ class RequestRules:
     max_tokens_cap: int = 32_768
 
 
+# json.loads joins an escaped surrogate pair into one code point, and strict UTF-8 decoding refuses encoded
+# surrogates, so any surrogate code point left in a decoded string is a lone one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _check_text(value: object, what: str, rules: RequestRules) -> str:
     if not isinstance(value, str):
         raise RequestError(f"{what} must be a string")
     if len(value) > rules.max_message_chars:
         raise RequestError(f"{what} is longer than {rules.max_message_chars} characters")
+    lone = _SURROGATE.search(value)
+    if lone is not None:
+        raise RequestError(
+            f"{what} holds a lone UTF-16 surrogate (U+{ord(lone.group()):04X} at character {lone.start()}), "
+            "which is not Unicode text: send well-formed strings (String.prototype.toWellFormed() in JavaScript)"
+        )
     return value
 
 
@@ -144,6 +162,24 @@ def _resume_flag(value: object) -> bool:
     if value in ("0", "false"):
         return False
     raise RequestError("resume must be true or false (1 or 0 in a query string)")
+
+
+def check_query_encoding(raw_query: str) -> None:
+    """Refuse a query string whose percent-encoded bytes are not UTF-8 (RFC 3986 §2.5: URIs encode text as UTF-8).
+
+    aiohttp (yarl) decodes them with replacement, so without this check ``%ED%A0%80`` would reach the model as
+    three U+FFFD characters, a prompt the client never wrote.
+
+    >>> check_query_encoding("prompt=caf%C3%A9+%F0%9F%99%82")
+    >>> check_query_encoding("prompt=%ED%A0%80")
+    Traceback (most recent call last):
+    ...
+    server.errors.RequestError: the query string is not valid UTF-8 once percent-decoded (RFC 3986 §2.5)
+    """
+    try:
+        unquote_to_bytes(raw_query).decode("utf-8")
+    except UnicodeError:  # bytes that are not UTF-8, or characters that cannot be encoded as UTF-8
+        raise RequestError("the query string is not valid UTF-8 once percent-decoded (RFC 3986 §2.5)") from None
 
 
 def from_query(query: Mapping[str, str], rules: RequestRules) -> ChatRequest:

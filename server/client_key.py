@@ -2,7 +2,9 @@
 
 * With ``--api-keys-file``, the client is its API key (``Authorization: Bearer <key>``): a missing or unknown key
   is refused with 401 before anything else is counted. The key itself is never stored: the client key is
-  ``key:`` and the start of its SHA-256, which is all that reaches the limiter (and Redis).
+  ``key:`` and the start of its SHA-256, which is all that reaches the limiter (and Redis). Failures are counted
+  per client address (`server/auth_failures.py`): past ``--auth-failures`` of them, the address gets 429 with
+  Retry-After, before its key is even looked at.
 * Otherwise the client is its address, ``ip:<address>``. The address is the peer of the TCP connection, unless
   that peer is one of ``--trusted-proxy``: then ``X-Forwarded-For`` is read from the right, skipping trusted
   proxies, and the first address no trusted proxy vouches for is the client. Anyone else's ``X-Forwarded-For``
@@ -16,13 +18,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable, Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from aiohttp import hdrs, web
 
+from .auth_failures import AuthFailurePolicy, AuthFailures
 from .config import Config, ConfigError
-from .errors import Unauthorized
+from .errors import TooManyAuthFailures, Unauthorized
+from .limits import parse_rate
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -155,21 +161,56 @@ class APIKeys:
 
 
 class ClientIdentifier:
-    """``(request) -> client key``, as `server.app.build_identify` installs it; raises `Unauthorized`."""
+    """``(request) -> client key``, as `server.app.build_identify` installs it; raises `Unauthorized`, or
+    `TooManyAuthFailures` for an address that failed to authenticate too often."""
 
-    __slots__ = ("api_keys", "trusted_proxies")
+    __slots__ = ("api_keys", "auth_failures", "clock", "trusted_proxies")
 
-    def __init__(self, *, trusted_proxies: Sequence[IPNetwork] = (), api_keys: APIKeys | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        trusted_proxies: Sequence[IPNetwork] = (),
+        api_keys: APIKeys | None = None,
+        auth_failures: AuthFailures | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.trusted_proxies = tuple(trusted_proxies)
         self.api_keys = api_keys
+        self.auth_failures = auth_failures
+        self.clock = clock
 
     @classmethod
     def from_config(cls, config: Config) -> ClientIdentifier:
         api_keys = APIKeys.from_file(config.api_keys_file) if config.api_keys_file else None
-        return cls(trusted_proxies=parse_networks(config.trusted_proxies), api_keys=api_keys)
+        policy = AuthFailurePolicy(config.auth_failures, parse_rate(config.auth_failure_rate))
+        return cls(
+            trusted_proxies=parse_networks(config.trusted_proxies),
+            api_keys=api_keys,
+            auth_failures=AuthFailures(policy) if api_keys is not None and policy.enabled else None,
+        )
 
-    def __call__(self, request: web.Request) -> str:
-        if self.api_keys is not None:
-            return self.api_keys.identify(request.headers.get(hdrs.AUTHORIZATION))
+    def address(self, request: web.Request) -> str:
+        """The client key of the request's address (``ip:...``), whether or not API keys are configured."""
         forwarded: list[str] = request.headers.getall(hdrs.X_FORWARDED_FOR, []) if self.trusted_proxies else []
         return client_address(request.remote, forwarded, self.trusted_proxies)
+
+    def __call__(self, request: web.Request) -> str:
+        if self.api_keys is None:
+            return self.address(request)
+        authorization = request.headers.get(hdrs.AUTHORIZATION)
+        failures = self.auth_failures
+        if failures is None:
+            return self.api_keys.identify(authorization)
+        address = self.address(request)
+        now = self.clock()
+        wait = failures.retry_after(address, now)
+        if wait is not None:
+            raise TooManyAuthFailures(
+                f"too many failed attempts to authenticate from your address; try again in {math.ceil(wait)} s",
+                retry_after=wait,
+            )
+        try:
+            return self.api_keys.identify(authorization)
+        except Unauthorized:
+            failures.failed(address, now)
+            raise

@@ -68,6 +68,10 @@ class Config:
     # localhost are answered (request_origin.py: a Host the requester chose may be a DNS-rebinding name).
     public_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
+    # How long a connection may take to send a complete request head (and how long an idle keep-alive connection
+    # stays open: aiohttp has one clock for both), and a request its whole body. Seconds; the body's 0 = no limit.
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 30.0
     max_messages: int = 200
     max_message_chars: int = 32_000
     shutdown_grace: float = 5.0
@@ -93,6 +97,9 @@ class Config:
     redis_fail_open: bool = True
     trusted_proxies: tuple[str, ...] = ()
     api_keys_file: str | None = None
+    # With API keys: failed authentications an address may make at once, and how fast they are forgiven.
+    auth_failures: int = 10
+    auth_failure_rate: str = "6/m"
     limits_enabled: bool = True
     max_tracked_clients: int = 100_000
 
@@ -156,6 +163,17 @@ def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
         value = kind(text)
         if not value >= 0:  # also refuses NaN
             raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not 0 < value < float("inf"):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
         return value
 
     parse.__name__ = kind.__name__
@@ -293,6 +311,17 @@ _OPTIONS: tuple[_Option, ...] = (
         field="public_origins",
     ),
     _Option("max-body-bytes", "largest request body accepted", _non_negative(int)),
+    _Option(
+        "request-head-timeout",
+        "seconds a connection may take to send a complete request head; also how long an idle keep-alive "
+        "connection is kept (python -m server and the gunicorn app; a host app sets its runner's keepalive_timeout)",
+        _positive(float),
+    ),
+    _Option(
+        "request-body-timeout",
+        "seconds a request may take to send its whole body, else 408 (0 = no limit)",
+        _non_negative(float),
+    ),
     _Option("max-messages", "most messages in one request", _non_negative(int)),
     _Option("max-message-chars", "longest message, in characters", _non_negative(int)),
     _Option("shutdown-grace", "seconds open streams get to finish on shutdown", _non_negative(float)),
@@ -331,6 +360,12 @@ _OPTIONS: tuple[_Option, ...] = (
         field="trusted_proxies",
     ),
     _Option("api-keys-file", "file of client API keys, one per line; then a key is required"),
+    _Option(
+        "auth-failures",
+        "with API keys: failed authentications an address may make before it must wait (429) (0 = no limit)",
+        _non_negative(int),
+    ),
+    _Option("auth-failure-rate", "how fast failed authentications are forgiven, e.g. 6/m (0/m = no limit)"),
     _Option("limits", "admission control on or off", _bool, field="limits_enabled"),
 )
 
@@ -395,13 +430,14 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         if given is None:
             continue
         values[name] = tuple(given) if option.repeatable else given
-    if "rate" in values:
-        from .limits import parse_rate
+    for name in ("rate", "auth_failure_rate"):
+        if name in values:
+            from .limits import parse_rate
 
-        try:
-            parse_rate(values["rate"])
-        except ValueError as exc:
-            parser.error(f"--rate: {exc}")
+            try:
+                parse_rate(values[name])
+            except ValueError as exc:
+                parser.error(f"--{name.replace('_', '-')}: {exc}")
     if "trusted_proxies" in values:
         from .client_key import parse_networks
 

@@ -8,11 +8,16 @@
     │   ├── NotFound           404
     │   ├── ResumeUnavailable  404  a stream that cannot be resumed here (gone, evicted, expired, elsewhere)
     │   ├── MisdirectedRequest 421  sent to a host name the relay does not answer for (DNS rebinding)
-    │   └── UnsupportedMediaType 415
+    │   ├── UnsupportedMediaType 415
+    │   ├── RequestTimeout     408  the head came, the body did not arrive in time
+    │   ├── IncompleteBody     400  the body was cut short (the client went away, or its framing broke)
+    │   └── ExpectationFailed  417  an Expect other than 100-continue
     ├── Unauthorized           401
     ├── Forbidden              403  a browser request on behalf of a page that may not start a generation
     ├── RateLimited            429  (limits)
+    │   └── TooManyAuthFailures      429  this address failed to authenticate too often
     ├── Overloaded             503  (limits: global capacity)
+    │   └── OutOfDescriptors         503  the process is at its file-descriptor limit
     ├── UpstreamError          502  the model provider failed
     │   ├── UpstreamUnavailable      502  could not connect / connection lost
     │   ├── UpstreamRateLimited      503  the provider throttled us; Retry-After passed on when known
@@ -92,9 +97,17 @@ class RateLimited(RelayError):
     type = "rate_limited"
 
 
+class TooManyAuthFailures(RateLimited):
+    type = "auth_rate_limited"
+
+
 class Overloaded(RelayError):
     status = 503
     type = "overloaded"
+
+
+class OutOfDescriptors(Overloaded):
+    type = "server_overloaded"
 
 
 class UpstreamError(RelayError):
@@ -139,3 +152,17 @@ class MisdirectedRequest(RequestError):
 class UnsupportedMediaType(RequestError):
     status = 415
     type = "unsupported_media_type"
+
+
+class RequestTimeout(RequestError):
+    status = 408
+    type = "request_timeout"
+
+
+class IncompleteBody(RequestError):
+    type = "incomplete_body"
+
+
+class ExpectationFailed(RequestError):
+    status = 417
+    type = "expectation_failed"

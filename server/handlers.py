@@ -1,4 +1,5 @@
-"""HTTP handlers: parse, validate, negotiate, admit, then start a `Generation` and read it with a `Reader`.
+"""HTTP handlers: take the request in (`server/intake.py`: origin, identity, admission, then the body), start a
+`Generation` and read it with a `Reader`; resume and stop streams.
 
 Everything that can be refused is refused here, before a byte of the response is written, so that every refusal
 is a proper status with a JSON body ``{"error": {"type", "message"}}``.
@@ -11,86 +12,44 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from . import chat_request
 from .errors import (
     MethodNotAllowed,
     NotFound,
-    PayloadTooLarge,
     RelayError,
     RequestError,
     ResumeUnavailable,
-    UnsupportedMediaType,
 )
 from .framing import FRAMINGS, Framing
 from .generation import Generation
+from .intake import accept_chat, check_host, check_origin, read_body
 from .negotiation import choose_framing
 from .reader import Reader
-from .request_origin import OriginPolicy, SourceHeaders
 from .responses import error_response
 from .resume import is_stream_id, parse_after, parse_last_event_id
 from .state import RELAY, RelayState
 
 log = logging.getLogger("llm_relay.handlers")
 
-_JSON_TYPES = frozenset({"application/json", "text/json"})
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (also when the app is mounted in a host whose
-    ``client_max_size`` differs: aiohttp applies that only on the root app)."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def check_origin(request: web.Request, policy: OriginPolicy) -> None:
-    """Refuse a request that must not start a generation (request_origin.py): sent to a host name the relay does
-    not answer for (DNS rebinding), or made by a browser for a page of another site, or as a page or resource load.
-
-    CORS only hides a cross-origin response from the page; the request itself (and the generation it pays for)
-    would still run, so the refusal must happen here, before anything starts.
-    """
-    policy.check_api_request(SourceHeaders.from_headers(request.headers), request.scheme)
-
-
-def check_host(request: web.Request, policy: OriginPolicy) -> None:
-    """Refuse a request sent to a host name the relay does not answer for (421); for the page."""
-    policy.check_host(request.headers.get(hdrs.HOST))
-
 
 async def chat(request: web.Request) -> web.StreamResponse:
     """``GET /chat?prompt=...`` (EventSource) and ``POST /chat`` with a JSON body (fetch) start a generation; a
     GET with ``Last-Event-ID`` is a reconnecting EventSource, which resumes its stream instead."""
     state = request.app[RELAY]
-    try:
-        check_origin(request, state.origin_policy)
-        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
-        if request.method == hdrs.METH_GET and hdrs.LAST_EVENT_ID in request.headers:
-            # Only a reconnecting EventSource sends Last-Event-ID: never a second generation, but the same one
-            # from after the last event it saw (WHATWG HTML §9.2.3), or a defined error.
+    if request.method == hdrs.METH_GET and hdrs.LAST_EVENT_ID in request.headers:
+        # Only a reconnecting EventSource sends Last-Event-ID: never a second generation, but the same one from
+        # after the last event it saw (WHATWG HTML §9.2.3), or a defined error.
+        try:
+            check_origin(request, state.origin_policy)
+            framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
             point = parse_last_event_id(request.headers[hdrs.LAST_EVENT_ID])
             state.identify(request)
             return await _resume(request, point.stream_id, point.after, framing)
-        if request.method == hdrs.METH_GET:
-            chat_req = chat_request.from_query(request.query, state.rules)
-        else:
-            mime = request.content_type
-            if mime not in _JSON_TYPES:
-                raise UnsupportedMediaType("send the body as application/json")
-            body = await read_body(request, state.config.max_body_bytes)
-            chat_req = chat_request.from_json_body(body, state.rules)
-        client = state.identify(request)
-        admission = await state.limiter.admit(client)
-    except RelayError as error:
-        return error_response(error)
+        except RelayError as error:
+            return error_response(error)
+    accepted = await accept_chat(request, state)  # identified and admitted before the body is read
+    if isinstance(accepted, web.StreamResponse):
+        return accepted
+    chat_req, framing, admission = accepted.chat, accepted.framing, accepted.admission
     # The generation holds the admission (its concurrency slot) until it ends, with readers or without.
     generation = Generation(
         state.provider, chat_req, state.generation_settings, resumable=chat_req.resume, admission=admission

@@ -8,6 +8,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from server.app import create_app, runner_settings
 from server.config import Config
 
 from .fake_upstream import FakeUpstream
@@ -36,6 +37,29 @@ async def serve() -> AsyncIterator[ServeApp]:
         await site.start()
         runners.append(runner)
         assert runner.addresses
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+ServeStandalone = Callable[[Config], Awaitable[str]]
+
+
+@pytest.fixture
+async def serve_standalone() -> AsyncIterator[ServeStandalone]:
+    """Serve `create_app(config)` with the runner settings of ``python -m server`` (`runner_settings`: the request
+    head timeout, the lingering time); returns its base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(config: Config) -> str:
+        runner = web.AppRunner(create_app(config), **runner_settings(config))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
         host, port = runner.addresses[0][:2]
         return f"http://{host}:{port}"
 

@@ -55,6 +55,7 @@ class Behavior:
     done_line: str = "data: [DONE]"  # the line that ends the stream
     choices: int = 1  # choices per content chunk, in reverse index order (n > 1 forced by an upstream or proxy)
     chaos: float = 0.0  # the share of requests that get a random fault instead (soak tests)
+    keep_alive: bool = True  # False: Connection: close, so that every request needs a new connection
 
 
 @dataclass
@@ -186,6 +187,8 @@ class FakeUpstream:
         if b.content_encoding is not None:
             headers["Content-Encoding"] = b.content_encoding
         response = web.StreamResponse(headers=headers)
+        if not b.keep_alive:
+            response.force_close()
         await response.prepare(request)
 
         async def write(data: bytes) -> None:

@@ -289,6 +289,56 @@ async def test_model_markup_is_shown_as_text_and_runs_nothing(
         await context.close()
 
 
+# -- text that is not well-formed Unicode ------------------------------------------------------------------------
+
+LONE_SURROGATE_PROMPT = "() => { document.querySelector('#prompt').value = 'tell me \\ud800 more'; }"
+
+
+@pytest.mark.parametrize(
+    ("first", "native"),
+    [("typed-fetch", True), ("typed-eventsource", True), ("in-the-reply", True), ("typed-fetch", False)],
+    ids=["typed-fetch", "typed-eventsource", "in-the-reply", "typed-fetch-without-toWellFormed"],
+)
+async def test_a_lone_surrogate_does_not_break_the_conversation(
+    browser: Browser, serve: ServeApp, fake_upstream: FakeUpstream, first: str, native: bool
+) -> None:
+    """A JavaScript string can hold a lone surrogate, which the server refuses (400): the page sends U+FFFD in its
+    place, in the prompt and in the history it sends again, so the next turn streams."""
+    if first == "in-the-reply":
+        fake_upstream.behavior = Behavior(tokens=["half of a pair: ", "\ud83d", " and on"])
+    server = relay_host_app(upstream_config(fake_upstream))
+    server.base = await serve(server.app)
+    context = await browser.new_context()
+    if not native:  # an older browser: the page's own replacement runs instead
+        await context.add_init_script("delete String.prototype.toWellFormed;")
+    errors: list[str] = []
+    page = await _new_page(context, errors)
+    try:
+        chat = ChatPage(page, server.base)
+        await chat.open()
+        if first == "in-the-reply":
+            await chat.send("say something odd", "ndjson")
+        else:
+            await page.check(f"input[name='transport'][value='{'sse' if first == 'typed-eventsource' else 'ndjson'}']")
+            await page.evaluate(LONE_SURROGATE_PROMPT)
+            await page.press("#prompt", "Enter")
+        assert await chat.wait_for_state("done", "error", "connection-error") == "done"
+        fake_upstream.behavior = Behavior(tokens=["fine"])
+        await chat.send("and now?", "ndjson")
+        assert await chat.wait_for_state("done", "error", "connection-error") == "done"
+        assert await chat.reply_text() == "fine"
+        assert errors == []
+    finally:
+        await context.close()
+    assert len(fake_upstream.seen) == 2
+    history = [m["content"] for m in fake_upstream.seen[1].body["messages"]]
+    if first == "in-the-reply":
+        assert history == ["say something odd", "half of a pair: \ufffd and on", "and now?"]
+    else:
+        assert history[0] == "tell me \ufffd more"
+        assert history[2] == "and now?"
+
+
 # -- accessibility and small screens -----------------------------------------------------------------------------
 
 

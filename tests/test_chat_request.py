@@ -6,6 +6,7 @@ Python exception, which the handler would turn into a 500.
 
 from __future__ import annotations
 
+import doctest
 import json
 from typing import Any
 
@@ -13,7 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.chat_request import ChatRequest, Message, RequestRules, from_json_body, from_query
+import server.chat_request
+from server.chat_request import (
+    ChatRequest,
+    Message,
+    RequestRules,
+    check_query_encoding,
+    from_json_body,
+    from_query,
+)
 from server.errors import RequestError
 
 RULES = RequestRules(
@@ -77,7 +86,7 @@ def assert_400(exc: BaseException, *words: str) -> None:
         (body(prompt="x" * 10), ChatRequest((Message("user", "x" * 10),), "default-model")),
         (body(prompt=" x "), ChatRequest((Message("user", " x "),), "default-model")),
         (b'  {"prompt": "x"}\n', ChatRequest((Message("user", "x"),), "default-model")),
-        (body(prompt="\ud800é😀"), ChatRequest((Message("user", "\ud800é😀"),), "default-model")),
+        (body(prompt="é😀"), ChatRequest((Message("user", "é😀"),), "default-model")),  # an escaped pair
         ('{"prompt": "é"}'.encode(), ChatRequest((Message("user", "é"),), "default-model")),
         (body(messages=[user("12345"), {"role": "assistant", "content": "1234567890"}, user("1234567890")]),
          ChatRequest((Message("user", "12345"), Message("assistant", "1234567890"), Message("user", "1234567890")),
@@ -172,6 +181,12 @@ def short_id(raw: bytes) -> str:
         (body(messages=[{"role": "system", "content": "x"}]), ["user message"]),
         (body(messages=[user(""), {"role": "assistant", "content": "x"}]), ["user message"]),
         (body(messages=[user("  ")]), ["user message"]),
+        # Lone surrogates: JSON can escape them, UTF-8 (and so the upstream request) cannot carry them.
+        (body(prompt="x \ud800"), ["prompt", "surrogate", "U+D800", "character 2"]),
+        (b'{"prompt": "\\ud83d"}', ["prompt", "surrogate", "U+D83D"]),
+        (b'{"prompt": "\\ude00\\ud83d"}', ["prompt", "surrogate", "U+DE00", "character 0"]),  # a pair reversed
+        (body(messages=[user(), {"role": "assistant", "content": "\udfff"}, user()]),
+         ["messages[1].content", "surrogate", "U+DFFF"]),
         # model.
         (body(prompt="x", model="gpt-4"), ["model", "default-model, other-model"]),
         (body(prompt="x", model=""), ["model"]),
@@ -320,8 +335,9 @@ def test_query_accepted(query: dict[str, str], expected: ChatRequest) -> None:
         ({"prompt": "x", "temperature": "hot"}, ["temperature", "number"]),
         ({"prompt": "x", "temperature": ""}, ["temperature", "number"]),
         ({"prompt": "x", "temperature": "1" + "0" * 400}, ["temperature"]),  # an int too big for a float
+        ({"prompt": "x \udc80"}, ["prompt", "surrogate"]),  # what a surrogateescape decoding would give
     ],
-    ids=lambda value: repr(value)[:60],
+    ids=lambda value: ascii(value)[:60],
 )
 def test_query_refused(query: dict[str, str], words: list[str]) -> None:
     with pytest.raises(RequestError) as info:
@@ -349,3 +365,30 @@ def test_any_query_gives_a_request_or_a_400(query: dict[str, str]) -> None:
         assert request.messages == (Message("user", query["prompt"]),)
         assert request.max_tokens is None or 1 <= request.max_tokens <= RULES.max_tokens_cap
         assert request.temperature is None or 0.0 <= request.temperature <= 2.0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "prompt=hi", "prompt=caf%C3%A9+%F0%9F%99%82", "prompt=%EF%BF%BD", "prompt=a%26b&model=x", "prompt=é"],
+    ids=["empty", "ascii", "utf8", "a-real-replacement-character", "encoded-ampersand", "raw-non-ascii"],
+)
+def test_query_encoding_accepted(raw: str) -> None:
+    check_query_encoding(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["prompt=%ED%A0%80", "prompt=x%ED%B0%80y", "prompt=%FF", "prompt=%C3", "prompt=hi&model=%80", "prompt=\udcff"],
+    ids=["encoded-high-surrogate", "encoded-low-surrogate", "ff", "truncated", "in-another-field", "escaped-byte"],
+)
+def test_query_encoding_refused(raw: str) -> None:
+    # yarl decodes these with U+FFFD in place of each bad byte; the prompt would not be what the client wrote.
+    with pytest.raises(RequestError) as info:
+        check_query_encoding(raw)
+    assert_400(info.value, "UTF-8")
+
+
+def test_docstring_examples_run() -> None:
+    failures, tried = doctest.testmod(server.chat_request)
+    assert tried
+    assert not failures

@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from server.app import create_app
+from server.auth_failures import AuthFailurePolicy, AuthFailures
 from server.client_key import (
     APIKeys,
     ClientIdentifier,
@@ -21,6 +22,7 @@ from server.client_key import (
 )
 from server.config import Config, ConfigError
 from server.errors import Unauthorized
+from server.state import RELAY
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -173,7 +175,12 @@ def test_from_config(tmp_path: Path) -> None:
     )
     assert identify.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
     assert identify.api_keys is not None
+    assert identify.auth_failures is not None
+    assert identify.auth_failures.policy == AuthFailurePolicy(10, 0.1)  # the defaults: 10 failures, 6/m
     assert ClientIdentifier.from_config(Config()).api_keys is None
+    assert ClientIdentifier.from_config(Config()).auth_failures is None  # no keys, nothing to fail
+    no_limit = Config(api_keys_file=str(_keys_file(tmp_path, "k1\n")), auth_failures=0)
+    assert ClientIdentifier.from_config(no_limit).auth_failures is None
 
 
 # -- over HTTP ---------------------------------------------------------------------------------------------------
@@ -217,3 +224,52 @@ async def test_api_keys_over_http(aiohttp_client: AiohttpClient, tmp_path: Path)
     assert await _status(client, {"Authorization": "Bearer key-two"}) == 200  # each key has its own budget
     async with client.get("/healthz") as resp:
         assert resp.status == 200  # health checks need no key
+
+
+# -- failed authentication, per address ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_address_that_keeps_failing_gets_429_before_its_key_is_looked_at(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    config = Config(
+        provider="demo", demo_delay=0.0, heartbeat=0.0, trusted_proxies=("127.0.0.1",),
+        api_keys_file=str(_keys_file(tmp_path, "key-one\n")),
+    )  # fmt: skip
+    app = create_app(config)
+    clock = FakeClock()
+    app[RELAY].identify = ClientIdentifier(
+        trusted_proxies=parse_networks(["127.0.0.1"]),
+        api_keys=APIKeys(["key-one"]),
+        auth_failures=AuthFailures(AuthFailurePolicy(failures=3, rate=0.1)),
+        clock=clock,
+    )
+    client = await aiohttp_client(app)
+    guesser = {"X-Forwarded-For": "203.0.113.9"}
+    for guess in ("nope-1", "nope-2", None):  # a missing key is a failure too
+        auth = {"Authorization": f"Bearer {guess}"} if guess else {}
+        assert await _status(client, guesser | auth) == 401
+    async with client.get(
+        "/api/chat", params={"prompt": "hi"}, headers=guesser | {"Authorization": "Bearer nope-4"}
+    ) as resp:
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "10"  # one failure is forgiven every 10 s
+        error = (await resp.json())["error"]
+        assert error["type"] == "auth_rate_limited"
+        assert "nope" not in error["message"]
+    # The right key from that address waits too: the check comes before the key, or guessing would go on.
+    assert await _status(client, guesser | {"Authorization": "Bearer key-one"}) == 429
+    # Another address is not affected.
+    assert await _status(client, {"X-Forwarded-For": "198.51.100.1", "Authorization": "Bearer key-one"}) == 200
+    clock.now += 10
+    assert await _status(client, guesser | {"Authorization": "Bearer key-one"}) == 200
+    assert await _status(client, guesser | {"Authorization": "Bearer nope-5"}) == 401
+    assert await _status(client, guesser | {"Authorization": "Bearer nope-6"}) == 429

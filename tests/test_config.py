@@ -56,6 +56,10 @@ def exits(argv: list[str], environ: dict[str, str] | None = None) -> SystemExit:
         ("shutdown_grace", 5),
         ("use_uvloop", True),
         ("gc_tuning", True),
+        ("request_head_timeout", 10),
+        ("request_body_timeout", 30),
+        ("auth_failures", 10),
+        ("auth_failure_rate", "6/m"),
     ],
 )
 def test_defaults(field: str, value: Any) -> None:
@@ -124,6 +128,10 @@ def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"], "trusted_proxies", ("10.0.0.0/8", "::1")),
         (["--api-keys-file", "/etc/keys"], "api_keys_file", "/etc/keys"),
         (["--limits", "0"], "limits_enabled", False),
+        (["--request-head-timeout", "2.5"], "request_head_timeout", 2.5),
+        (["--request-body-timeout", "0"], "request_body_timeout", 0.0),
+        (["--auth-failures", "3"], "auth_failures", 3),
+        (["--auth-failure-rate", "1/h"], "auth_failure_rate", "1/h"),
         (["--port=9001"], "port", 9001),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
@@ -187,6 +195,10 @@ def test_command_line(argv: list[str], field: str, value: Any) -> None:
         ({"LLM_RELAY_REDIS_FAIL_OPEN": "off"}, "redis_fail_open", False),
         ({"LLM_RELAY_API_KEYS_FILE": "/k"}, "api_keys_file", "/k"),
         ({"LLM_RELAY_LIMITS": "off"}, "limits_enabled", False),
+        ({"LLM_RELAY_REQUEST_HEAD_TIMEOUT": "4"}, "request_head_timeout", 4.0),
+        ({"LLM_RELAY_REQUEST_BODY_TIMEOUT": "5"}, "request_body_timeout", 5.0),
+        ({"LLM_RELAY_AUTH_FAILURES": "0"}, "auth_failures", 0),
+        ({"LLM_RELAY_AUTH_FAILURE_RATE": "10/m"}, "auth_failure_rate", "10/m"),
         # Names are case-sensitive, and unrelated variables are ignored.
         ({"llm_relay_port": "1"}, "port", 8080),
         ({"LLM_RELAY_ALLOWED_MODELS": "a"}, "allowed_models", ()),
@@ -244,9 +256,11 @@ def test_invalid_boolean_in_environment_names_the_variable(text: str, capsys: py
 # --- refused values -------------------------------------------------------------------------------------------------
 
 _NON_NEGATIVE_INTS = ["port", "upstream-max-retries", "flush-bytes", "max-body-bytes", "max-messages",
-                      "max-message-chars", "burst", "max-streams-per-client", "max-streams"]  # fmt: skip
+                      "max-message-chars", "burst", "max-streams-per-client", "max-streams",
+                      "auth-failures"]  # fmt: skip
 _NON_NEGATIVE_FLOATS = ["demo-delay", "upstream-connect-timeout", "first-token-timeout", "idle-timeout",
-                        "total-timeout", "write-timeout", "heartbeat", "flush-window", "shutdown-grace"]  # fmt: skip
+                        "total-timeout", "write-timeout", "heartbeat", "flush-window", "shutdown-grace",
+                        "request-head-timeout", "request-body-timeout"]  # fmt: skip
 
 
 def env_name(option: str) -> str:
@@ -350,9 +364,17 @@ def test_provider_not_a_choice_in_environment(value: str, capsys: pytest.Capture
 
 
 @pytest.mark.parametrize("rate", ["fast", "2/d", "2", "/s", "-1/s", "2/S", "nan/s"])
-def test_invalid_rate_is_refused(rate: str) -> None:
-    assert exits(["--rate", rate]).code == 2
-    assert exits([], {"LLM_RELAY_RATE": rate}).code == 2
+@pytest.mark.parametrize("option", ["rate", "auth-failure-rate"])
+def test_invalid_rate_is_refused(option: str, rate: str) -> None:
+    assert exits([f"--{option}", rate]).code == 2
+    assert exits([], {env_name(option): rate}).code == 2
+
+
+@pytest.mark.parametrize("text", ["0", "inf", "-0"])
+def test_the_request_head_timeout_must_be_positive_and_finite(text: str) -> None:
+    # aiohttp's keepalive_timeout of 0 would close every idle connection at once: there is no "no limit" here.
+    assert exits(["--request-head-timeout", text]).code == 2
+    assert exits([], {"LLM_RELAY_REQUEST_HEAD_TIMEOUT": text}).code == 2
 
 
 @pytest.mark.parametrize(
@@ -506,5 +528,6 @@ def test_help_shows_defaults(capsys: pytest.CaptureFixture[str], monkeypatch: py
 
 def test_float_options_are_finite_by_default() -> None:
     config = load_config([], {})
-    for name in ("demo_delay", "first_token_timeout", "idle_timeout", "total_timeout", "write_timeout", "heartbeat"):
+    for name in ("demo_delay", "first_token_timeout", "idle_timeout", "total_timeout", "write_timeout", "heartbeat",
+                 "request_head_timeout", "request_body_timeout"):  # fmt: skip
         assert math.isfinite(getattr(config, name))

@@ -73,7 +73,8 @@ from aiohttp import web
 from server.gunicorn import app
 
 async def go():
-    runner = web.AppRunner(await app())
+    runner = await app()  # a runner, which aiohttp's gunicorn worker sets up and serves as it is
+    assert isinstance(runner, web.AppRunner)
     await runner.setup()
     print(json.dumps({"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()}))
     await runner.cleanup()

@@ -19,6 +19,7 @@ from server.backlog import read_kernel_limit
 
 from .fake_upstream import FakeUpstream
 from .processes import ROOT, clean_env, free_port, listen_backlog, needs_ss, running_server, start_server, wait_up
+from .raw_http import closed_by_server, connect, post_head, read_response
 from .wire import ndjson_objects, sse_events, sse_text
 
 SOMAXCONN = read_kernel_limit()
@@ -69,6 +70,7 @@ def test_help_lists_every_option_with_its_environment_variable() -> None:
         "--host", "--port", "--provider", "--base-url", "--api-key", "--model", "--demo-delay",
         "--first-token-timeout", "--idle-timeout", "--total-timeout", "--write-timeout", "--heartbeat",
         "--cors-origin", "--rate", "--burst", "--redis-url", "--trusted-proxy", "--api-keys-file",
+        "--request-head-timeout", "--request-body-timeout", "--auth-failures", "--auth-failure-rate",
     )  # fmt: skip
     for option in options:
         assert option in out
@@ -171,3 +173,40 @@ def test_a_startup_error_is_one_line_and_status_2(
     done = _exits(["--port", "0", *(arg.format(tmp=tmp_path) for arg in argv)], env)
     _assert_one_line_error(done, problem.format(tmp=tmp_path))
     assert "s3cret" not in done.stderr
+
+
+async def test_the_request_timeouts_apply_to_the_standalone_server(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env()
+    argv = ["--port", str(port), "--demo-delay", "0", "--request-head-timeout", "1", "--request-body-timeout", "1"]
+    log = (tmp_path / "stderr").open("wb")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - started once; the test then talks to it over sockets
+        [sys.executable, "-m", "server", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_up(base, http)
+            # A head that never ends is closed after the head timeout.
+            reader, writer = await connect(base)
+            writer.write(b"GET /api/chat?prompt=x HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            started = time.monotonic()
+            assert await closed_by_server(reader, timeout=4)
+            assert time.monotonic() - started >= 0.9
+            writer.close()
+            # A body that never ends gets 408 after the body timeout, and the connection closes.
+            reader, writer = await connect(base)
+            writer.write(post_head("/api/chat", 100) + b'{"prompt": ')
+            response = await read_response(reader, timeout=4)
+            assert response.status == 408
+            assert response.json()["error"]["type"] == "request_timeout"
+            assert await closed_by_server(reader, timeout=4)
+            writer.close()
+            async with http.post(f"{base}/api/chat", json={"prompt": "hi"}) as resp:
+                assert resp.status == 200
+                assert sse_events(await resp.read())[-1][0] == "done"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 10)
+        log.close()
+    assert "Traceback" not in (tmp_path / "stderr").read_text()

@@ -11,6 +11,8 @@ a ``ChatCompletionChunk`` model.
 
 Failure mapping (the messages never contain the API key or the upstream's own text, which can quote it):
 
+    out of file descriptors (EMFILE/ENFILE)  -> OutOfDescriptors (503 server_overloaded, Retry-After), the relay's
+                                                own limit, not the provider's failure; warned once per episode
     connection refused, DNS failure, reset   -> UpstreamUnavailable (502)
     connect or read timeout                  -> UpstreamTimeout (504)
     HTTP 429                                 -> UpstreamRateLimited (503, Retry-After passed on, at most 3600 s)
@@ -41,7 +43,9 @@ from openai.types.chat import ChatCompletion
 
 from ..chat_request import ChatRequest
 from ..content_coding import IDENTITY, BoundedInflater, content_coding
+from ..descriptors import out_of_descriptors, warn_out_of_descriptors
 from ..errors import (
+    OutOfDescriptors,
     RelayError,
     UpstreamError,
     UpstreamRateLimited,
@@ -217,6 +221,17 @@ async def _close(body: AsyncIterator[bytes]) -> None:
         await close()
 
 
+# Descriptors free up as streams end; asyncio waits as long before it accepts connections again.
+OUT_OF_DESCRIPTORS_RETRY_AFTER = 1.0
+
+
+def _out_of_descriptors() -> OutOfDescriptors:
+    warn_out_of_descriptors("opening a connection to the model provider")
+    return OutOfDescriptors(
+        "the server is out of capacity for a moment; try again shortly", retry_after=OUT_OF_DESCRIPTORS_RETRY_AFTER
+    )
+
+
 def _status_error(exc: openai.APIStatusError) -> RelayError:
     status = exc.status_code
     if status == 429:
@@ -286,17 +301,27 @@ class OpenAIProvider:
             finally:
                 await response.close()
         except openai.APITimeoutError as exc:
+            if out_of_descriptors(exc):
+                raise _out_of_descriptors() from None
             if _refused(exc):
                 raise UpstreamUnavailable("could not reach the model provider") from None
             raise UpstreamTimeout("the model provider did not answer in time") from None
-        except openai.APIConnectionError:
+        except openai.APIConnectionError as exc:
+            if out_of_descriptors(exc):
+                raise _out_of_descriptors() from None
             raise UpstreamUnavailable("could not reach the model provider") from None
         except openai.APIStatusError as exc:
             raise _status_error(exc) from None
         except (httpx2.TimeoutException, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout("the model provider stopped answering") from None
-        except (httpx2.HTTPError, aiohttp.ClientError):
+        except (httpx2.HTTPError, aiohttp.ClientError) as exc:
+            if out_of_descriptors(exc):
+                raise _out_of_descriptors() from None
             raise UpstreamUnavailable("the connection to the model provider was lost") from None
+        except OSError as exc:  # raised by the client itself, unwrapped (its first request imports a module)
+            if not out_of_descriptors(exc):
+                raise
+            raise _out_of_descriptors() from None
 
     async def aclose(self) -> None:
         await self._client.close()

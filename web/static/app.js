@@ -42,6 +42,17 @@ const view = {
   state: $("stat-state"),
 };
 
+/**
+ * `text` as well-formed Unicode: each lone UTF-16 surrogate becomes U+FFFD. A JavaScript string may hold one (a
+ * script, an odd paste, a reply that carried one); URLs and TextEncoder replace it this way already, but
+ * JSON.stringify sends it as a `\ud800` escape, which the server refuses (400). Kept in the conversation, it would
+ * fail every later fetch turn, so both the prompt and the history go through here.
+ */
+function wellFormed(text) {
+  if (typeof text.toWellFormed === "function") return text.toWellFormed();
+  return text.replace(/[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g, "\uFFFD");
+}
+
 /** Finished turns as {role, content}: what fetch mode sends, so a second question sees the first answer. */
 const history = [];
 /** The AbortController of the reply being streamed, or null. */
@@ -337,7 +348,8 @@ function setBusy(busy) {
 
 // -- sending ---------------------------------------------------------------------------------------------------
 
-async function send(prompt) {
+async function send(typed) {
+  const prompt = wellFormed(typed);
   const transport = selectedTransport();
   const startedIn = conversation;
   const turn = new Turn(prompt, transport);
@@ -395,7 +407,7 @@ async function send(prompt) {
   }
   // A stopped reply stays in the conversation as far as it got; a failed turn is left out, so it can be retried.
   if ((outcome.kind === "done" || outcome.kind === "stopped") && turn.text && startedIn === conversation) {
-    history.push({ role: "user", content: prompt }, { role: "assistant", content: turn.text });
+    history.push({ role: "user", content: prompt }, { role: "assistant", content: wellFormed(turn.text) });
   }
   keepAtEnd(wasAtEnd || scrolledToEnd());
   setBusy(false);

@@ -1,0 +1,190 @@
+"""Taking a chat request in: who is asking, whether they may, and only then what they ask.
+
+    origin ─▶ identify (401, 429 after failed keys) ─▶ admit (429, 503) ─▶ negotiate, validate, read the body
+              (nothing of the body is read, parsed or         (a token and a slot are taken; any refusal from
+               invited for a client refused here)               here gives the slot back, the token stays spent)
+
+A request is identified and admitted from its head alone, so a client that is refused never has its body read
+or parsed, and never sees more than why it was refused (not, say, the list of allowed models). An admitted
+request that turns out invalid has cost its client a rate token, as a valid one does: reading and checking a
+body of up to ``--max-body-bytes`` is work, and a client should not get it for free by asking badly.
+
+* ``Expect: 100-continue`` (RFC 9110 §10.1.1): aiohttp's default expect handler answers 100 Continue as soon as
+  the route matches, inviting the body before anyone knows who sent it. `expect_handler` defers that answer, and
+  `read_chat_request` sends it once the request is admitted, just before it reads the body.
+* A refusal before the whole body was read carries ``Connection: close`` (RFC 9110 §10.1.1 asks the server to
+  say whether it will go on reading; RFC 9112 §9.6): the client stops sending, and the body is never read as the
+  next request. What aiohttp still reads of it after the response is its lingering close, bounded by the
+  runner's ``lingering_time`` (`server.app.runner_settings`).
+* The body must arrive within ``--request-body-timeout`` (408), be at most ``--max-body-bytes`` (413), and a
+  client that goes away while sending it is a debug line, not a traceback.
+
+Every refusal is a `RelayError` turned into a response by `server.responses.error_response`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import HttpVersion11, hdrs, web
+
+from . import chat_request
+from .admission import Admission
+from .chat_request import ChatRequest
+from .errors import (
+    ExpectationFailed,
+    IncompleteBody,
+    PayloadTooLarge,
+    RelayError,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
+from .framing import FRAMINGS, Framing
+from .negotiation import choose_framing
+from .request_origin import OriginPolicy, SourceHeaders
+from .responses import error_response
+
+if TYPE_CHECKING:
+    from .state import RelayState
+
+log = logging.getLogger("llm_relay.intake")
+
+_JSON_TYPES = frozenset({"application/json", "text/json"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """An admitted, valid request. The handler owns `admission` from here and must release it."""
+
+    chat: ChatRequest
+    framing: Framing
+    admission: Admission
+
+
+def check_origin(request: web.Request, policy: OriginPolicy) -> None:
+    """Refuse a request that must not start a generation (request_origin.py): sent to a host name the relay does
+    not answer for (DNS rebinding), or made by a browser for a page of another site, or as a page or resource load.
+
+    CORS only hides a cross-origin response from the page; the request itself (and the generation it pays for)
+    would still run, so the refusal must happen here, before anything starts.
+    """
+    policy.check_api_request(SourceHeaders.from_headers(request.headers), request.scheme)
+
+
+def check_host(request: web.Request, policy: OriginPolicy) -> None:
+    """Refuse a request sent to a host name the relay does not answer for (421); for the page."""
+    policy.check_host(request.headers.get(hdrs.HOST))
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (also when the app is mounted in a host whose
+    ``client_max_size`` differs: aiohttp applies that only on the root app), and with 400 when the client goes
+    away or breaks the body's framing before its end."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except (ConnectionError, web.RequestPayloadError) as exc:
+        # A reset or a broken chunked encoding: the client's doing, and nobody is left to read a traceback.
+        log.debug("request body cut short after %d bytes: %s", size, exc)
+        raise IncompleteBody("the connection ended before the body was complete") from None
+    return b"".join(chunks)
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """The chat route's ``Expect`` handler: meets 100-continue later (`send_continue`), refuses anything else.
+
+    RFC 9110 §10.1.1: an HTTP/1.0 request's expectation is ignored; an expectation other than 100-continue gets
+    417. aiohttp calls this before the handler, and answers 100 Continue itself if the route has no handler of
+    its own.
+    """
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get(hdrs.EXPECT, "").strip().lower() == "100-continue":
+        return None
+    return refusal(request, ExpectationFailed("the only expectation this server meets is 100-continue"))
+
+
+async def send_continue(request: web.Request) -> None:
+    """Invite the body of a request that asked to be invited (``Expect: 100-continue``), once it is admitted."""
+    if request.version != HttpVersion11 or request.headers.get(hdrs.EXPECT, "").strip().lower() != "100-continue":
+        return
+    if request.content.is_eof():  # nothing left to invite (RFC 9110 §10.1.1: the server MAY then omit it)
+        return
+    await request.writer.write(_CONTINUE)
+    # As aiohttp's own expect handler does: the interim response is not part of the response's size.
+    request.writer.output_size = 0
+
+
+def refusal(request: web.Request, error: RelayError, headers: dict[str, str] | None = None) -> web.Response:
+    """The response for a refused request; it closes the connection if the body was not read to its end."""
+    response = error_response(error, headers)
+    if request.body_exists and not request.content.is_eof():
+        response.force_close()
+    return response
+
+
+async def read_chat_request(request: web.Request, state: RelayState) -> ChatRequest:
+    """The `ChatRequest` in the query string (GET) or the JSON body (POST), read within the body timeout."""
+    if request.method == hdrs.METH_GET:
+        chat_request.check_query_encoding(request.rel_url.raw_query_string)
+        return chat_request.from_query(request.query, state.rules)
+    if request.content_type not in _JSON_TYPES:
+        raise UnsupportedMediaType("send the body as application/json")
+    limit = state.config.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")  # before inviting it
+    timeout = state.config.request_body_timeout or None
+    try:
+        async with asyncio.timeout(timeout) as clock:
+            await send_continue(request)
+            body = await read_body(request, limit)
+    except TimeoutError:
+        if not clock.expired():
+            raise
+        raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
+    return chat_request.from_json_body(body, state.rules)
+
+
+async def accept_chat(request: web.Request, state: RelayState) -> Accepted | web.Response:
+    """Identify, admit, then negotiate and validate the request; a refusal is returned as the response to send."""
+    try:
+        check_origin(request, state.origin_policy)
+        client = state.identify(request)
+        admission = await state.limiter.admit(client)
+    except RelayError as error:
+        return refusal(request, error)
+    try:
+        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
+        chat = await read_chat_request(request, state)
+    except RelayError as error:
+        await admission.release()
+        return refusal(request, error, dict(admission.headers))
+    except BaseException:  # cancelled (the server going down), or a bug: the slot goes back all the same
+        await admission.release()
+        raise
+    return Accepted(chat, framing, admission)
+
+
+__all__ = [
+    "Accepted",
+    "accept_chat",
+    "check_host",
+    "check_origin",
+    "expect_handler",
+    "read_body",
+    "read_chat_request",
+    "refusal",
+    "send_continue",
+]
