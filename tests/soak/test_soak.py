@@ -304,6 +304,8 @@ def test_a_thousand_clients_that_never_read(processes: list[subprocess.Popen[byt
                 await asyncio.sleep(3)
                 previous, stalled_streams = stalled_streams, await _open_streams(base)
         stalled = _rss_kib(relay.pid)
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/healthz") as resp:
+            log_bytes = int((await resp.json())["log_bytes"])  # what the stalled streams' logs hold (estimated)
         async with aiohttp.ClientSession() as http:
             loaded = [await paced_reader_lag(http) for _ in range(10)]
         for _, writer in sockets:
@@ -314,6 +316,7 @@ def test_a_thousand_clients_that_never_read(processes: list[subprocess.Popen[byt
         return {
             "stalled_streams": stalled_streams,
             "rss_per_stalled_client_kib": (stalled - baseline) / max(1, stalled_streams),
+            "log_per_stalled_client_kib": log_bytes / 1024 / max(1, stalled_streams),
             "reader_ms_alone_median": 1000 * statistics.median(alone),
             "reader_ms_with_1000_stalled_median": 1000 * statistics.median(loaded),
         }
