@@ -27,11 +27,9 @@ again with a full bucket, which is no more than any new address gets.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from fractions import Fraction
 
-from .limits import TokenBucket
+from .limits import BucketTable, TokenBucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,57 +52,44 @@ class AuthFailurePolicy:
 class AuthFailures:
     """The failure buckets of the addresses that failed lately, at most `policy.max_addresses` of them."""
 
-    __slots__ = ("_empty", "_tats", "evicted_busy", "policy")
+    __slots__ = ("_empty", "_table", "policy")
 
     def __init__(self, policy: AuthFailurePolicy) -> None:
         if not policy.enabled:
             raise ValueError("an AuthFailures table needs a number of failures and a rate")
         self.policy = policy
         self._empty = TokenBucket(policy.rate, policy.failures)
-        self._tats: OrderedDict[str, Fraction] = OrderedDict()
-        self.evicted_busy = 0  # buckets dropped before they were full: the table was too small for the traffic
+        self._table = BucketTable(policy.max_addresses)
 
     def __len__(self) -> int:
-        return len(self._tats)
+        return len(self._table)
+
+    @property
+    def evicted_busy(self) -> int:
+        """Buckets dropped before they were full: the table was too small for the traffic."""
+        return self._table.evicted_busy
 
     def retry_after(self, address: str, now: float) -> float | None:
         """None if `address` may try a key at `now`; else the seconds until it may (never shorter than needed)."""
-        tat = self._tats.get(address)
+        tat = self._table.get(address)
         if tat is None:
             return None
         bucket = TokenBucket(self._empty.rate, self._empty.burst, tat)
         if bucket.is_full(now):
-            del self._tats[address]
+            self._table.forget(address)
             return None
         decision = bucket.acquire(now)
         return None if decision.allowed else decision.retry_after
 
     def failed(self, address: str, now: float) -> None:
         """Count one failure of `address` at `now`. Call it only after `retry_after` said the address may try."""
-        tat = self._tats.get(address)
+        tat = self._table.get(address)
         bucket = self._empty if tat is None else TokenBucket(self._empty.rate, self._empty.burst, tat)
         decision = bucket.acquire(now)
         if not decision.allowed:  # refused already: a failure it was not allowed to make costs nothing more
             return
         assert decision.bucket.tat is not None  # a token was taken
-        self._store(address, decision.bucket.tat, now)
-
-    def _store(self, address: str, tat: Fraction, now: float) -> None:
-        tats = self._tats
-        if address in tats:
-            tats.move_to_end(address)
-        else:
-            for _ in range(2):  # forget a couple of refilled buckets per new address
-                if not tats:
-                    break
-                oldest = next(iter(tats))
-                if tats[oldest] > now:
-                    break
-                del tats[oldest]
-            if len(tats) >= self.policy.max_addresses:
-                tats.popitem(last=False)
-                self.evicted_busy += 1
-        tats[address] = tat
+        self._table.store(address, decision.bucket.tat, now)
 
 
 __all__ = ["AuthFailurePolicy", "AuthFailures"]

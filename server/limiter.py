@@ -35,7 +35,6 @@ import logging
 import math
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from .admission import Admission, Limiter
 from .config import Config, ConfigError
 from .errors import Overloaded, RateLimited
-from .limits import LimitPolicy, TokenBucket, exact_rate, float_up, parse_rate, service_limit
+from .limits import BucketTable, LimitPolicy, TokenBucket, exact_rate, float_up, parse_rate, service_limit
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -142,10 +141,9 @@ class LocalLimiter:
         self.max_tracked_clients = max(1, max_tracked_clients)
         self._clock = clock
         self._template = policy.new_bucket()
-        self._tats: OrderedDict[str, Fraction] = OrderedDict()  # client → its bucket's TAT, least recently used first
+        self._buckets = BucketTable(self.max_tracked_clients)  # client → its bucket's TAT
         self._streams: dict[str, int] = {}
         self._open = 0
-        self.evicted_busy = 0  # buckets dropped while not full (see the class docstring): worth a look if it grows
 
     @property
     def open_streams(self) -> int:
@@ -153,7 +151,12 @@ class LocalLimiter:
 
     @property
     def tracked_clients(self) -> int:
-        return len(self._tats)
+        return len(self._buckets)
+
+    @property
+    def evicted_busy(self) -> int:
+        """Buckets dropped while not full (see the class docstring): worth a look if it grows."""
+        return self._buckets.evicted_busy
 
     def streams_of(self, client: str) -> int:
         return self._streams.get(client, 0)
@@ -184,7 +187,7 @@ class LocalLimiter:
             if not decision.allowed:
                 raise _too_fast(policy, decision.retry_after, decision.remaining, decision.reset, held)
             assert decision.bucket.tat is not None  # a token was taken
-            self._store(client, decision.bucket.tat, now)
+            self._buckets.store(client, decision.bucket.tat, now)
             remaining, reset = decision.remaining, decision.reset
         self._streams[client] = held + 1
         self._open += 1
@@ -206,26 +209,8 @@ class LocalLimiter:
         template = self._template
         if template is None:
             return None
-        tat = self._tats.get(client)
+        tat = self._buckets.get(client)
         return template if tat is None else TokenBucket(template.rate, template.burst, tat)
-
-    def _store(self, client: str, tat: Fraction, now: float) -> None:
-        tats = self._tats
-        if client in tats:
-            tats.move_to_end(client)
-        else:
-            # Drop a couple of idle buckets per new client: memory follows the clients of the last refill time.
-            for _ in range(2):
-                if not tats:
-                    break
-                oldest = next(iter(tats))
-                if tats[oldest] > now:
-                    break
-                del tats[oldest]
-            if len(tats) >= self.max_tracked_clients:
-                tats.popitem(last=False)
-                self.evicted_busy += 1
-        tats[client] = tat
 
 
 # -- Redis --------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -173,6 +174,58 @@ class TokenBucket:
 RATE_POLICY = "rate"
 STREAMS_POLICY = "streams"
 _SF_INTEGER_MAX = 999_999_999_999_999  # RFC 9651 §3.3.1: at most 15 digits
+
+
+class BucketTable:
+    """The TATs of many keys' buckets (`TokenBucket.tat`), at most `max_keys` of them, least recently stored first.
+
+    A full bucket is worth nothing (a new key gets a full one), so as new keys arrive the oldest refilled buckets
+    are forgotten, a couple per new key; only when more than `max_keys` keys have all been used within one refill
+    time is a bucket that is not full dropped (counted in `evicted_busy`): that key starts again with a full
+    bucket, no more than a new key gets, and memory stays bounded whatever a flood of keys does.
+
+    >>> table = BucketTable(max_keys=2)
+    >>> table.store("a", Fraction(5), now=0.0); table.store("b", Fraction(5), now=0.0)
+    >>> table.store("c", Fraction(5), now=1.0)  # a and b not refilled yet: the oldest is dropped
+    >>> sorted(table.keys()), table.evicted_busy
+    (['b', 'c'], 1)
+    """
+
+    __slots__ = ("_tats", "evicted_busy", "max_keys")
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max(1, max_keys)
+        self._tats: OrderedDict[str, Fraction] = OrderedDict()
+        self.evicted_busy = 0
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def keys(self) -> list[str]:
+        return list(self._tats)
+
+    def get(self, key: str) -> Fraction | None:
+        return self._tats.get(key)
+
+    def forget(self, key: str) -> None:
+        self._tats.pop(key, None)
+
+    def store(self, key: str, tat: Fraction, now: float) -> None:
+        tats = self._tats
+        if key in tats:
+            tats.move_to_end(key)
+        else:
+            for _ in range(2):  # forget a couple of refilled buckets per new key
+                if not tats:
+                    break
+                oldest = next(iter(tats))
+                if tats[oldest] > now:
+                    break
+                del tats[oldest]
+            if len(tats) >= self.max_keys:
+                tats.popitem(last=False)
+                self.evicted_busy += 1
+        tats[key] = tat
 
 
 def _sf_int(value: int) -> str:
