@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -77,15 +77,6 @@ async def read_cut(response: aiohttp.ClientResponse, size: int) -> bytes:
         response.close()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0, what: str = "the condition") -> None:
-    """Poll `predicate` until it holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
-        await asyncio.sleep(0.005)
-
-
 async def health(http: aiohttp.ClientSession, base: str, path: str = "/api/healthz") -> dict[str, Any]:
     async with http.get(base + path) as response:
         assert response.status == 200
@@ -93,9 +84,7 @@ async def health(http: aiohttp.ClientSession, base: str, path: str = "/api/healt
         return result
 
 
-async def wait_health(
-    http: aiohttp.ClientSession, base: str, timeout: float = 2.0, **expected: int
-) -> dict[str, Any]:
+async def wait_health(http: aiohttp.ClientSession, base: str, timeout: float = 2.0, **expected: int) -> dict[str, Any]:
     """Poll healthz until every field in `expected` has its value; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -20,11 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.app import create_app
+from server.config import Config
 from server.generation import EVENT_OVERHEAD_BYTES
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
-from .sse_decoder import SSEDecoder
+from .sse_decoder import SSEDecoder, SSEEvent
 from .streaming import (
     EventSourceModel,
     health,
@@ -34,7 +36,6 @@ from .streaming import (
     relay_with_upstream,
     sse_blocks,
     wait_health,
-    wait_until,
 )
 from .wire import ndjson_objects, sse_events
 
@@ -47,14 +48,21 @@ TERMINAL_SEQ = len(TOKENS) + 1  # the deltas, then done
 PROMPT_CLOSE = 0.5
 UPSTREAM_GONE_TIMEOUT = 2.0
 
+# One example takes well under a second; a hung one fails instead of holding the run.
+EXAMPLE_TIMEOUT = 20.0
 PROPERTY_SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 
 
-def _config(upstream: FakeUpstream, **changes: object) -> Any:
+def _config(upstream: FakeUpstream, **changes: object) -> Config:
     # A short shutdown grace: a test that leaves a generation running must not hold the runner's cleanup.
     return upstream_config(upstream, **{"shutdown_grace": 0.5, **changes})
+
+
+async def _within(seconds: float, scenario: Coroutine[Any, Any, None]) -> None:
+    async with asyncio.timeout(seconds):
+        await scenario
 
 
 def _error_type(raw: bytes) -> str:
@@ -63,11 +71,12 @@ def _error_type(raw: bytes) -> str:
 
 
 async def _read_events(response: aiohttp.ClientResponse, count: int) -> tuple[bytes, list[Any]]:
-    """Read the SSE body until at least `count` events are complete; (the bytes read, the complete events)."""
+    """Read the SSE body until at least `count` reply events are complete; (the bytes read, those events)."""
     body = b""
     while True:
         complete = body[: body.rfind(b"\n\n") + 2] if b"\n\n" in body else b""
-        events = sse_events(complete)
+        # Not the opening block of an opted-in stream (id <stream>/0): it is no event of the reply.
+        events = [event for event in sse_events(complete) if not event[2].endswith("/0")]
         if len(events) >= count:
             return body, events
         chunk = await response.content.readany()
@@ -91,7 +100,7 @@ async def _upstream_closed_since(upstream: FakeUpstream, since: float) -> float:
 @PROPERTY_SETTINGS
 def test_sse_cut_at_any_byte_then_last_event_id_resumes_exactly(data: st.DataObject) -> None:
     async def scenario() -> None:
-        async with relay_with_upstream(Behavior(tokens=TOKENS), resume_grace=5) as (base, upstream):
+        async with relay_with_upstream(Behavior(tokens=TOKENS), resume_grace=5, shutdown_grace=0.5) as (base, upstream):
             async with aiohttp.ClientSession() as http:
                 url = f"{base}/api/chat"
                 params = {"prompt": "hi", "resume": "1"}
@@ -140,22 +149,25 @@ def test_sse_cut_at_any_byte_then_last_event_id_resumes_exactly(data: st.DataObj
                     if browser.last_seq == TERMINAL_SEQ and body == tail:
                         break
 
-            ids = [event.last_event_id for event in browser.events]
+            # What the opening block dispatched (if anything, and if the cut let it arrive) is not part of the reply.
+            opening = [event for event in browser.events if event.last_event_id == f"{stream_id}/0"]
+            assert len(opening) <= 1
+            assert all(event.type != "message" for event in opening)
+            reply = browser.events[len(opening) :]
+            ids = [event.last_event_id for event in reply]
             assert ids == [f"{stream_id}/{seq}" for seq in range(1, TERMINAL_SEQ + 1)]  # no gap, no duplicate
-            assert "".join(json.loads(e.data)["content"] for e in browser.events if e.type == "message") == "".join(
-                TOKENS
-            )
-            assert browser.events[-1].type == "done"
+            assert "".join(json.loads(e.data)["content"] for e in reply if e.type == "message") == "".join(TOKENS)
+            assert reply[-1].type == "done"
             assert len(upstream.seen) == 2  # the reference and the one generation the cuts resumed
 
-    asyncio.run(scenario())
+    asyncio.run(_within(EXAMPLE_TIMEOUT, scenario()))
 
 
 @given(data=st.data())
 @PROPERTY_SETTINGS
 def test_ndjson_cut_at_any_byte_then_after_n_resumes_exactly(data: st.DataObject) -> None:
     async def scenario() -> None:
-        async with relay_with_upstream(Behavior(tokens=TOKENS), resume_grace=5) as (base, upstream):
+        async with relay_with_upstream(Behavior(tokens=TOKENS), resume_grace=5, shutdown_grace=0.5) as (base, upstream):
             async with aiohttp.ClientSession() as http:
                 body_json = {"messages": MESSAGES, "resume": True}
                 async with http.post(f"{base}/api/chat", json=body_json, headers=NDJSON) as response:
@@ -200,7 +212,7 @@ def test_ndjson_cut_at_any_byte_then_after_n_resumes_exactly(data: st.DataObject
             assert received[-1]["type"] == "done"
             assert len(upstream.seen) == 2
 
-    asyncio.run(scenario())
+    asyncio.run(_within(EXAMPLE_TIMEOUT, scenario()))
 
 
 # -- 2. several readers of one generation --------------------------------------------------------------------
@@ -226,7 +238,8 @@ async def test_readers_of_one_generation_get_identical_sequences(
             async with response:
                 assert response.status == 200
                 bodies.append(await response.read())
-    first, *others = (sse_events(body) for body in bodies[:3])
+    # The original response of an opted-in stream opens with a block of id <stream>/0 that is not a reply event.
+    first, *others = ([e for e in sse_events(body) if e[2] != f"{stream_id}/0"] for body in bodies[:3])
     assert [event_id for _, _, event_id in first] == [f"{stream_id}/{seq}" for seq in range(1, TERMINAL_SEQ + 1)]
     assert "".join(d["content"] for kind, d, _ in first if kind == "message") == "".join(TOKENS)
     assert first[-1][0] == "done"
@@ -248,8 +261,10 @@ async def test_without_opt_in_a_client_leaving_before_the_first_token_closes_the
     fake_upstream.behavior = Behavior(tokens=TOKENS, first_delay=5.0)
     base = await serve(create_app(_config(fake_upstream)))
     host, port = base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /api/chat?prompt=hi HTTP/1.1\r\nHost: relay\r\nAccept: text/event-stream\r\n\r\n")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /api/chat?prompt=hi HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+    )
     await writer.drain()
     await fake_upstream.wait_for_request()
     await wait_health(http, base, open_streams=1, readers=1)
@@ -274,6 +289,7 @@ async def test_without_opt_in_a_client_leaving_mid_stream_closes_the_upstream_an
         response.close()
     assert await _upstream_closed_since(fake_upstream, left_at) < PROMPT_CLOSE
     last_id = events[-1][2]
+    assert last_id.startswith(f"{stream_id}/")
     async with http.get(f"{base}/api/chat", headers={**SSE, "Last-Event-ID": last_id}) as response:
         assert response.status == 200
         tail = sse_events(await response.read())
@@ -329,7 +345,7 @@ async def test_opted_in_reader_back_within_the_grace_gets_the_rest_from_the_same
         stream_id = response.headers["X-Stream-Id"]
         _, before = await _read_events(response, 3)
         response.close()
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.05)
     async with http.get(f"{base}/api/chat", headers={**SSE, "Last-Event-ID": before[-1][2]}) as response:
         assert response.status == 200
         after = sse_events(await response.read())
@@ -339,6 +355,51 @@ async def test_opted_in_reader_back_within_the_grace_gets_the_rest_from_the_same
     assert events[-1][0] == "done"
     assert len(fake_upstream.seen) == 1
     assert fake_upstream.last.closed_by_client_at is None
+
+
+async def test_a_reader_that_comes_back_and_leaves_again_gets_a_whole_new_grace(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    grace = 0.5
+    fake_upstream.behavior = Behavior(tokens=TOKENS * 3, delay=0.05)
+    base = await serve(create_app(_config(fake_upstream, resume_grace=grace)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "hi", "resume": "1"}, headers=SSE) as response:
+        _, events = await _read_events(response, 2)
+        response.close()
+    await asyncio.sleep(0.05)
+    async with http.get(f"{base}/api/chat", headers={**SSE, "Last-Event-ID": events[-1][2]}) as response:
+        assert response.status == 200
+        await _read_events(response, 1)
+        left_again_at = time.monotonic()
+        response.close()
+    # The first departure's grace would end about 0.35 s from here; the generation must outlive it.
+    closed_after = await _upstream_closed_since(fake_upstream, left_again_at)
+    assert grace - 0.01 <= closed_after < grace + 1.0
+    assert len(fake_upstream.seen) == 1
+
+
+async def test_last_event_id_ahead_of_the_log_is_refused_and_the_stream_goes_on(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=TOKENS, delay=0.02)
+    base = await serve(create_app(_config(fake_upstream)))
+    async with http.get(f"{base}/api/chat", params={"prompt": "hi", "resume": "1"}, headers=SSE) as original:
+        stream_id = original.headers["X-Stream-Id"]
+        head, _ = await _read_events(original, 1)
+        # Events the stream has not produced (yet, or ever): refused, not followed from a place that does not exist.
+        for request in (
+            http.get(f"{base}/api/streams/{stream_id}", params={"after": str(TERMINAL_SEQ * 10)}),
+            http.get(f"{base}/api/chat", headers={**SSE, "Last-Event-ID": f"{stream_id}/{TERMINAL_SEQ * 10}"}),
+        ):
+            async with request as response:
+                assert response.status == 400
+                assert _error_type(await response.read()) == "invalid_request"
+        events = sse_events(head + await original.read())
+    assert events[-1][0] == "done"
+    async with http.get(f"{base}/api/streams/{stream_id}", params={"after": str(TERMINAL_SEQ + 1)}) as response:
+        assert response.status == 400
+        assert _error_type(await response.read()) == "invalid_request"
+    assert len(fake_upstream.seen) == 1
 
 
 # -- 4. DELETE stops -----------------------------------------------------------------------------------------
@@ -391,7 +452,9 @@ async def test_delete_stops_a_detached_generation_before_its_grace_ends(
     assert tail[-1][1]["error"]["type"] == "stopped"
 
 
-@pytest.mark.parametrize("stream_id", ["0123456789abcdef0123456789abcdef", "not-a-stream"], ids=["unknown", "malformed"])
+@pytest.mark.parametrize(
+    "stream_id", ["0123456789abcdef0123456789abcdef", "not-a-stream"], ids=["unknown", "malformed"]
+)
 async def test_delete_of_an_unknown_stream_is_404(
     fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, stream_id: str
 ) -> None:
@@ -560,28 +623,39 @@ async def test_resume_from_before_the_retained_window_is_404_while_live_readers_
 # -- 6. the opening block ------------------------------------------------------------------------------------
 
 
-async def test_opted_in_sse_opens_with_an_id_only_block_that_sets_the_last_event_id(
+async def test_opted_in_sse_opens_with_a_block_that_sets_the_last_event_id_before_any_token(
     fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
 ) -> None:
-    fake_upstream.behavior = Behavior(tokens=TOKENS[:3], first_delay=0.5)
+    fake_upstream.behavior = Behavior(tokens=TOKENS[:3], first_delay=1.0)
     base = await serve(create_app(_config(fake_upstream)))
     async with http.get(f"{base}/api/chat", params={"prompt": "hi", "resume": "1"}, headers=SSE) as response:
         assert response.status == 200
         stream_id = response.headers["X-Stream-Id"]
         decoder = SSEDecoder()
-        opening = b""
-        # Before the first token (the upstream waits 0.5 s), the block arrives and dispatches no event.
-        async with asyncio.timeout(0.4):
-            while not opening.endswith(b"\n\n"):
-                chunk = await response.content.readany()
-                assert chunk
-                opening += chunk
-        assert opening == f"id: {stream_id}/0\n\n".encode()
-        assert decoder.feed(opening) == []
+        opening: list[SSEEvent] = []
+        received = b""
+        while not received.endswith(b"\n\n"):
+            chunk = await response.content.readany()
+            assert chunk
+            received += chunk
+            opening += decoder.feed(chunk)
+        # The first block is complete while the upstream is still holding back its first token.
+        assert all(seen.tokens_sent == 0 for seen in fake_upstream.seen)
+        assert received.count(b"\n\n") == 1
+        # As a browser reads it: the last event id is now <stream>/0, so a cut from here on reconnects with
+        # Last-Event-ID; and whatever it dispatches is not a message (a page listening for tokens sees nothing).
         assert decoder.last_event_id == f"{stream_id}/0"
+        assert all(event.type != "message" for event in opening)
         rest = decoder.feed(await response.read()) + decoder.end()
     assert [event.last_event_id for event in rest] == [f"{stream_id}/{seq}" for seq in range(1, 5)]
-    assert fake_upstream.last.tokens_sent == 3
+    assert [event.type for event in rest] == ["message"] * 3 + ["done"]
+    # A reconnect right after the opening block gets the whole reply, from the same generation.
+    async with http.get(f"{base}/api/chat", headers={**SSE, "Last-Event-ID": f"{stream_id}/0"}) as response:
+        assert response.status == 200
+        assert [event_id for _, _, event_id in sse_events(await response.read())] == [
+            event.last_event_id for event in rest
+        ]
+    assert len(fake_upstream.seen) == 1
 
 
 @pytest.mark.parametrize(
