@@ -8,7 +8,7 @@ is a proper status with a JSON body ``{"error": {"type", "message"}}``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import hdrs, web
 
@@ -26,7 +26,7 @@ from .negotiation import choose_framing
 from .reader import Reader
 from .responses import error_response
 from .resume import is_stream_id, parse_after, parse_last_event_id
-from .state import RELAY, RelayState
+from .state import RELAY
 
 log = logging.getLogger("llm_relay.handlers")
 
@@ -55,21 +55,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         state.provider, chat_req, state.generation_settings, resumable=chat_req.resume, admission=admission
     )
     state.streams.start(generation)
-    reader = Reader(
-        request,
-        generation,
-        state.streams,
-        framing,
-        state.reader_settings,
-        prepare_now=chat_req.resume,
-        announce=chat_req.resume,
-        keepalive=_keepalive(state, framing),
-        headers=dict(admission.headers),
+    return await _read(
+        request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=admission.headers
     )
-    try:
-        return await reader.run()
-    finally:
-        log.debug("stream %s: a reader ended (%s)", generation.id, reader.outcome)
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -122,6 +110,21 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
         return web.Response(status=204, headers={"Cache-Control": "no-store"})
     if after + 1 < log_.first_seq:
         raise ResumeUnavailable("the events after this one are no longer kept")
+    return await _read(request, generation, framing, after=after, prepare_now=True)
+
+
+async def _read(
+    request: web.Request,
+    generation: Generation,
+    framing: Framing,
+    *,
+    after: int = 0,
+    prepare_now: bool = False,
+    announce: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Run a `Reader` of `generation` for this request (see `Reader` for the options)."""
+    state = request.app[RELAY]
     reader = Reader(
         request,
         generation,
@@ -129,14 +132,16 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
         framing,
         state.reader_settings,
         after=after,
-        prepare_now=True,
-        keepalive=_keepalive(state, framing),
+        prepare_now=prepare_now,
+        announce=announce,
+        # Heartbeats on SSE always (proxies, half-open peers); on NDJSON only when asked for.
+        keepalive=framing.name == "sse" or state.config.ndjson_keepalive,
+        headers=dict(headers or {}),
     )
-    return await reader.run()
-
-
-def _keepalive(state: RelayState, framing: Framing) -> bool:
-    return framing.name == "sse" or state.config.ndjson_keepalive
+    try:
+        return await reader.run()
+    finally:
+        log.debug("stream %s: a reader ended (%s)", generation.id, reader.outcome)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -214,6 +214,10 @@ class Reader:
                 continue
             if events:
                 continue  # more may have arrived meanwhile: take them before waiting
+            if generation.ended and not held:
+                # Nothing after `pos` will ever come (the handlers answer such a resume with 204 before it gets
+                # here); waiting would return at once, again and again, without yielding to the loop.
+                return self._response or web.Response(status=204)
             if self._shutdown:
                 self.outcome = "shutdown"
                 return await self._fail(ServerShuttingDown("the server is restarting; try again shortly"), pos)
