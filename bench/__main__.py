@@ -54,6 +54,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--paced-streams", type=_levels, help="e.g. 1000,5000")
     parser.add_argument("--idle-streams", type=int, help="e.g. 10000")
     parser.add_argument("--storm-connections", type=int, help="clients of the reconnect storm, e.g. 1000")
+    parser.add_argument("--relay-paced-streams", type=int, help="paced relayed streams of the full relay, e.g. 500")
     parser.add_argument("--duration", type=float, help="seconds of each throughput and paced measurement window")
     parser.add_argument("--no-uvloop", action="store_true", help="run every asyncio server on the stdlib loop")
     parser.add_argument("--no-what-if", action="store_true", help="skip the measured proposals (bench/whatif.py)")
@@ -73,6 +74,7 @@ def _plan(args: argparse.Namespace) -> scenarios.Plan:
         ("paced_streams", "paced_levels"),
         ("idle_streams", "idle_connections"),
         ("storm_connections", "storm_connections"),
+        ("relay_paced_streams", "relay_paced_streams"),
         ("duration", "duration"),
     ):
         value = getattr(args, option)
