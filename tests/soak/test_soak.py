@@ -104,8 +104,12 @@ async def _wait_healthy(url: str) -> None:
 
 
 async def _open_streams(base: str) -> int:
+    return await _health(base, "open_streams")
+
+
+async def _health(base: str, field: str) -> int:
     async with aiohttp.ClientSession() as http, http.get(f"{base}/healthz") as resp:
-        return int((await resp.json())["open_streams"])
+        return int((await resp.json())[field])
 
 
 @pytest.fixture
@@ -167,7 +171,7 @@ def test_soak_leaves_nothing_behind(processes: list[subprocess.Popen[bytes]]) ->
     )  # fmt: skip
     relay = _start(
         _relay_args(port, upstream_port, "--write-timeout", "1", "--idle-timeout", "2", "--first-token-timeout", "2",
-                    "--heartbeat", "0.5")
+                    "--heartbeat", "0.5", "--stream-retention", "2")
     )  # fmt: skip
     processes.append(relay)
     base = f"http://127.0.0.1:{port}"
@@ -216,6 +220,10 @@ def test_soak_leaves_nothing_behind(processes: list[subprocess.Popen[bytes]]) ->
             await asyncio.gather(*workers)
         async with asyncio.timeout(15):
             while await _open_streams(base):
+                await asyncio.sleep(0.1)
+        # Ended streams stay resumable for --stream-retention (2 s here), then their logs go.
+        async with asyncio.timeout(15):
+            while await _health(base, "retained_streams"):
                 await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # keep-alive connections of the finished session close
         return {
