@@ -122,8 +122,10 @@ async def send_continue(request: web.Request) -> None:
         return
     if request.content.is_eof():  # nothing left to invite (RFC 9110 §10.1.1: the server MAY then omit it)
         return
+    # aiohttp has no public call for an interim (1xx) response: this is exactly what its own default expect handler
+    # does, deferred until admission (tests/test_intake.py pins that an admitted client gets 100 Continue and its
+    # reply). The interim response is not part of the response's size, hence the reset.
     await request.writer.write(_CONTINUE)
-    # As aiohttp's own expect handler does: the interim response is not part of the response's size.
     request.writer.output_size = 0
 
 
