@@ -19,6 +19,7 @@ import bisect
 import contextlib
 import enum
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -323,6 +324,9 @@ class Generation:
         settings = self.settings
         loop = asyncio.get_running_loop()
         total_deadline = self.started_at + settings.total_timeout if settings.total_timeout else None
+        slack = min(1.0, settings.idle_timeout / 10)
+        # The idle clock's deadline as last set (inf: none; -inf: not set yet, the first-token clock runs).
+        deadline = -math.inf
         # The provider runs in this task: its on_abort() callbacks land in this generation's list.
         collecting = collect_aborts(self._aborts)
         try:
@@ -343,7 +347,14 @@ class Generation:
                                     # Not waiting on the upstream: its first-token and idle clocks stop meanwhile.
                                     clock.reschedule(total_deadline)
                                     await self._wait_for_readers()
-                                clock.reschedule(_earliest(total_deadline, loop.time(), settings.idle_timeout))
+                                    deadline = -math.inf
+                                now = loop.time()
+                                if deadline < (_earliest(total_deadline, now, settings.idle_timeout) or math.inf):
+                                    # Moved with some slack, not per token (a reschedule costs ~2 µs with its loop
+                                    # lookups on this Python): the idle timeout fires up to `slack` late, never early.
+                                    moved = _earliest(total_deadline, now, settings.idle_timeout + slack)
+                                    clock.reschedule(moved)
+                                    deadline = math.inf if moved is None else moved
                                 continue
                             events = list(batch[: batch.index(terminal)])
                             if events:

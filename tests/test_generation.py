@@ -369,3 +369,18 @@ async def test_a_reader_that_stops_reading_holds_the_generation_to_a_bounded_lea
     assert provider.yielded == pulled
     assert api[RELAY].streams.readers == 0
     writer.close()
+
+
+async def test_with_idle_and_total_timeouts_off_the_first_token_clock_stops_at_the_first_token(
+    serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    provider = ScriptedProvider()
+    config = BASE.with_changes(first_token_timeout=0.2, idle_timeout=0, total_timeout=0)
+    host, _ = relay_host(config, provider)
+    base = await serve(host)
+    provider.put([Delta("a")])
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "format": "ndjson"}) as resp:
+        assert (await resp.content.readline()).startswith(b'{"type":"delta"')
+        await asyncio.sleep(0.5)  # well past the first-token timeout: it no longer applies
+        provider.put([Delta("b"), Done("stop")])
+        assert [o["type"] for o in ndjson_objects(await resp.content.read())] == ["delta", "done"]
