@@ -336,8 +336,8 @@ _OPTIONS: tuple[_Option, ...] = (
         _non_negative(int),
     ),
     _Option("stream-retention", "seconds an ended stream stays resumable", _non_negative(float)),
-    _Option("log-max-events", "most events one stream's log keeps for resuming", _non_negative(int)),
-    _Option("log-max-bytes", "most bytes one stream's log keeps for resuming (estimated)", _non_negative(int)),
+    _Option("log-max-events", "most events one stream's log keeps for resuming", _positive(int)),
+    _Option("log-max-bytes", "most bytes one stream's log keeps for resuming (estimated)", _positive(int)),
     _Option("log-total-bytes", "most bytes all stream logs keep together (estimated)", _non_negative(int)),
     _Option("uvloop", "use uvloop when it is installed", _bool, field="use_uvloop"),
     _Option(

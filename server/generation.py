@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .admission import Admission
 from .chat_request import ChatRequest
-from .errors import RelayError, StreamTimeout
+from .errors import RelayError, StreamTimeout, UpstreamError
 from .events import Delta, Error, Event
 from .providers.base import Provider, collect_aborts, stop_collecting_aborts
 
@@ -162,11 +162,13 @@ class EventLog:
             raise LookupError(seq)
         return self._events[seq + 1 - self._first_seq :]
 
-    def drop_all(self) -> int:
-        """Drop every retained event (memory pressure); returns the bytes freed."""
-        freed = self.bytes
-        self._trim(0, 0)
-        return freed
+    def drop_through(self, seq: int) -> int:
+        """Drop the retained events up to and including `seq` (memory pressure); returns the bytes freed."""
+        before = self.bytes
+        keep = max(0, self.last_seq - seq)
+        if keep < len(self._events):
+            self._trim(keep, self._max_bytes)
+        return before - self.bytes
 
     def _trim(self, max_events: int, max_bytes: int) -> None:
         drop = max(0, len(self._events) - max_events)
@@ -189,8 +191,25 @@ class Generation:
     """
 
     __slots__ = (
-        "_aborts", "_admission", "_delivered", "_on_change", "_on_end", "_producer", "_running", "_task", "_waiters",
-        "chat", "ended_at", "failure", "id", "log", "outcome", "provider", "readers", "resumable", "settings",
+        "_aborts",
+        "_admission",
+        "_chat",
+        "_delivered",
+        "_on_change",
+        "_on_end",
+        "_producer",
+        "_running",
+        "_task",
+        "_waiters",
+        "ended_at",
+        "failure",
+        "id",
+        "log",
+        "outcome",
+        "provider",
+        "readers",
+        "resumable",
+        "settings",
         "started_at",
     )  # fmt: skip
 
@@ -206,7 +225,9 @@ class Generation:
     ) -> None:
         self.id = stream_id or new_stream_id()
         self.provider = provider
-        self.chat = chat
+        # The request is the task's to use and not kept on the generation: an ended one stays registered for the
+        # retention, and a prompt can be far larger than the log the memory bounds count.
+        self._chat: ChatRequest | None = chat
         self.settings = settings
         self.resumable = resumable
         self.log = EventLog(settings.log_max_events, settings.log_max_bytes)
@@ -238,6 +259,7 @@ class Generation:
         self,
         on_change: Callable[[Generation, int], None] | None = None,
         on_end: Callable[[Generation], None] | None = None,
+        on_closed: Callable[[Generation], None] | None = None,
     ) -> None:
         if self._task is not None:
             raise RuntimeError("a generation is started once")
@@ -246,6 +268,8 @@ class Generation:
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         self._task = loop.create_task(self._run(), name=f"llm-relay generation {self.id}")
+        if on_closed is not None:
+            self._task.add_done_callback(lambda _: on_closed(self))
 
     def add_waiter(self, waiter: asyncio.Future[None]) -> None:
         """Resolve `waiter` at the next append or at the end (at once if already ended)."""
@@ -254,6 +278,11 @@ class Generation:
                 waiter.set_result(None)
             return
         self._waiters.append(waiter)
+
+    @property
+    def delivered_seq(self) -> int:
+        """The furthest event any reader has written to its client."""
+        return self._delivered
 
     def delivered(self, seq: int) -> None:
         """A reader has written every event up to `seq` to its client (it may let the generation read on)."""
@@ -332,7 +361,9 @@ class Generation:
         try:
             if self.ended:  # cancelled before this task took its first step: no upstream request at all
                 return
-            async with contextlib.aclosing(self.provider.stream(self.chat)) as batches:
+            chat, self._chat = self._chat, None
+            assert chat is not None
+            async with contextlib.aclosing(self.provider.stream(chat)) as batches:
                 try:
                     async with asyncio.timeout_at(
                         _earliest(total_deadline, self.started_at, settings.first_token_timeout)
@@ -359,10 +390,14 @@ class Generation:
                             events = list(batch[: batch.index(terminal)])
                             if events:
                                 self._append(events)
-                            self._finish(
-                                terminal,
-                                Outcome.DONE if not isinstance(terminal, Error) else Outcome.ERROR,
-                            )
+                            if isinstance(terminal, Error):
+                                # An error the provider expressed as an event: a reader that has sent nothing yet
+                                # answers with its type and an upstream failure's status.
+                                failure = UpstreamError(terminal.message)
+                                failure.type = terminal.type
+                                self._finish(terminal, Outcome.ERROR, failure)
+                            else:
+                                self._finish(terminal, Outcome.DONE)
                             break
                 except TimeoutError:
                     self._fail(self._timeout_error(), Outcome.TIMEOUT)
@@ -407,7 +442,7 @@ class Generation:
                     pass
         except TimeoutError:
             log.debug("generation %s: the upstream had not ended %.1fs after the reply", self.id, PROVIDER_DRAIN_GRACE)
-        except RelayError:  # readers have the whole reply: whatever the upstream does now changes nothing for them
+        except Exception:  # readers have the whole reply: whatever the upstream does now changes nothing for them
             log.debug("generation %s: the upstream failed after the end of the reply", self.id, exc_info=True)
 
 

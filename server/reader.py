@@ -140,6 +140,8 @@ class Reader:
         request = self._request
         self._registry.attach(self.generation, self)
         self._attached = True
+        # This reader holds everything up to `after`: a generation waiting for a reader to catch up may go on.
+        self.generation.delivered(self._after)
         self._last_write = self._loop.time()
         try:
             with watch_disconnect(

@@ -51,6 +51,9 @@ class StreamRegistry:
         self._idle = asyncio.Event()
         self._idle.set()
         self._shutting_down = False
+        self._over = False  # over max_total_bytes: warned once per episode
+        # Every generation whose task has not finished, registered or already forgotten: shutdown waits for them.
+        self._unclosed: set[Generation] = set()
         self.total_bytes = 0
         self.finished = 0
 
@@ -86,7 +89,8 @@ class StreamRegistry:
         self._generations[generation.id] = generation
         self._running += 1
         self._idle.clear()
-        generation.start(self._on_change, self._on_end)
+        self._unclosed.add(generation)
+        generation.start(self._on_change, self._on_end, self._unclosed.discard)
 
     def attach(self, generation: Generation, reader: Follower) -> None:
         """`reader` starts following `generation`."""
@@ -145,20 +149,27 @@ class StreamRegistry:
 
     def _on_change(self, generation: Generation, delta: int) -> None:
         self.total_bytes += delta
-        if self.total_bytes <= self.settings.max_total_bytes:
+        limit = self.settings.max_total_bytes
+        if self.total_bytes <= limit:
+            self._over = False
             return
-        while self._ended and self.total_bytes > self.settings.max_total_bytes:
-            self._forget(next(iter(self._ended)))
-        if self.total_bytes <= self.settings.max_total_bytes:
-            return
-        for running in list(self._generations.values()):
-            if self.total_bytes <= self.settings.max_total_bytes:
+        # Ended generations first, oldest end first (one a reader still replays keeps its log until it is done:
+        # forgetting it would free nothing).
+        for ended in [g for g in self._ended.values() if not g.readers]:
+            if self.total_bytes <= limit:
                 break
-            if running is not generation:
-                self.total_bytes -= running.log.drop_all()
-        if self.total_bytes > self.settings.max_total_bytes:
-            self.total_bytes -= generation.log.drop_all()
-        log.warning("stream logs over %d bytes: older events dropped", self.settings.max_total_bytes)
+            self._forget(ended.id)
+        # Then running ones, oldest start first, but never what a live reader has not written yet: a reader keeps
+        # streaming; only a resume from before what is kept becomes impossible. Without readers, everything goes.
+        for running in list(self._generations.values()):
+            if self.total_bytes <= limit:
+                break
+            if not running.ended:
+                keep_after = running.delivered_seq if running.readers else running.log.last_seq
+                self.total_bytes -= running.log.drop_through(keep_after)
+        if not self._over:
+            self._over = True
+            log.warning("stream logs over %d bytes: the oldest events were dropped", limit)
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 
@@ -182,7 +193,7 @@ class StreamRegistry:
             log.warning("%d streams still running after the shutdown grace period: cancelled", len(running))
             for generation in running:
                 generation.cancel(Outcome.SHUTDOWN)
-        await asyncio.gather(*(g.wait_closed() for g in self._generations.values()))
+        await asyncio.gather(*(g.wait_closed() for g in list(self._unclosed)))
 
     def close(self) -> None:
         """Cancel the timers (the app is going away)."""

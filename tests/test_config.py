@@ -531,3 +531,10 @@ def test_float_options_are_finite_by_default() -> None:
     for name in ("demo_delay", "first_token_timeout", "idle_timeout", "total_timeout", "write_timeout", "heartbeat",
                  "request_head_timeout", "request_body_timeout"):  # fmt: skip
         assert math.isfinite(getattr(config, name))
+
+
+@pytest.mark.parametrize("option", ["log-max-events", "log-max-bytes"])
+def test_a_log_bound_of_zero_is_refused(option: str) -> None:
+    # A log that keeps nothing would answer every new stream with resume_unavailable.
+    assert exits([f"--{option}", "0"]).code == 2
+    assert load_config([f"--{option}", "1"]).log_max_events >= 1

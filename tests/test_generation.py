@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
@@ -384,3 +385,78 @@ async def test_with_idle_and_total_timeouts_off_the_first_token_clock_stops_at_t
         await asyncio.sleep(0.5)  # well past the first-token timeout: it no longer applies
         provider.put([Delta("b"), Done("stop")])
         assert [o["type"] for o in ndjson_objects(await resp.content.read())] == ["delta", "done"]
+
+
+class _TwoProviders:
+    """The first request streams from `a`, the second from `b`."""
+
+    name = "two"
+
+    def __init__(self) -> None:
+        self.a, self.b = ScriptedProvider(), ScriptedProvider()
+        self.calls = 0
+
+    def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
+        self.calls += 1
+        return (self.a if self.calls == 1 else self.b).stream(request)
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_over_the_total_log_bound_live_readers_keep_streaming(serve: ServeApp) -> None:
+    # Each log is far inside its own bound; together they pass the total (~15 events of 1 kB), with both upstreams
+    # delivering in the same loop turn: what a reader has not written yet is never dropped.
+    two = _TwoProviders()
+    host, _ = relay_host(BASE.with_changes(log_total_bytes=19_500), two)
+    base = await serve(host)
+    async with aiohttp.ClientSession() as http:
+
+        async def read() -> bytes:
+            async with http.get(f"{base}/api/chat", params={"prompt": "x", "resume": "1"}) as resp:
+                return await resp.read()
+
+        first = asyncio.create_task(read())
+        await asyncio.wait_for(two.a.started.wait(), 5)
+        second = asyncio.create_task(read())
+        await asyncio.wait_for(two.b.started.wait(), 5)
+        for _ in range(12):
+            two.a.put([Delta("a" * 900)])
+            two.b.put([Delta("b" * 900)])
+            await asyncio.sleep(0.02)
+        two.a.put([Done("stop")], None)
+        two.b.put([Done("stop")], None)
+        bodies = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    for body in bodies:
+        events = sse_events(body)
+        assert [kind for kind, _, _ in events] == ["stream"] + ["message"] * 12 + ["done"]
+
+
+async def test_a_reader_joining_at_the_live_edge_lets_a_waiting_generation_go_on(serve: ServeApp) -> None:
+    # The generation waits for its readers (the lead) while the only reader that set the pace stalls; a reader
+    # that joins at the newest event holds everything before it, so the generation must go on for it.
+    provider = ScriptedProvider()
+    host, api = relay_host(BASE.with_changes(write_timeout=2.0, send_buffer=4096), provider)
+    base = await serve(host)
+    address, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((address, int(port)))
+    stalled_reader, stalled = await asyncio.open_connection(sock=sock)
+    stalled.write(b"GET /api/chat?prompt=x&format=ndjson&resume=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await stalled_reader.readuntil(b"\r\n\r\n")
+    (generation,) = list(api[RELAY].streams)
+    for _ in range(200):
+        provider.put([Delta("x" * 16_000)])  # 3.2 MB ready at once
+    while True:  # until the generation stops pulling: it waits for its readers
+        edge = generation.log.last_seq
+        await asyncio.sleep(0.5)
+        if generation.log.last_seq == edge:
+            break
+    assert provider.steps.qsize() > 100
+    async with aiohttp.ClientSession() as http:
+        params = {"after": str(edge), "format": "ndjson"}
+        async with http.get(f"{base}/api/streams/{generation.id}", params=params) as resp:
+            got = await asyncio.wait_for(resp.content.readany(), 5)
+    assert got.startswith(b'{"type":"delta","seq":%d' % (edge + 1))
+    stalled.close()
