@@ -45,8 +45,10 @@ class StreamRegistry:
         # Insertion order is start order: the memory policy trims running generations oldest first.
         self._generations: OrderedDict[str, Generation] = OrderedDict()
         self._ended: OrderedDict[str, Generation] = OrderedDict()  # by end time, oldest first
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._running = 0
+        # Per stream id: the resume grace's cancellation (a running generation without readers) and the retention's
+        # end (an ended one).
+        self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._retention: dict[str, asyncio.TimerHandle] = {}
         self._followers: set[Follower] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -60,8 +62,8 @@ class StreamRegistry:
     # -- what is here ----------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Running generations."""
-        return self._running
+        """Running generations (only ended ones are ever forgotten)."""
+        return len(self._generations) - len(self._ended)
 
     def __iter__(self) -> Iterator[Generation]:
         """Every generation whose log is kept: running ones and those ended within the retention."""
@@ -87,7 +89,6 @@ class StreamRegistry:
     def start(self, generation: Generation) -> None:
         """Register `generation` and start its task."""
         self._generations[generation.id] = generation
-        self._running += 1
         self._idle.clear()
         self._unclosed.add(generation)
         generation.start(self._on_change, self._on_end, self._unclosed.discard)
@@ -96,11 +97,9 @@ class StreamRegistry:
         """`reader` starts following `generation`."""
         generation.readers += 1
         self._followers.add(reader)
-        timer = self._timers.pop(generation.id, None)
-        if timer is not None and not generation.ended:
-            timer.cancel()  # the resume grace's cancellation: a reader came back
-        elif timer is not None:
-            self._timers[generation.id] = timer  # the retention timer stays
+        grace = self._grace.pop(generation.id, None)
+        if grace is not None:
+            grace.cancel()  # a reader came back within the resume grace
 
     def detach(self, generation: Generation, reader: Follower) -> None:
         """`reader` left. The last one leaving a running generation decides its fate (see the module's doc)."""
@@ -113,31 +112,30 @@ class StreamRegistry:
             generation.cancel(Outcome.SHUTDOWN if self._shutting_down else Outcome.ABANDONED)
             return
         loop = asyncio.get_running_loop()
-        self._timers[generation.id] = loop.call_later(self.settings.resume_grace, self._grace_over, generation)
+        self._grace[generation.id] = loop.call_later(self.settings.resume_grace, self._grace_over, generation)
 
     def stop(self, generation: Generation) -> None:
         """An explicit stop (DELETE): cancel at once, whoever reads it."""
         generation.cancel(Outcome.STOPPED)
 
     def _grace_over(self, generation: Generation) -> None:
-        self._timers.pop(generation.id, None)
+        self._grace.pop(generation.id, None)
         if not generation.readers:
             generation.cancel(Outcome.ABANDONED)
 
     def _on_end(self, generation: Generation) -> None:
-        timer = self._timers.pop(generation.id, None)
-        if timer is not None:
-            timer.cancel()
-        self._running -= 1
+        grace = self._grace.pop(generation.id, None)
+        if grace is not None:
+            grace.cancel()
         self.finished += 1
         self._ended[generation.id] = generation
         loop = asyncio.get_running_loop()
-        self._timers[generation.id] = loop.call_later(self.settings.retention, self._forget, generation.id)
-        if not self._running:
+        self._retention[generation.id] = loop.call_later(self.settings.retention, self._forget, generation.id)
+        if not len(self):
             self._idle.set()
 
     def _forget(self, stream_id: str) -> None:
-        timer = self._timers.pop(stream_id, None)
+        timer = self._retention.pop(stream_id, None)
         if timer is not None:
             timer.cancel()
         generation = self._generations.pop(stream_id, None)
@@ -197,6 +195,7 @@ class StreamRegistry:
 
     def close(self) -> None:
         """Cancel the timers (the app is going away)."""
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        for timers in (self._grace, self._retention):
+            for timer in timers.values():
+                timer.cancel()
+            timers.clear()
