@@ -22,7 +22,7 @@ import json
 import re
 from typing import Final, Protocol
 
-from .events import Delta, Done, Error, Event
+from .events import Delta, Done, Error, Event, Reasoning, Refusal, ToolCallDelta
 
 __all__ = [
     "FRAMINGS",
@@ -169,6 +169,14 @@ def _error_payload(event: Error) -> dict[str, object]:
     return {"error": {"type": event.type, "message": event.message}}
 
 
+def _tool_call_payload(event: ToolCallDelta) -> dict[str, object]:
+    return {"index": event.index, "id": event.id, "name": event.name, "arguments": event.arguments}
+
+
+# The SSE event name and NDJSON type of each kind of progress other than answer text.
+_PROGRESS_NAMES: Final = {Reasoning: "reasoning", Refusal: "refusal", ToolCallDelta: "tool_call"}
+
+
 class SSEFraming:
     """``text/event-stream``: deltas as default events, then ``done`` or ``error``. Every event has an id."""
 
@@ -182,6 +190,19 @@ class SSEFraming:
             # JSON never contains a raw CR or LF, so the payload is always exactly one data line and this
             # is the spec's framing without a split.
             return b'id: %s/%d\ndata: {"content":%s}\n\n' % (stream_id.encode(), seq, _json_str(event.content))
+        if isinstance(event, (Reasoning, Refusal)):
+            return b'id: %s/%d\nevent: %s\ndata: {"content":%s}\n\n' % (
+                stream_id.encode(),
+                seq,
+                _PROGRESS_NAMES[type(event)].encode(),
+                _json_str(event.content),
+            )
+        if isinstance(event, ToolCallDelta):
+            return b"id: %s/%d\nevent: tool_call\ndata: %s\n\n" % (
+                stream_id.encode(),
+                seq,
+                json_bytes(_tool_call_payload(event)),
+            )
         if isinstance(event, Done):
             return b"id: %s/%d\nevent: done\ndata: %s\n\n" % (
                 stream_id.encode(),
@@ -223,6 +244,14 @@ class NDJSONFraming:
     def encode(self, stream_id: str, seq: int, event: Event) -> bytes:
         if isinstance(event, Delta):
             return b'{"type":"delta","seq":%d,"content":%s}\n' % (seq, _json_str(event.content))
+        if isinstance(event, (Reasoning, Refusal)):
+            return b'{"type":"%s","seq":%d,"content":%s}\n' % (
+                _PROGRESS_NAMES[type(event)].encode(),
+                seq,
+                _json_str(event.content),
+            )
+        if isinstance(event, ToolCallDelta):
+            return json_bytes({"type": "tool_call", "seq": seq, **_tool_call_payload(event)}) + b"\n"
         if isinstance(event, Done):
             return json_bytes({"type": "done", "seq": seq, **_done_payload(event)}) + b"\n"
         return json_bytes({"type": "error", "seq": seq, **_error_payload(event)}) + b"\n"

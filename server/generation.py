@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .admission import Admission
 from .chat_request import ChatRequest
 from .errors import RelayError, StreamTimeout, UpstreamError
-from .events import Delta, Error, Event
+from .events import Error, Event, is_terminal, text_size
 from .providers.base import Provider, collect_aborts, stop_collecting_aborts
 
 log = logging.getLogger("llm_relay.generation")
@@ -148,7 +148,7 @@ class EventLog:
         before = self.bytes
         total = self._total
         for event in events:
-            total += EVENT_OVERHEAD_BYTES + (len(event.content) if isinstance(event, Delta) else 0)
+            total += EVENT_OVERHEAD_BYTES + text_size(event)
             self._events.append(event)
             self._ends.append(total)
         self._total = total
@@ -371,7 +371,7 @@ class Generation:
                         async for batch in batches:
                             if not batch:  # nothing arrived: not progress, the clocks do not move
                                 continue
-                            terminal = next((e for e in batch if not isinstance(e, Delta)), None)
+                            terminal = next((e for e in batch if is_terminal(e)), None)
                             if terminal is None:
                                 self._append(batch)
                                 if self._ahead():

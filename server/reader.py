@@ -25,7 +25,7 @@ from aiohttp import web
 
 from .disconnect import watch_disconnect
 from .errors import RelayError, ResumeUnavailable
-from .events import Delta, Error, Event
+from .events import Error, Event, is_terminal
 from .framing import Framing
 from .generation import Generation, ServerShuttingDown
 from .registry import StreamRegistry
@@ -197,7 +197,7 @@ class Reader:
                     frame = encode(stream_id, pos, event)
                     held.append(frame)
                     held_size += len(frame)
-                    if not isinstance(event, Delta):
+                    if is_terminal(event):
                         terminal = event
                         break
             window_end = held_since + settings.flush_window
