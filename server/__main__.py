@@ -20,6 +20,7 @@ from .backlog import effective_backlog
 from .config import Config, ConfigError, describe_source, load_config, startup_error
 from .descriptors import install_accept_warning
 from .gc_tuning import apply_after_startup
+from .logs import configure_logging
 from .state import RELAY
 
 log = logging.getLogger("llm_relay")
@@ -44,9 +45,8 @@ def _reason(exc: OSError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(sys.argv[1:] if argv is None else argv)
-    # Our own events at INFO; libraries (httpx logs every upstream request at INFO) only when they warn.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
+    # Our own events at --log-level; libraries (httpx logs every upstream request at INFO) only when they warn.
+    configure_logging(config.log_level, config.log_format)
     _event_loop_factory(config)
     try:
         app = create_app(config)
@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("%s; listening on http://%s:%d/ (backlog %d)", describe_source(config), host, config.port, backlog)
         # An operator who reaches the relay by a name not listed sees why it answers 421.
         log.info("Host check: %s", app[RELAY].origin_policy.describe())
+        if config.metrics:
+            where = f"http://{config.metrics_host}:{config.metrics_port}" if config.metrics_port else "this listener"
+            log.info("Prometheus metrics at GET /metrics on %s", where)
 
     loop = asyncio.new_event_loop()
     install_accept_warning(loop)

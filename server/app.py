@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp_cors
 from aiohttp import web
@@ -18,15 +18,22 @@ from .admission import Limiter, NoLimits
 from .chat_request import RequestRules
 from .client_key import ClientIdentifier
 from .config import DEMO_MODEL, Config
+from .errors import RelayError
 from .generation import GenerationSettings
 from .handlers import chat, healthz, json_errors, stop, stream
-from .intake import expect_handler
+from .intake import check_host, expect_handler
 from .limiter import build_limiter as build_backend_limiter
+from .logs import FailureLog, access_middleware, add_request_id, remember_client
+from .observe import Observers, StreamObserver
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
 from .reader import ReaderSettings
 from .registry import RegistrySettings, StreamRegistry
 from .request_origin import OriginPolicy
+from .responses import error_response
 from .state import RELAY, RelayState
+
+if TYPE_CHECKING:
+    from .metrics import RelayMetrics
 
 log = logging.getLogger("llm_relay")
 
@@ -110,13 +117,14 @@ def _reader_settings(config: Config) -> ReaderSettings:
     )
 
 
-def _registry(config: Config) -> StreamRegistry:
+def _registry(config: Config, observer: StreamObserver) -> StreamRegistry:
     return StreamRegistry(
         RegistrySettings(
             resume_grace=config.resume_grace,
             retention=config.stream_retention,
             max_total_bytes=config.log_total_bytes,
-        )
+        ),
+        observer,
     )
 
 
@@ -138,13 +146,16 @@ def create_relay_app(
     *,
     provider: Provider | None = None,
     limiter: Limiter | None = None,
+    metrics: RelayMetrics | None = None,
 ) -> web.Application:
     """The streaming API as a sub-application: ``GET|POST /chat``, ``GET|DELETE /streams/{id}``, ``GET /healthz``.
 
-    `provider` and `limiter` default to what `config` describes; pass your own to reuse a client.
+    `provider` and `limiter` default to what `config` describes; pass your own to reuse a client. `metrics`
+    (`server.metrics.RelayMetrics`) is off unless given: an embedding application asks for it and serves it
+    (docs/operations.md).
     """
     origin_policy = OriginPolicy.from_settings(config.public_origins, config.cors_origins)
-    api = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
+    observer: StreamObserver = FailureLog() if metrics is None else Observers([FailureLog(), metrics])
     state = RelayState(
         config=config,
         provider=provider or build_provider(config),
@@ -152,10 +163,14 @@ def create_relay_app(
         generation_settings=_generation_settings(config),
         reader_settings=_reader_settings(config),
         limiter=limiter or build_limiter(config),
-        identify=build_identify(config),
+        identify=remember_client(build_identify(config)),
         origin_policy=origin_policy,
-        streams=_registry(config),
+        streams=_registry(config, observer),
+        observer=observer,
     )
+    # The access line's middleware is the outermost: it sees every response, json_errors' ones included.
+    api = web.Application(middlewares=[access_middleware(observer), json_errors], client_max_size=config.max_body_bytes)
+    api.on_response_prepare.append(add_request_id)
     api[RELAY] = state
     chat_resource = api.router.add_resource("/chat", name="chat")
     # The expect handler leaves 100 Continue to the handler, which sends it once the client is admitted.
@@ -172,6 +187,9 @@ def create_relay_app(
     if config.cors_origins:
         _setup_cors(api, config.cors_origins, routes)
     api.cleanup_ctx.append(_lifecycle)
+    if metrics is not None:
+        metrics.watch(state.streams)
+        api.cleanup_ctx.append(metrics.sampling)
     api.on_shutdown.append(_end_streams)
     return api
 
@@ -181,8 +199,8 @@ def _setup_cors(api: web.Application, origins: tuple[str, ...], routes: Sequence
     # and "*" together with credentials is what the Fetch standard forbids.
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=False,
-        allow_headers=("Content-Type", "Authorization", "Last-Event-ID", "Accept"),
-        expose_headers=("X-Stream-Id", "Retry-After", "RateLimit", "RateLimit-Policy"),
+        allow_headers=("Content-Type", "Authorization", "Last-Event-ID", "Accept", "X-Request-Id"),
+        expose_headers=("X-Stream-Id", "X-Request-Id", "Retry-After", "RateLimit", "RateLimit-Policy"),
         max_age=600,
     )
     cors = aiohttp_cors.setup(api, defaults=dict.fromkeys(origins, options))
@@ -214,11 +232,36 @@ def setup(app: web.Application, config: Config, *, prefix: str = API_PREFIX, **k
     return api
 
 
+def _metrics(app: web.Application, config: Config) -> RelayMetrics | None:
+    """The standalone server's metrics (``--metrics``): ``GET /metrics`` on `app`, or with ``--metrics-port`` on a
+    listener of its own that only serves it."""
+    if not config.metrics:
+        return None
+    from .metrics import RelayMetrics, serve_metrics  # imported only when asked for (see server/metrics.py)
+
+    metrics = RelayMetrics()
+    if config.metrics_port:
+        app.cleanup_ctx.append(serve_metrics(metrics, config.metrics_host, config.metrics_port))
+        return metrics
+
+    async def public_metrics(request: web.Request) -> web.StreamResponse:
+        # On the public listener, the host check applies as for the page (a DNS-rebinding page must not read it).
+        try:
+            check_host(request, request.app[RELAY].origin_policy)
+        except RelayError as error:
+            return error_response(error)
+        return await metrics.handle(request)
+
+    app.router.add_get("/metrics", public_metrics, allow_head=False)
+    return metrics
+
+
 def create_app(config: Config | None = None) -> web.Application:
     """The standalone server: the chat page at ``/``, static files, ``/healthz`` and the API under ``/api``."""
     config = config or Config()
     app = web.Application(client_max_size=config.max_body_bytes)
-    api = setup(app, config)
+    metrics = _metrics(app, config)
+    api = setup(app, config, metrics=metrics)
     app[RELAY] = api[RELAY]
     app.router.add_get("/healthz", healthz, allow_head=False)
     from .page import setup_page

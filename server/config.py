@@ -102,6 +102,13 @@ class Config:
     auth_failure_rate: str = "6/m"
     limits_enabled: bool = True
     max_tracked_clients: int = 100_000
+    # Observability (server/logs.py, server/metrics.py): the relay's own log level and format, and GET /metrics on
+    # the standalone server, on the public listener unless a metrics port of its own is given (0: none).
+    log_level: str = "info"
+    log_format: str = "text"
+    metrics: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
 
     @property
     def resolved_provider(self) -> str:
@@ -192,6 +199,9 @@ def _int_between(low: int, high: int, what: str) -> Callable[[str], int]:
 
 
 _port = _int_between(0, 65535, "a TCP port")
+# The choices of --log-level and --log-format (server/logs.py, which imports aiohttp, checks them again).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 # A bound against typos: 0 or a negative would leave a tiny queue, and 65535 is far above any default somaxconn.
 _backlog = _int_between(1, 65535, "a listen backlog")
 
@@ -367,6 +377,19 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("auth-failure-rate", "how fast failed authentications are forgiven, e.g. 6/m (0/m = no limit)"),
     _Option("limits", "admission control on or off", _bool, field="limits_enabled"),
+    _Option("log-level", "the relay's own log level (libraries log from warning)", choices=LOG_LEVELS),
+    _Option(
+        "log-format",
+        "text, or json: one object per line (ts, level, logger, message and the line's fields)",
+        choices=LOG_FORMATS,
+    ),
+    _Option("metrics", "serve Prometheus metrics at GET /metrics", _bool),
+    _Option("metrics-host", "address the metrics listener binds to (with --metrics-port)"),
+    _Option(
+        "metrics-port",
+        "serve /metrics on a listener of its own on this port, off the public one (0 = on the public listener)",
+        _port,
+    ),
 )
 
 

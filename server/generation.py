@@ -28,7 +28,14 @@ from .admission import Admission
 from .chat_request import ChatRequest
 from .errors import RelayError, StreamTimeout, UpstreamError
 from .events import Error, Event, is_terminal, text_size
-from .providers.base import Provider, collect_aborts, stop_collecting_aborts
+from .providers.base import (
+    Provider,
+    UpstreamReport,
+    collect_aborts,
+    collect_upstream_report,
+    stop_collecting_aborts,
+    stop_collecting_upstream_report,
+)
 
 log = logging.getLogger("llm_relay.generation")
 
@@ -203,6 +210,7 @@ class Generation:
         "_waiters",
         "ended_at",
         "failure",
+        "first_event_at",
         "id",
         "log",
         "outcome",
@@ -211,6 +219,7 @@ class Generation:
         "resumable",
         "settings",
         "started_at",
+        "upstream",
     )  # fmt: skip
 
     def __init__(
@@ -237,6 +246,10 @@ class Generation:
         self.readers = 0
         self.started_at = 0.0
         self.ended_at: float | None = None
+        # For logs and metrics (server/observe.py): when the first event arrived (loop time), and what the
+        # provider reported of its upstream call.
+        self.first_event_at: float | None = None
+        self.upstream = UpstreamReport()
         self._admission = admission
         self._aborts: list[Callable[[], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -331,6 +344,8 @@ class Generation:
             await asyncio.wait({self._task})
 
     def _append(self, events: Sequence[Event]) -> None:
+        if self.first_event_at is None and not self.ended:  # (the terminal event of a failure is not a first token)
+            self.first_event_at = asyncio.get_running_loop().time()
         delta = self.log.append(events)
         if self._on_change is not None:
             self._on_change(self, delta)
@@ -358,6 +373,7 @@ class Generation:
         deadline = -math.inf
         # The provider runs in this task: its on_abort() callbacks land in this generation's list.
         collecting = collect_aborts(self._aborts)
+        reporting = collect_upstream_report(self.upstream)
         try:
             if self.ended:  # cancelled before this task took its first step: no upstream request at all
                 return
@@ -416,6 +432,7 @@ class Generation:
             log.exception("generation %s: the provider failed", self.id)
             self._fail(InternalError("the relay failed while generating the reply"), Outcome.ERROR)
         finally:
+            stop_collecting_upstream_report(reporting)
             stop_collecting_aborts(collecting)
             if self._admission is not None:
                 await self._admission.release()

@@ -22,6 +22,7 @@ from .errors import (
 from .framing import FRAMINGS, Framing
 from .generation import Generation
 from .intake import accept_chat, check_host, check_origin, read_body
+from .logs import READING, ReadingRequest
 from .negotiation import choose_framing
 from .reader import Reader
 from .responses import error_response
@@ -54,6 +55,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     generation = Generation(
         state.provider, chat_req, state.generation_settings, resumable=chat_req.resume, admission=admission
     )
+    state.observer.stream_started(generation, framing.name)
     state.streams.start(generation)
     return await _read(
         request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=admission.headers
@@ -110,7 +112,7 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
         return web.Response(status=204, headers={"Cache-Control": "no-store"})
     if after + 1 < log_.first_seq:
         raise ResumeUnavailable("the events after this one are no longer kept")
-    return await _read(request, generation, framing, after=after, prepare_now=True)
+    return await _read(request, generation, framing, after=after, prepare_now=True, resumed=True)
 
 
 async def _read(
@@ -122,8 +124,10 @@ async def _read(
     prepare_now: bool = False,
     announce: bool = False,
     headers: Mapping[str, str] | None = None,
+    resumed: bool = False,
 ) -> web.StreamResponse:
-    """Run a `Reader` of `generation` for this request (see `Reader` for the options)."""
+    """Run a `Reader` of `generation` for this request (see `Reader` for the options); `resumed`: it joins an
+    existing generation."""
     state = request.app[RELAY]
     reader = Reader(
         request,
@@ -138,9 +142,12 @@ async def _read(
         keepalive=framing.name == "sse" or state.config.ndjson_keepalive,
         headers=dict(headers or {}),
     )
+    request[READING] = ReadingRequest(reader, resumed)  # for the access line (server/logs.py)
+    state.observer.reader_started(reader, resumed)
     try:
         return await reader.run()
     finally:
+        state.observer.reader_ended(reader, resumed)
         log.debug("stream %s: a reader ended (%s)", generation.id, reader.outcome)
 
 

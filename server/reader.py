@@ -56,7 +56,7 @@ class Reader:
     __slots__ = (
         "_after", "_announce", "_attached", "_gone", "_headers", "_heartbeat", "_heartbeat_due", "_keepalive",
         "_last_write", "_loop", "_prepare_now", "_registry", "_request", "_response", "_shutdown", "_waiter",
-        "framing", "generation", "outcome", "settings",
+        "after", "bytes_written", "framing", "generation", "outcome", "position", "settings",
     )  # fmt: skip
 
     def __init__(
@@ -77,6 +77,11 @@ class Reader:
         self.framing = framing
         self.settings = settings
         self.outcome = "reading"  # done | error | disconnected | slow_client | shutdown | behind
+        # For logs and metrics (server/observe.py): where this reader started, the last event it wrote, and the
+        # bytes it wrote (counted per write, read once at the end).
+        self.after = after
+        self.position = after
+        self.bytes_written = 0
         self._request = request
         self._registry = registry
         self._after = after
@@ -214,6 +219,7 @@ class Reader:
                 if not await self._write(data, last=terminal is not None):
                     return self._response or web.Response(status=499)
                 generation.delivered(pos)
+                self.position = pos
                 if terminal is not None:
                     self.outcome = "done" if not isinstance(terminal, Error) else "error"
                     return self._response or web.Response(status=499)
@@ -324,6 +330,7 @@ class Reader:
             self._gone = True
             self.outcome = "disconnected"
             return False
+        self.bytes_written += len(data)
         self._last_write = self._loop.time()
         if self._heartbeat_due:
             self._arm_heartbeat()

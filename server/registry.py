@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .generation import Generation, Outcome
+from .observe import StreamObserver
 
 log = logging.getLogger("llm_relay.registry")
 
@@ -40,8 +41,10 @@ class RegistrySettings:
 class StreamRegistry:
     """Generations by id (running and recently ended), with reader counts; awaited empty before cleanup."""
 
-    def __init__(self, settings: RegistrySettings | None = None) -> None:
+    def __init__(self, settings: RegistrySettings | None = None, observer: StreamObserver | None = None) -> None:
         self.settings = settings or RegistrySettings()
+        # Told when a generation ends and when its task has closed (server/observe.py).
+        self.observer = observer or StreamObserver()
         # Insertion order is start order: the memory policy trims running generations oldest first.
         self._generations: OrderedDict[str, Generation] = OrderedDict()
         self._ended: OrderedDict[str, Generation] = OrderedDict()  # by end time, oldest first
@@ -91,7 +94,7 @@ class StreamRegistry:
         self._generations[generation.id] = generation
         self._idle.clear()
         self._unclosed.add(generation)
-        generation.start(self._on_change, self._on_end, self._unclosed.discard)
+        generation.start(self._on_change, self._on_end, self._on_closed)
 
     def attach(self, generation: Generation, reader: Follower) -> None:
         """`reader` starts following `generation`."""
@@ -133,6 +136,13 @@ class StreamRegistry:
         self._retention[generation.id] = loop.call_later(self.settings.retention, self._forget, generation.id)
         if not len(self):
             self._idle.set()
+        self.observer.stream_ended(generation)
+
+    def _on_closed(self, generation: Generation) -> None:
+        self._unclosed.discard(generation)
+        ended_at = generation.ended_at
+        if ended_at is not None:
+            self.observer.stream_closed(generation, asyncio.get_running_loop().time() - ended_at)
 
     def _forget(self, stream_id: str) -> None:
         timer = self._retention.pop(stream_id, None)

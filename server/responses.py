@@ -9,6 +9,9 @@ from aiohttp import web
 from .errors import RelayError
 from .framing import json_bytes
 
+# The error type of an error response, kept on it for the access log and the refusal metrics (server/logs.py).
+ERROR_TYPE = web.ResponseKey("llm_relay_error_type", str)
+
 # A Retry-After past this is clamped: a client told to wait for years (an upstream's "1e400") would never retry.
 MAX_RETRY_AFTER = 3600
 
@@ -32,9 +35,11 @@ def error_response(error: RelayError, extra_headers: dict[str, str] | None = Non
         headers.update(extra_headers)
     if error.retry_after is not None:
         headers["Retry-After"] = retry_after_field(error.retry_after)
-    return web.Response(
+    response = web.Response(
         status=error.status,
         body=json_bytes(error.body()),
         content_type="application/json",
         headers=headers,
     )
+    response[ERROR_TYPE] = error.type
+    return response

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -11,6 +11,7 @@ from .admission import Limiter
 from .chat_request import RequestRules
 from .config import Config
 from .generation import GenerationSettings
+from .observe import StreamObserver
 from .providers.base import Provider
 from .reader import ReaderSettings
 from .registry import StreamRegistry
@@ -28,6 +29,8 @@ class RelayState:
     identify: Callable[[web.Request], str]
     origin_policy: OriginPolicy
     streams: StreamRegistry
+    # Told of streams, readers and refusals (server/observe.py): metrics, the upstream failure log.
+    observer: StreamObserver = field(default_factory=StreamObserver)
 
 
 RELAY = web.AppKey("llm_relay", RelayState)

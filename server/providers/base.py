@@ -45,3 +45,32 @@ def collect_aborts(callbacks: list[Callable[[], None]]) -> Token[list[Callable[[
 def stop_collecting_aborts(token: Token[list[Callable[[], None]] | None]) -> None:
     """The stream is over: `on_abort` in the rest of the task (the host's code) registers nothing."""
     _abort_callbacks.reset(token)
+
+
+class UpstreamReport:
+    """What a provider reports of its upstream call, for the access log and metrics: the HTTP status it answered
+    (None until it answered, or when it never did: unreachable, or a provider with no upstream)."""
+
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+
+
+_upstream_report: ContextVar[UpstreamReport | None] = ContextVar("llm_relay_upstream_report", default=None)
+
+
+def report_upstream_status(status: int) -> None:
+    """The upstream answered with HTTP `status`; a no-op outside a relayed stream."""
+    report = _upstream_report.get()
+    if report is not None:
+        report.status = status
+
+
+def collect_upstream_report(report: UpstreamReport) -> Token[UpstreamReport | None]:
+    """Make `report` the one `report_upstream_status` fills, in the current context, until it is reset."""
+    return _upstream_report.set(report)
+
+
+def stop_collecting_upstream_report(token: Token[UpstreamReport | None]) -> None:
+    _upstream_report.reset(token)

@@ -53,8 +53,9 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..events import Event
+from ..observe import current_request_id
 from ..upstream_sse import ChunkStreamDecoder
-from .base import on_abort
+from .base import on_abort, report_upstream_status
 
 # At most this much of the upstream body per read, so a batch (and the write it becomes) stays small: a client that
 # stopped reading then holds about the transport's high-water mark plus one batch, not whatever the upstream
@@ -149,13 +150,22 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
-async def post_chat_stream(client: openai.AsyncOpenAI, body: dict[str, Any]) -> openai.AsyncAPIResponse[Any]:
-    """POST `body` to ``/chat/completions`` through `client`, returning the response with its body unread."""
+async def post_chat_stream(
+    client: openai.AsyncOpenAI, body: dict[str, Any], request_id: str | None = None
+) -> openai.AsyncAPIResponse[Any]:
+    """POST `body` to ``/chat/completions`` through `client`, returning the response with its body unread.
+
+    `request_id` goes upstream as ``X-Request-Id``, in the request options' headers: what the typed methods'
+    ``extra_headers`` argument becomes, so the upstream's logs can be matched with the relay's.
+    """
+    options = _RAW_STREAM
+    if request_id is not None:
+        options = {"headers": {**_RAW_STREAM["headers"], "X-Request-Id": request_id}}
     return await client.post(
         "/chat/completions",
         body=body,
         cast_to=openai.AsyncAPIResponse[ChatCompletion],
-        options=_RAW_STREAM,
+        options=options,
     )
 
 
@@ -267,7 +277,8 @@ class OpenAIProvider:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
         try:
-            response = await post_chat_stream(self._client, self._arguments(request))
+            response = await post_chat_stream(self._client, self._arguments(request), current_request_id.get())
+            report_upstream_status(response.status_code)
             # Leaving this block in any way (end, error, or the relay closing the generator because the client
             # left) closes the HTTP response; an unfinished body cannot be reused, so the connection goes too.
             try:
@@ -311,6 +322,7 @@ class OpenAIProvider:
                 raise _out_of_descriptors() from None
             raise UpstreamUnavailable("could not reach the model provider") from None
         except openai.APIStatusError as exc:
+            report_upstream_status(exc.status_code)
             raise _status_error(exc) from None
         except (httpx2.TimeoutException, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout("the model provider stopped answering") from None
