@@ -209,7 +209,7 @@ class RelayMetrics(StreamObserver):
         return generate_latest(aggregate)
 
     async def handle(self, request: web.Request) -> web.Response:
-        """``GET /metrics``: the Prometheus text format (version 0.0.4)."""
+        """``GET /metrics``: the Prometheus text exposition format."""
         # Reading every worker's files is disk work: off the event loop when there are several.
         body = self.exposition() if multiprocess_dir() is None else await asyncio.to_thread(self.exposition)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})

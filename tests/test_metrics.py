@@ -1,0 +1,344 @@
+"""server/metrics.py: Prometheus metrics after real streams, scraped over HTTP and read with prometheus-client's own
+parser: done, upstream errors, a client leaving, a timeout, refusals, a resume; a listener of its own; an
+embedding app; several gunicorn workers aggregated (multiprocess mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_app, create_relay_app
+from server.config import Config
+from server.metrics import RelayMetrics
+
+from .conftest import ServeApp, ServeStandalone, upstream_config
+from .fake_upstream import Behavior, FakeUpstream
+from .processes import ROOT, clean_env, free_port
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+SSE = {"Accept": "text/event-stream"}
+NDJSON = {"Accept": "application/x-ndjson"}
+
+
+def parse(text: str) -> Samples:
+    """Every sample of an exposition, by name and labels, through prometheus-client's own parser."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """A sample's value; 0 for a labelled series that was never touched (as PromQL would treat it)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        return parse(await response.text())
+
+
+async def scrape_until(
+    http: aiohttp.ClientSession, url: str, ready: Callable[[Samples], bool], timeout: float = 10.0
+) -> Samples:
+    """Scrape until `ready` holds (an observer is told when a stream or reader has ended, just after its last
+    byte left); fail after a generous `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await scrape(http, url)
+        if ready(samples):
+            return samples
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics never got ready: {sorted(samples.items())[:60]}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def relay(
+    fake_upstream: FakeUpstream, serve_standalone: ServeStandalone
+) -> Callable[..., Awaitable[str]]:
+    async def start(**changes: object) -> str:
+        return await serve_standalone(upstream_config(fake_upstream, **changes))
+
+    return start
+
+
+async def test_done_streams_by_framing_events_bytes_and_first_token(
+    relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
+) -> None:
+    base = await relay()
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}, headers=SSE) as response:
+        sse_body = await response.read()
+    async with http.post(f"{base}/api/chat", json={"prompt": "x"}, headers=NDJSON) as response:
+        ndjson_body = await response.read()
+    samples = await scrape_until(
+        http, f"{base}/metrics", lambda s: value(s, "llm_relay_readers_ended_total", framing="ndjson", outcome="done")
+    )
+    for framing, body in (("sse", sse_body), ("ndjson", ndjson_body)):
+        assert value(samples, "llm_relay_streams_started_total", framing=framing) == 1
+        assert value(samples, "llm_relay_streams_ended_total", framing=framing, outcome="done") == 1
+        assert value(samples, "llm_relay_readers_ended_total", framing=framing, outcome="done") == 1
+        # The fake upstream's four tokens ("Hello", ",", " world", "!"); the end is not an event counted.
+        assert value(samples, "llm_relay_stream_events_total", framing=framing) == 4
+        assert value(samples, "llm_relay_bytes_sent_total", framing=framing) == len(body)
+    assert value(samples, "llm_relay_time_to_first_token_seconds_count") == 2
+    assert value(samples, "llm_relay_stream_duration_seconds_count", outcome="done") == 2
+    assert value(samples, "llm_relay_streams_open") == 0
+    assert value(samples, "llm_relay_readers_open") == 0
+    assert value(samples, "llm_relay_client_disconnects_total", framing="sse") == 0
+    assert not [key for key in samples if key[0] == "llm_relay_upstream_errors_total"]
+
+
+@pytest.mark.parametrize(
+    ("behavior", "type_", "status"),
+    [
+        (Behavior(fault="status", status=500), "upstream_error", "500"),
+        (Behavior(fault="status", status=429, retry_after="7"), "upstream_rate_limited", "429"),
+        (Behavior(tokens=["a", "b", "c"], fault="malformed", fault_after=1), "upstream_protocol_error", "200"),
+    ],
+    ids=["500", "429", "malformed-mid-stream"],
+)
+async def test_upstream_errors_by_type_and_status(
+    fake_upstream: FakeUpstream,
+    relay: Callable[..., Awaitable[str]],
+    http: aiohttp.ClientSession,
+    behavior: Behavior,
+    type_: str,
+    status: str,
+) -> None:
+    fake_upstream.behavior = behavior
+    base = await relay()
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as response:
+        await response.read()
+    samples = await scrape_until(
+        http, f"{base}/metrics", lambda s: value(s, "llm_relay_upstream_errors_total", type=type_, status=status) == 1
+    )
+    assert value(samples, "llm_relay_streams_ended_total", framing="sse", outcome="error") == 1
+    assert value(samples, "llm_relay_readers_ended_total", framing="sse", outcome="error") == 1
+    # An upstream failure is not a refusal of the client's request.
+    assert not [key for key in samples if key[0] == "llm_relay_requests_refused_total"]
+
+
+async def test_an_unreachable_upstream_is_an_upstream_error_without_a_status(
+    serve_standalone: ServeStandalone, http: aiohttp.ClientSession
+) -> None:
+    upstream = FakeUpstream()
+    await upstream.start()
+    await upstream.close()  # nothing listens there any more
+    base = await serve_standalone(upstream_config(upstream))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as response:
+        assert response.status == 502
+    await scrape_until(
+        http,
+        f"{base}/metrics",
+        lambda s: value(s, "llm_relay_upstream_errors_total", type="upstream_unavailable", status="none") == 1,
+    )
+
+
+async def test_a_client_leaving_is_a_disconnect_and_the_upstream_close_is_timed(
+    fake_upstream: FakeUpstream, relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=["x"] * 10_000, delay=0.01)
+    base = await relay()
+    response = await http.get(f"{base}/api/chat", params={"prompt": "x"}, headers=SSE)
+    await response.content.readuntil(b"\n\n")
+    await response.content.readuntil(b"\n\n")
+    response.close()  # the client goes away mid-stream
+    samples = await scrape_until(
+        http, f"{base}/metrics", lambda s: value(s, "llm_relay_upstream_close_seconds_count", outcome="abandoned")
+    )
+    assert value(samples, "llm_relay_client_disconnects_total", framing="sse") == 1
+    assert value(samples, "llm_relay_readers_ended_total", framing="sse", outcome="disconnected") == 1
+    assert value(samples, "llm_relay_streams_ended_total", framing="sse", outcome="abandoned") == 1
+    assert value(samples, "llm_relay_upstream_close_seconds_count", outcome="abandoned") == 1
+    # Closing is the abort callbacks' work in the disconnect's own loop turn: far under the largest bucket.
+    assert value(samples, "llm_relay_upstream_close_seconds_bucket", outcome="abandoned", le="5.0") == 1
+    assert value(samples, "llm_relay_streams_open") == 0
+
+
+async def test_a_first_token_timeout_ends_the_stream_as_timeout(
+    fake_upstream: FakeUpstream, relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(first_delay=30)
+    base = await relay(first_token_timeout=0.2)
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as response:
+        assert response.status == 504
+    samples = await scrape_until(
+        http, f"{base}/metrics", lambda s: value(s, "llm_relay_streams_ended_total", framing="sse", outcome="timeout")
+    )
+    assert value(samples, "llm_relay_stream_duration_seconds_count", outcome="timeout") == 1
+    assert value(samples, "llm_relay_time_to_first_token_seconds_count") == 0
+
+
+async def test_refusals_by_type_and_status(
+    relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
+) -> None:
+    base = await relay(limits_enabled=True, rate="1/m", burst=1)
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as response:
+        assert response.status == 200
+        await response.read()
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as response:
+        assert response.status == 429
+    async with http.post(f"{base}/api/chat", data=b"{}", headers={"Content-Type": "text/plain"}) as response:
+        assert response.status == 429  # admitted first: the rate limit refuses it before its body is looked at
+    async with http.get(f"{base}/api/streams/nope") as response:
+        assert response.status == 404
+    samples = await scrape(http, f"{base}/metrics")
+    assert value(samples, "llm_relay_requests_refused_total", type="rate_limited", status="429") == 2
+    assert value(samples, "llm_relay_requests_refused_total", type="resume_unavailable", status="404") == 1
+    assert value(samples, "llm_relay_streams_started_total", framing="sse") == 1
+
+
+async def test_a_resume_is_counted_and_the_retained_log_is_measured(
+    relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
+) -> None:
+    base = await relay(resume_grace=5)
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "resume": "1"}, headers=SSE) as response:
+        stream_id = response.headers["X-Stream-Id"]
+        await response.read()
+    async with http.get(f"{base}/api/streams/{stream_id}", params={"after": "2"}, headers=NDJSON) as response:
+        assert response.status == 200
+        tail = await response.read()
+    samples = await scrape_until(
+        http, f"{base}/metrics", lambda s: value(s, "llm_relay_readers_ended_total", framing="ndjson", outcome="done")
+    )
+    assert value(samples, "llm_relay_resumes_total", framing="ndjson") == 1
+    assert value(samples, "llm_relay_resumes_total", framing="sse") == 0
+    assert value(samples, "llm_relay_bytes_sent_total", framing="ndjson") == len(tail)
+    assert value(samples, "llm_relay_streams_started_total", framing="sse") == 1  # a resume starts nothing
+    # The ended stream's log is retained for resuming: five events (four tokens and the end), estimated.
+    assert value(samples, "llm_relay_streams_retained") == 1
+    assert value(samples, "llm_relay_stream_log_bytes") >= 5 * 100
+
+
+async def test_a_metrics_port_of_its_own_and_none_on_the_public_listener(
+    fake_upstream: FakeUpstream, serve_standalone: ServeStandalone, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    base = await serve_standalone(upstream_config(fake_upstream, metrics_port=port))
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as response:
+        await response.read()
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 404
+    await scrape_until(
+        http,
+        f"http://127.0.0.1:{port}/metrics",
+        lambda s: value(s, "llm_relay_streams_ended_total", framing="sse", outcome="done") == 1,
+    )
+
+
+async def test_metrics_off(serve_standalone: ServeStandalone, http: aiohttp.ClientSession) -> None:
+    base = await serve_standalone(Config(provider="demo", demo_delay=0, limits_enabled=False, metrics=False))
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 404
+
+
+async def test_the_public_metrics_answer_only_known_host_names(
+    serve_standalone: ServeStandalone, http: aiohttp.ClientSession
+) -> None:
+    base = await serve_standalone(Config(provider="demo", limits_enabled=False))
+    async with http.get(f"{base}/metrics", headers={"Host": "attacker.example"}) as response:
+        assert response.status == 421
+        assert (await response.json())["error"]["type"] == "misdirected_request"
+
+
+async def test_an_embedding_app_has_no_metrics_unless_it_asks(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    config = Config(provider="demo", demo_delay=0, limits_enabled=False, heartbeat=0)
+    host = web.Application()
+    host.add_subapp("/api", create_relay_app(config))
+    base = await serve(host)
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 404
+
+    registry = CollectorRegistry()
+    metrics = RelayMetrics(registry)
+    asking = web.Application()
+    asking.add_subapp("/relay", create_relay_app(config, metrics=metrics))
+    asking.router.add_get("/metrics", metrics.handle)
+    base = await serve(asking)
+    async with http.get(f"{base}/relay/chat", params={"prompt": "hi"}) as response:
+        await response.read()
+    await scrape_until(
+        http, f"{base}/metrics", lambda s: value(s, "llm_relay_streams_ended_total", framing="sse", outcome="done") == 1
+    )
+    assert registry.get_sample_value("llm_relay_streams_started_total", {"framing": "sse"}) == 1
+
+
+async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Two workers, many streams on separate connections: every scrape, whichever worker answers it, counts all
+    of them (prometheus-client's multiprocess mode, set up by server.gunicorn)."""
+    pytest.importorskip("gunicorn", reason="gunicorn is in the test extra: pip install -e '.[test]'")
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_1.db").write_bytes(b"stale")  # left by an earlier run: wiped at startup
+    env = clean_env(LLM_RELAY_LIMITS="false", LLM_RELAY_PROVIDER="demo", LLM_RELAY_DEMO_DELAY="0.01",
+                    PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))  # fmt: skip
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "python:server.gunicorn", "--bind", f"127.0.0.1:{port}",
+             "--workers", "2", "--control-socket", str(tmp_path / "gunicorn.ctl"), "server.gunicorn:app"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                async with http.get(f"{base}/healthz") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            await asyncio.sleep(0.1)
+        streams = 24
+
+        async def one() -> None:
+            # A connection of its own each, so the kernel spreads them over both workers' accept loops.
+            async with aiohttp.ClientSession() as own, own.get(
+                f"{base}/api/chat", params={"prompt": "hi"}, headers={"Connection": "close"}
+            ) as response:
+                assert response.status == 200
+                await response.read()
+
+        await asyncio.gather(*(one() for _ in range(streams)))
+        workers_counted = {path.name for path in metrics_dir.glob("counter_*.db")}
+        assert "counter_1.db" not in workers_counted
+        for _ in range(8):
+            async with aiohttp.ClientSession() as own:
+                samples = await scrape_until(
+                    own,
+                    f"{base}/metrics",
+                    lambda s: value(s, "llm_relay_readers_ended_total", framing="sse", outcome="done") == streams,
+                )
+            assert value(samples, "llm_relay_streams_started_total", framing="sse") == streams
+            assert value(samples, "llm_relay_streams_ended_total", framing="sse", outcome="done") == streams
+            assert value(samples, "llm_relay_streams_open") == 0
+        # Both workers served streams (each wrote counters of its own), so the sums above were aggregates.
+        assert len({path.name for path in metrics_dir.glob("counter_*.db")}) == 2, log.read_text()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # The directory was the environment's: the relay wiped its stale files but leaves the directory itself.
+    assert metrics_dir.is_dir()
