@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app, create_relay_app
+from server.app import create_relay_app
 from server.config import Config
 from server.metrics import RelayMetrics
 
@@ -54,7 +54,7 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
 
 
 async def scrape_until(
-    http: aiohttp.ClientSession, url: str, ready: Callable[[Samples], bool], timeout: float = 10.0
+    http: aiohttp.ClientSession, url: str, ready: Callable[[Samples], object], timeout: float = 10.0
 ) -> Samples:
     """Scrape until `ready` holds (an observer is told when a stream or reader has ended, just after its last
     byte left); fail after a generous `timeout`."""
@@ -69,9 +69,7 @@ async def scrape_until(
 
 
 @pytest.fixture
-async def relay(
-    fake_upstream: FakeUpstream, serve_standalone: ServeStandalone
-) -> Callable[..., Awaitable[str]]:
+async def relay(fake_upstream: FakeUpstream, serve_standalone: ServeStandalone) -> Callable[..., Awaitable[str]]:
     async def start(**changes: object) -> str:
         return await serve_standalone(upstream_config(fake_upstream, **changes))
 
@@ -185,9 +183,7 @@ async def test_a_first_token_timeout_ends_the_stream_as_timeout(
     assert value(samples, "llm_relay_time_to_first_token_seconds_count") == 0
 
 
-async def test_refusals_by_type_and_status(
-    relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
-) -> None:
+async def test_refusals_by_type_and_status(relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession) -> None:
     base = await relay(limits_enabled=True, rate="1/m", burst=1)
     async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as response:
         assert response.status == 200
@@ -279,6 +275,24 @@ async def test_an_embedding_app_has_no_metrics_unless_it_asks(serve: ServeApp, h
     assert registry.get_sample_value("llm_relay_streams_started_total", {"framing": "sse"}) == 1
 
 
+def _start_gunicorn(tmp_path: Path, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "python:server.gunicorn", "--bind", f"127.0.0.1:{port}",
+             "--workers", "2", "--control-socket", str(tmp_path / "gunicorn.ctl"), "server.gunicorn:app"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """Two workers, many streams on separate connections: every scrape, whichever worker answers it, counts all
     of them (prometheus-client's multiprocess mode, set up by server.gunicorn)."""
@@ -290,12 +304,7 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
     env = clean_env(LLM_RELAY_LIMITS="false", LLM_RELAY_PROVIDER="demo", LLM_RELAY_DEMO_DELAY="0.01",
                     PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))  # fmt: skip
     log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", "python:server.gunicorn", "--bind", f"127.0.0.1:{port}",
-             "--workers", "2", "--control-socket", str(tmp_path / "gunicorn.ctl"), "server.gunicorn:app"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    proc = _start_gunicorn(tmp_path, port, env, log)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -312,9 +321,10 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
 
         async def one() -> None:
             # A connection of its own each, so the kernel spreads them over both workers' accept loops.
-            async with aiohttp.ClientSession() as own, own.get(
-                f"{base}/api/chat", params={"prompt": "hi"}, headers={"Connection": "close"}
-            ) as response:
+            async with (
+                aiohttp.ClientSession() as own,
+                own.get(f"{base}/api/chat", params={"prompt": "hi"}, headers={"Connection": "close"}) as response,
+            ):
                 assert response.status == 200
                 await response.read()
 
@@ -334,11 +344,6 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
         # Both workers served streams (each wrote counters of its own), so the sums above were aggregates.
         assert len({path.name for path in metrics_dir.glob("counter_*.db")}) == 2, log.read_text()[-2000:]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(proc.wait, 15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        await asyncio.to_thread(_stop, proc)
     # The directory was the environment's: the relay wiped its stale files but leaves the directory itself.
     assert metrics_dir.is_dir()
