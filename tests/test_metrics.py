@@ -329,20 +329,34 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
                 await response.read()
 
         await asyncio.gather(*(one() for _ in range(streams)))
-        workers_counted = {path.name for path in metrics_dir.glob("counter_*.db")}
-        assert "counter_1.db" not in workers_counted
-        for _ in range(8):
-            async with aiohttp.ClientSession() as own:
-                samples = await scrape_until(
-                    own,
-                    f"{base}/metrics",
-                    lambda s: value(s, "llm_relay_readers_ended_total", framing="sse", outcome="done") == streams,
-                )
+        served = sorted(int(path.stem.partition("_")[2]) for path in metrics_dir.glob("counter_*.db"))
+        assert served, log.read_text()[-2000:]
+        assert 1 not in served  # the stale file was wiped at startup
+
+        def all_streams_counted(samples: Samples) -> bool:
+            return value(samples, "llm_relay_readers_ended_total", framing="sse", outcome="done") == streams
+
+        for _ in range(4):
+            async with aiohttp.ClientSession() as own:  # a new connection each: any worker may answer
+                samples = await scrape_until(own, f"{base}/metrics", all_streams_counted)
             assert value(samples, "llm_relay_streams_started_total", framing="sse") == streams
             assert value(samples, "llm_relay_streams_ended_total", framing="sse", outcome="done") == streams
             assert value(samples, "llm_relay_streams_open") == 0
-        # Both workers served streams (each wrote counters of its own), so the sums above were aggregates.
-        assert len({path.name for path in metrics_dir.glob("counter_*.db")}) == 2, log.read_text()[-2000:]
+        # Whichever worker served the streams, kill it: the scrapes now come from processes that served none of
+        # them (the other worker, and the one gunicorn starts instead), and still count every stream.
+        os.kill(served[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            async with aiohttp.ClientSession() as own:
+                try:
+                    samples = await scrape(own, f"{base}/metrics")
+                    break
+                except aiohttp.ClientError:
+                    assert time.monotonic() < deadline, log.read_text()[-2000:]
+                    await asyncio.sleep(0.1)
+        assert all_streams_counted(samples)
+        assert value(samples, "llm_relay_streams_started_total", framing="sse") == streams
+        assert value(samples, "llm_relay_readers_open") == 0
     finally:
         await asyncio.to_thread(_stop, proc)
     # The directory was the environment's: the relay wiped its stale files but leaves the directory itself.
