@@ -21,6 +21,7 @@ from .config import Config, ConfigError, describe_source, load_config, startup_e
 from .descriptors import install_accept_warning
 from .gc_tuning import apply_after_startup
 from .logs import configure_logging
+from .metrics import MetricsListenerError
 from .state import RELAY
 
 log = logging.getLogger("llm_relay")
@@ -86,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as exc:
         if listening:
             raise
+        if isinstance(exc, MetricsListenerError) and isinstance(exc.__cause__, OSError):
+            startup_error(f"cannot listen on {exc.strerror}: {_reason(exc.__cause__)}")
         startup_error(f"cannot listen on {host}:{config.port}: {_reason(exc)}")
 
 

@@ -231,6 +231,11 @@ class RelayMetrics(StreamObserver):
             await asyncio.sleep(interval)
 
 
+class MetricsListenerError(OSError):
+    """The metrics listener (``--metrics-port``) could not listen: its address is the `strerror`, the cause is
+    the socket's error."""
+
+
 def metrics_app(metrics: RelayMetrics) -> web.Application:
     """An application serving only ``GET /metrics``: for a listener of its own (``--metrics-port``)."""
     app = web.Application()
@@ -253,7 +258,11 @@ def serve_metrics(
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port, reuse_port=multiprocess_dir() is not None or None)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                # Named as the metrics listener's: the startup error must not blame the public one.
+                raise MetricsListenerError(exc.errno, f"{host}:{port} (--metrics-port)") from exc
             yield
         finally:
             await runner.cleanup()
@@ -261,4 +270,4 @@ def serve_metrics(
     return serving
 
 
-__all__ = ["MULTIPROC_ENV", "RelayMetrics", "metrics_app", "multiprocess_dir", "serve_metrics"]
+__all__ = ["MULTIPROC_ENV", "MetricsListenerError", "RelayMetrics", "metrics_app", "multiprocess_dir", "serve_metrics"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -361,3 +362,20 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
         await asyncio.to_thread(_stop, proc)
     # The directory was the environment's: the relay wiped its stale files but leaves the directory itself.
     assert metrics_dir.is_dir()
+
+
+def test_a_metrics_port_in_use_is_a_startup_error_that_names_it() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "server", "--port", str(free_port()), "--metrics-port", str(port),
+             "--provider", "demo"],
+            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"python -m server: error: cannot listen on 127.0.0.1:{port} (--metrics-port): Address already in use"
+    )
+    assert "Traceback" not in done.stderr
