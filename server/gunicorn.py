@@ -38,20 +38,23 @@ from .logs import configure_logging
 
 _config = load_config([])
 
-# Set in the arbiter when gunicorn reads this module as its configuration, so every worker inherits it; nothing of
-# the relay imports prometheus-client before create_app (server/metrics.py), which picks its multiprocess mode then.
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _made_metrics_dir: str | None = None
-if _config.metrics and not os.environ.get(_MULTIPROC_ENV):
-    _made_metrics_dir = os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="llm-relay-metrics-")
 
 
 def on_starting(server: Any) -> None:
-    """gunicorn hook (arbiter, before the workers): start the metrics from zero, as prometheus-client asks."""
+    """gunicorn hook (arbiter, before the first worker): the multiprocess directory every worker inherits, its
+    values from zero as prometheus-client asks. Nothing of the relay imports prometheus-client before
+    `create_app` in a worker (server/metrics.py), which picks its multiprocess mode then."""
+    global _made_metrics_dir
+    if not _config.metrics:
+        return
     directory = os.environ.get(_MULTIPROC_ENV)
-    if _config.metrics and directory:
-        for stale in Path(directory).glob("*.db"):
-            stale.unlink(missing_ok=True)
+    if not directory:
+        _made_metrics_dir = os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="llm-relay-metrics-")
+        return
+    for stale in Path(directory).glob("*.db"):
+        stale.unlink(missing_ok=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:

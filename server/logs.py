@@ -158,13 +158,20 @@ def access_middleware(observer: StreamObserver) -> Any:
         request[REQUEST_ID] = request_id
         token = current_request_id.set(request_id)
         response: web.StreamResponse | None = None
+        failed = False
         try:
             response = await handler(request)
             return response
+        except web.HTTPException as exc:  # an HTTP exception is the response aiohttp sends
+            response = exc
+            raise
+        except Exception:  # a bug: aiohttp answers 500 and logs the traceback
+            failed = True
+            raise
         finally:
             current_request_id.reset(token)
             try:
-                _access_line(request, response, time.monotonic() - started, observer)
+                _access_line(request, response, time.monotonic() - started, observer, failed)
             except Exception:  # a log line must never turn a served request into a failure
                 access_log.exception("the access line could not be written")
 
@@ -172,10 +179,14 @@ def access_middleware(observer: StreamObserver) -> Any:
 
 
 def _access_line(
-    request: web.Request, response: web.StreamResponse | None, duration: float, observer: StreamObserver
+    request: web.Request,
+    response: web.StreamResponse | None,
+    duration: float,
+    observer: StreamObserver,
+    failed: bool,
 ) -> None:
     reading = request.get(READING)
-    status = response.status if response is not None else None
+    status = response.status if response is not None else (500 if failed else None)
     error_type = response.get(ERROR_TYPE) if response is not None else None
     route = request.match_info.route.resource
     fields: dict[str, object] = {
@@ -186,7 +197,7 @@ def _access_line(
         "endpoint": route.canonical if route is not None else request.rel_url.raw_path[:_PATH_MAX],
         "framing": None,
         "status": status,
-        "outcome": "cancelled" if response is None else ("refused" if error_type else "ok"),
+        "outcome": _outcome(response, error_type, failed),
         "error": error_type,
         "ttft_ms": None,
         "duration_ms": _ms(duration),
@@ -213,6 +224,12 @@ def _access_line(
     # A health check is polled every few seconds by load balancers: kept out of the access log unless debugging.
     level = logging.DEBUG if request.path.endswith("/healthz") else logging.INFO
     access_log.log(level, "%s", _text(fields), extra={"fields": fields})
+
+
+def _outcome(response: web.StreamResponse | None, error_type: str | None, failed: bool) -> str:
+    if response is None:
+        return "failed" if failed else "cancelled"
+    return "refused" if error_type or response.status >= 400 else "ok"
 
 
 # -- upstream failures ----------------------------------------------------------------------------------------

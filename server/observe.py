@@ -89,8 +89,6 @@ class StreamObserver:
 class Observers(StreamObserver):
     """Several observers, told in order."""
 
-    __slots__ = ("_observers",)
-
     def __init__(self, observers: Sequence[StreamObserver]) -> None:
         self._observers = tuple(observers)
 

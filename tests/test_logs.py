@@ -16,6 +16,7 @@ import pytest
 
 from server.config import ConfigError, load_config
 from server.logs import JSONFormatter, client_hash, configure_logging
+from server.observe import Observers, StreamObserver
 
 from .conftest import ServeStandalone, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
@@ -293,3 +294,26 @@ async def test_a_real_process_logs_json_access_lines(tmp_path: Any, http: aiohtt
     assert (done["request_id"], done["stream_id"], done["outcome"], done["status"]) == ("r-42", stream_id, "done", 200)
     assert done["upstream_status"] is None  # the demo model has no upstream
     assert (refused["status"], refused["error"], refused["outcome"]) == (400, "invalid_request", "refused")
+
+
+@pytest.mark.parametrize("module", ["server.observe", "server.logs"])
+def test_docstring_examples(module: str) -> None:
+    import doctest
+    import importlib
+
+    failures, tried = doctest.testmod(importlib.import_module(module))
+    assert (failures, tried > 0) == (0, True)
+
+
+def test_observers_are_told_in_order() -> None:
+    told: list[tuple[str, str, int]] = []
+
+    class Recording(StreamObserver):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def request_refused(self, error_type: str, status: int) -> None:
+            told.append((self.name, error_type, status))
+
+    Observers([Recording("a"), StreamObserver(), Recording("b")]).request_refused("rate_limited", 429)
+    assert told == [("a", "rate_limited", 429), ("b", "rate_limited", 429)]

@@ -294,6 +294,70 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+async def _serving(http: aiohttp.ClientSession, base: str, log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            async with http.get(f"{base}/healthz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, _tail(log)
+        await asyncio.sleep(0.1)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-2000:]
+
+
+def _made_dirs(tmp: Path) -> list[Path]:
+    return list(tmp.glob("llm-relay-metrics-*"))
+
+
+def _workers(arbiter: int) -> list[int]:
+    """The arbiter's child processes: its workers (Linux's /proc children list)."""
+    children = Path(f"/proc/{arbiter}/task/{arbiter}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+async def test_gunicorn_aggregates_without_being_told_where(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """No PROMETHEUS_MULTIPROC_DIR in the environment: server.gunicorn makes one for its workers, so a stream still
+    counts after every worker that could have counted it is gone; the directory goes when gunicorn exits."""
+    pytest.importorskip("gunicorn", reason="gunicorn is in the test extra: pip install -e '.[test]'")
+    port = free_port()
+    tmp = tmp_path / "tmp"  # where gunicorn's processes make temporary files and directories
+    tmp.mkdir()
+    env = clean_env(LLM_RELAY_LIMITS="false", LLM_RELAY_PROVIDER="demo", LLM_RELAY_DEMO_DELAY="0", TMPDIR=str(tmp))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = tmp_path / "gunicorn.log"
+    proc = _start_gunicorn(tmp_path, port, env, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await _serving(http, base, log)
+        workers = _workers(proc.pid)
+        assert len(workers) == 2, _tail(log)
+        assert len(_made_dirs(tmp)) == 1, _tail(log)
+        async with http.get(f"{base}/api/chat", params={"prompt": "hi"}) as response:
+            await response.read()
+        await scrape_until(http, f"{base}/metrics", lambda s: value(s, "llm_relay_readers_ended_total",
+                                                                    framing="sse", outcome="done"))  # fmt: skip
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while set(_workers(proc.pid)) & set(workers) or len(_workers(proc.pid)) < 2:
+            assert time.monotonic() < deadline, _tail(log)
+            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as fresh:  # the old connection went with its worker
+            await _serving(fresh, base, log)
+            samples = await scrape(fresh, f"{base}/metrics")
+        assert value(samples, "llm_relay_streams_started_total", framing="sse") == 1
+        assert value(samples, "llm_relay_streams_open") == 0
+    finally:
+        await asyncio.to_thread(_stop, proc)
+    assert _made_dirs(tmp) == []
+
+
 async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """Two workers, many streams on separate connections: every scrape, whichever worker answers it, counts all
     of them (prometheus-client's multiprocess mode, set up by server.gunicorn)."""
@@ -308,16 +372,7 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
     proc = _start_gunicorn(tmp_path, port, env, log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                async with http.get(f"{base}/healthz") as response:
-                    if response.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            await asyncio.sleep(0.1)
+        await _serving(http, base, log)
         streams = 24
 
         async def one() -> None:
@@ -331,7 +386,7 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
 
         await asyncio.gather(*(one() for _ in range(streams)))
         served = sorted(int(path.stem.partition("_")[2]) for path in metrics_dir.glob("counter_*.db"))
-        assert served, log.read_text()[-2000:]
+        assert served, _tail(log)
         assert 1 not in served  # the stale file was wiped at startup
 
         def all_streams_counted(samples: Samples) -> bool:
@@ -353,7 +408,7 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
                     samples = await scrape(own, f"{base}/metrics")
                     break
                 except aiohttp.ClientError:
-                    assert time.monotonic() < deadline, log.read_text()[-2000:]
+                    assert time.monotonic() < deadline, _tail(log)
                     await asyncio.sleep(0.1)
         assert all_streams_counted(samples)
         assert value(samples, "llm_relay_streams_started_total", framing="sse") == streams
