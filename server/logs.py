@@ -22,11 +22,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from .config import LOG_FORMATS, LOG_LEVELS
 from .errors import StreamTimeout, UpstreamError
@@ -145,14 +146,12 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers[REQUEST_ID_HEADER] = request_id
 
 
-def access_middleware(observer: StreamObserver) -> Any:
+def access_middleware(observer: StreamObserver) -> Middleware:
     """The API's outermost middleware: the request id, then one access line when the handler returns (a stream
     has ended by then) and, for a refusal, `observer.request_refused`."""
 
     @web.middleware
-    async def access(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
         request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER))
         request[REQUEST_ID] = request_id
