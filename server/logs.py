@@ -32,7 +32,7 @@ from aiohttp.typedefs import Handler, Middleware
 from .config import LOG_FORMATS, LOG_LEVELS
 from .errors import StreamTimeout, UpstreamError
 from .generation import Outcome
-from .observe import StreamObserver, current_request_id, request_id_for
+from .observe import StreamObserver, current_request_id, reported_usage, request_id_for
 from .responses import ERROR_TYPE
 
 if TYPE_CHECKING:
@@ -218,6 +218,9 @@ def _access_line(
             upstream_status=generation.upstream.status,
             stream_outcome=generation.outcome.value,
         )
+        usage = reported_usage(generation)
+        if usage is not None:
+            fields.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
     elif error_type is not None and status is not None:
         observer.request_refused(error_type, status)
     # A health check is polled every few seconds by load balancers: kept out of the access log unless debugging.

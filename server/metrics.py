@@ -39,7 +39,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .errors import UpstreamError
 from .generation import Outcome
-from .observe import StreamObserver
+from .observe import StreamObserver, reported_usage
 
 if TYPE_CHECKING:
     from .generation import Generation
@@ -123,6 +123,10 @@ class RelayMetrics(StreamObserver):
             "stream_events", "Events (text, reasoning, tool-call and refusal deltas; not the end) generated",
             ["framing"], namespace=ns, registry=reg,
         )  # fmt: skip
+        self.usage_tokens = Counter(
+            "usage_tokens", "Tokens the upstream reported using (its usage: prompt, completion)",
+            ["kind"], namespace=ns, registry=reg,
+        )  # fmt: skip
         self.bytes_sent = Counter(
             "bytes_sent", "Bytes of stream bodies written to clients", ["framing"], namespace=ns, registry=reg
         )
@@ -161,6 +165,10 @@ class RelayMetrics(StreamObserver):
             self.duration.labels(outcome).observe(generation.ended_at - generation.started_at)
         # Every generation's log ends with its terminal event; the rest is what the provider generated.
         self.events.labels(framing).inc(max(0, generation.log.last_seq - 1))
+        usage = reported_usage(generation)
+        if usage is not None:
+            self.usage_tokens.labels("prompt").inc(usage.prompt_tokens)
+            self.usage_tokens.labels("completion").inc(usage.completion_tokens)
         failure = generation.failure
         if isinstance(failure, UpstreamError):
             status = generation.upstream.status

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
+from .events import Done, Usage
+
 if TYPE_CHECKING:
     from .generation import Generation
     from .reader import Reader
@@ -56,6 +58,17 @@ def new_request_id() -> str:
 def request_id_for(header: str | None) -> str:
     """The client's well-formed ``X-Request-Id``, or a new one."""
     return accepted_request_id(header) or new_request_id()
+
+
+def reported_usage(generation: Generation) -> Usage | None:
+    """The token usage the upstream reported in its `Done`, if the generation ended so and its end is retained."""
+    log = generation.log
+    try:
+        tail = log.since(log.last_seq - 1)
+    except LookupError:
+        return None
+    end = tail[-1] if tail else None
+    return end.usage if isinstance(end, Done) else None
 
 
 class StreamObserver:
@@ -124,5 +137,6 @@ __all__ = [
     "accepted_request_id",
     "current_request_id",
     "new_request_id",
+    "reported_usage",
     "request_id_for",
 ]

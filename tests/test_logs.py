@@ -91,6 +91,7 @@ async def test_a_done_stream_has_one_access_line_with_every_field(
     assert line["events"] == 5  # four tokens and the end
     assert line["bytes"] == len(body)
     assert line["upstream_status"] == 200
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (7, 4)  # the usage the fake upstream reports
     assert line["resumed"] is False
     assert 0 <= line["ttft_ms"] <= line["duration_ms"]
     # The request id went upstream with the request.

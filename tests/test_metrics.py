@@ -96,6 +96,9 @@ async def test_done_streams_by_framing_events_bytes_and_first_token(
         assert value(samples, "llm_relay_stream_events_total", framing=framing) == 4
         assert value(samples, "llm_relay_bytes_sent_total", framing=framing) == len(body)
     assert value(samples, "llm_relay_time_to_first_token_seconds_count") == 2
+    # The fake upstream reports 7 prompt tokens and one completion token per token sent.
+    assert value(samples, "llm_relay_usage_tokens_total", kind="prompt") == 14
+    assert value(samples, "llm_relay_usage_tokens_total", kind="completion") == 8
     assert value(samples, "llm_relay_stream_duration_seconds_count", outcome="done") == 2
     assert value(samples, "llm_relay_streams_open") == 0
     assert value(samples, "llm_relay_readers_open") == 0
