@@ -16,7 +16,6 @@ import pytest
 
 from server.config import ConfigError, load_config
 from server.logs import JSONFormatter, client_hash, configure_logging
-from server.observe import Observers, StreamObserver
 
 from .conftest import ServeStandalone, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
@@ -297,24 +296,10 @@ async def test_a_real_process_logs_json_access_lines(tmp_path: Any, http: aiohtt
     assert (refused["status"], refused["error"], refused["outcome"]) == (400, "invalid_request", "refused")
 
 
-@pytest.mark.parametrize("module", ["server.observe", "server.logs"])
-def test_docstring_examples(module: str) -> None:
+def test_docstring_examples() -> None:
     import doctest
-    import importlib
 
-    failures, tried = doctest.testmod(importlib.import_module(module))
+    import server.logs
+
+    failures, tried = doctest.testmod(server.logs)
     assert (failures, tried > 0) == (0, True)
-
-
-def test_observers_are_told_in_order() -> None:
-    told: list[tuple[str, str, int]] = []
-
-    class Recording(StreamObserver):
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def request_refused(self, error_type: str, status: int) -> None:
-            told.append((self.name, error_type, status))
-
-    Observers([Recording("a"), StreamObserver(), Recording("b")]).request_refused("rate_limited", 429)
-    assert told == [("a", "rate_limited", 429), ("b", "rate_limited", 429)]
