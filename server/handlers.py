@@ -55,8 +55,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     generation = Generation(
         state.provider, chat_req, state.generation_settings, resumable=chat_req.resume, admission=admission
     )
-    state.observer.stream_started(generation, framing.name)
-    state.streams.start(generation)
+    state.streams.start(generation, framing=framing.name)
     return await _read(
         request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=admission.headers
     )

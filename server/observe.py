@@ -1,10 +1,10 @@
 """What the core tells observers (metrics, logs), at a few well-defined points, and the request id. No IO.
 
-    handler ─ stream_started(generation, framing) ──────────────┐
-    registry ─ stream_ended(generation) · stream_closed(g, s) ───┤
+    registry ─ stream_started(g, framing) · stream_ended(g) ─────┐
+    registry ─ stream_closed(generation, seconds) ───────────────┤
     handler ─ reader_started(reader, resumed) · reader_ended ────┼─▶ StreamObserver (Observers fans out)
     access middleware ─ request_refused(type, status) ───────────┘     ├─ server.metrics.RelayMetrics
-                                                                       └─ server.access_log.FailureLog
+                                                                       └─ server.logs.FailureLog
 
 Each call is once per stream, per reader or per refused request, never per token: what happens per token
 (events appended, bytes written) is counted on the generation and the reader as plain integers and read at the

@@ -90,9 +90,11 @@ class StreamRegistry:
 
     # -- life of a generation ---------------------------------------------------------------------------------
 
-    def start(self, generation: Generation) -> None:
+    def start(self, generation: Generation, *, framing: str = "unknown") -> None:
         """Register `generation` and start its task. Once shutdown has begun it ends at once with
-        ``server_shutdown`` and opens no upstream request (its reader answers 503 with a reconnection hint)."""
+        ``server_shutdown`` and opens no upstream request (its reader answers 503 with a reconnection hint).
+        `framing` (of the request that started it) is for metrics."""
+        self.observer.stream_started(generation, framing)
         self._generations[generation.id] = generation
         self._idle.clear()
         self._unclosed.add(generation)
