@@ -187,6 +187,12 @@ def _access_line(
     reading = request.get(READING)
     status = response.status if response is not None else (500 if failed else None)
     error_type = response.get(ERROR_TYPE) if response is not None else None
+    if reading is None and error_type is not None and status is not None:
+        observer.request_refused(error_type, status)
+    # A health check is polled every few seconds by load balancers: kept out of the access log unless debugging.
+    level = logging.DEBUG if request.path.endswith("/healthz") else logging.INFO
+    if not access_log.isEnabledFor(level):
+        return
     route = request.match_info.route.resource
     fields: dict[str, object] = {
         "request_id": request[REQUEST_ID],
@@ -221,10 +227,6 @@ def _access_line(
         usage = reported_usage(generation)
         if usage is not None:
             fields.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
-    elif error_type is not None and status is not None:
-        observer.request_refused(error_type, status)
-    # A health check is polled every few seconds by load balancers: kept out of the access log unless debugging.
-    level = logging.DEBUG if request.path.endswith("/healthz") else logging.INFO
     access_log.log(level, "%s", _text(fields), extra={"fields": fields})
 
 
