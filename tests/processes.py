@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -85,3 +86,23 @@ def listen_backlog(port: int) -> int | None:
     ).stdout
     lines = out.splitlines()
     return int(lines[0].split()[2]) if lines else None
+
+
+def start_gunicorn(port: int, log: Path, env: dict[str, str], *argv: str) -> subprocess.Popen[bytes]:
+    """``gunicorn --config python:server.gunicorn server.gunicorn:app`` on 127.0.0.1:`port` with `argv`, its output
+    written to `log`, in a process group of its own (`stop_gunicorn` ends the arbiter and its workers)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "python:server.gunicorn", "--bind", f"127.0.0.1:{port}",
+             "--control-socket", str(log.with_suffix(".ctl")), *argv, "server.gunicorn:app"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def stop_gunicorn(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -8,8 +8,6 @@ relay's workers set gunicorn's backlog back once their sites have started. The r
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +20,7 @@ import pytest
 
 from server.backlog import read_kernel_limit
 
-from .processes import ROOT, clean_env, free_port, listen_backlog, needs_ss
+from .processes import ROOT, clean_env, free_port, listen_backlog, needs_ss, start_gunicorn, stop_gunicorn
 
 SOMAXCONN = read_kernel_limit()
 
@@ -53,22 +51,11 @@ def test_the_config_module_sets_the_relays_backlog_and_worker() -> None:
 def _gunicorn(tmp_path: Path, *argv: str) -> Iterator[tuple[int, Path]]:
     port = free_port()
     log = tmp_path / "gunicorn.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", "python:server.gunicorn", "--bind", f"127.0.0.1:{port}",
-             "--workers", "1", "--control-socket", str(tmp_path / "gunicorn.ctl"), *argv, "server.gunicorn:app"],
-            cwd=ROOT, env=clean_env(LLM_RELAY_LIMITS="false"), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+    proc = start_gunicorn(port, log, clean_env(LLM_RELAY_LIMITS="false"), "--workers", "1", *argv)
     try:
         yield port, log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_gunicorn(proc)
 
 
 def _serving(port: int, log: Path) -> None:

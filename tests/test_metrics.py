@@ -26,7 +26,7 @@ from server.metrics import RelayMetrics
 
 from .conftest import ServeApp, ServeStandalone, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
-from .processes import ROOT, clean_env, free_port
+from .processes import ROOT, clean_env, free_port, start_gunicorn, stop_gunicorn
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 SSE = {"Accept": "text/event-stream"}
@@ -279,24 +279,6 @@ async def test_an_embedding_app_has_no_metrics_unless_it_asks(serve: ServeApp, h
     assert registry.get_sample_value("llm_relay_streams_started_total", {"framing": "sse"}) == 1
 
 
-def _start_gunicorn(tmp_path: Path, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", "python:server.gunicorn", "--bind", f"127.0.0.1:{port}",
-             "--workers", "2", "--control-socket", str(tmp_path / "gunicorn.ctl"), "server.gunicorn:app"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 async def _serving(http: aiohttp.ClientSession, base: str, log: Path) -> None:
     deadline = time.monotonic() + 60
     while True:
@@ -334,7 +316,7 @@ async def test_gunicorn_aggregates_without_being_told_where(tmp_path: Path, http
     env = clean_env(LLM_RELAY_LIMITS="false", LLM_RELAY_PROVIDER="demo", LLM_RELAY_DEMO_DELAY="0", TMPDIR=str(tmp))
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log = tmp_path / "gunicorn.log"
-    proc = _start_gunicorn(tmp_path, port, env, log)
+    proc = start_gunicorn(port, log, env, "--workers", "2")
     base = f"http://127.0.0.1:{port}"
     try:
         await _serving(http, base, log)
@@ -357,7 +339,7 @@ async def test_gunicorn_aggregates_without_being_told_where(tmp_path: Path, http
         assert value(samples, "llm_relay_streams_started_total", framing="sse") == 1
         assert value(samples, "llm_relay_streams_open") == 0
     finally:
-        await asyncio.to_thread(_stop, proc)
+        await asyncio.to_thread(stop_gunicorn, proc)
     assert _made_dirs(tmp) == []
 
 
@@ -372,7 +354,7 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
     env = clean_env(LLM_RELAY_LIMITS="false", LLM_RELAY_PROVIDER="demo", LLM_RELAY_DEMO_DELAY="0.01",
                     PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))  # fmt: skip
     log = tmp_path / "gunicorn.log"
-    proc = _start_gunicorn(tmp_path, port, env, log)
+    proc = start_gunicorn(port, log, env, "--workers", "2")
     base = f"http://127.0.0.1:{port}"
     try:
         await _serving(http, base, log)
@@ -417,7 +399,7 @@ async def test_gunicorn_workers_are_aggregated(tmp_path: Path, http: aiohttp.Cli
         assert value(samples, "llm_relay_streams_started_total", framing="sse") == streams
         assert value(samples, "llm_relay_readers_open") == 0
     finally:
-        await asyncio.to_thread(_stop, proc)
+        await asyncio.to_thread(stop_gunicorn, proc)
     # The directory was the environment's: the relay wiped its stale files but leaves the directory itself.
     assert metrics_dir.is_dir()
 
