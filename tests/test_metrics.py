@@ -173,6 +173,25 @@ async def test_a_client_leaving_is_a_disconnect_and_the_upstream_close_is_timed(
     assert value(samples, "llm_relay_streams_open") == 0
 
 
+async def test_a_stop_is_an_outcome_and_its_upstream_close_is_timed(
+    fake_upstream: FakeUpstream, relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
+) -> None:
+    fake_upstream.behavior = Behavior(tokens=["x"] * 10_000, delay=0.01)
+    base = await relay()
+    async with http.get(f"{base}/api/chat", params={"prompt": "x"}, headers=NDJSON) as response:
+        await response.content.readline()
+        async with http.delete(f"{base}/api/streams/{response.headers['X-Stream-Id']}") as stopped:
+            assert stopped.status == 204
+        await response.read()
+    samples = await scrape_until(
+        http, f"{base}/metrics", lambda s: value(s, "llm_relay_upstream_close_seconds_count", outcome="stopped")
+    )
+    assert value(samples, "llm_relay_streams_ended_total", framing="ndjson", outcome="stopped") == 1
+    # The reader got the in-band "stopped" error: its client did not leave.
+    assert value(samples, "llm_relay_readers_ended_total", framing="ndjson", outcome="error") == 1
+    assert value(samples, "llm_relay_client_disconnects_total", framing="ndjson") == 0
+
+
 async def test_a_first_token_timeout_ends_the_stream_as_timeout(
     fake_upstream: FakeUpstream, relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
 ) -> None:
