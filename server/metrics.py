@@ -14,8 +14,9 @@ scrape of any worker aggregates all of them (`MultiProcessCollector`); gauges ar
 (``livesum``). ``server.gunicorn`` sets the directory up for its workers and marks a dead worker's files
 (`mark_process_dead`). Histograms and counters keep the counts of workers that exited, as Prometheus expects.
 
-Only the relay's own processes import this module: `create_app` builds a `RelayMetrics` when ``--metrics`` is on
-(the default); an application that embeds the relay (`server.setup`) gets none unless it passes one.
+``import server`` does not import this module (nor prometheus-client, whose multiprocess mode is decided when it
+is first imported): `create_app` imports it and builds a `RelayMetrics` when ``--metrics`` is on (the default); an
+application that embeds the relay (`server.setup`) gets none unless it passes one.
 """
 
 from __future__ import annotations

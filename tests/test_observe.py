@@ -4,6 +4,8 @@ request id's rules."""
 from __future__ import annotations
 
 import doctest
+import subprocess
+import sys
 from collections import Counter
 
 import aiohttp
@@ -19,6 +21,7 @@ from server.reader import Reader
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
+from .processes import ROOT, clean_env
 from .scripted import wait_until
 
 
@@ -108,3 +111,13 @@ def test_other_request_ids_are_replaced_by_fresh_ones(header: str | None) -> Non
 def test_docstring_examples() -> None:
     failures, tried = doctest.testmod(server.observe)
     assert (failures, tried > 0) == (0, True)
+
+
+def test_importing_the_package_leaves_prometheus_client_unimported() -> None:
+    """server.gunicorn sets PROMETHEUS_MULTIPROC_DIR in the arbiter after importing server; prometheus-client
+    must not have been imported by then, or the workers it forks would not write the shared files."""
+    probe = "import sys, server, server.gunicorn; print('prometheus_client' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False"
