@@ -192,6 +192,32 @@ async def test_a_stop_is_an_outcome_and_its_upstream_close_is_timed(
     assert value(samples, "llm_relay_client_disconnects_total", framing="ndjson") == 0
 
 
+async def test_shutdown_is_an_outcome(fake_upstream: FakeUpstream, http: aiohttp.ClientSession) -> None:
+    fake_upstream.behavior = Behavior(tokens=["x"] * 10_000, delay=0.01)
+    registry = CollectorRegistry()
+    host = web.Application()
+    host.add_subapp("/api", create_relay_app(upstream_config(fake_upstream), metrics=RelayMetrics(registry)))
+    runner = web.AppRunner(host, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    response = await http.get(f"http://127.0.0.1:{port}/api/chat", params={"prompt": "x"}, headers=NDJSON)
+    await response.content.readline()
+    await runner.cleanup()  # the server goes down with the stream running
+    body = await response.read()
+    assert b'"server_shutdown"' in body
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("llm_relay_streams_ended_total", framing="ndjson", outcome="shutdown") == 1
+    assert sample("llm_relay_readers_ended_total", framing="ndjson", outcome="shutdown") == 1
+    assert sample("llm_relay_upstream_close_seconds_count", outcome="shutdown") == 1
+    assert sample("llm_relay_streams_open") == 0
+    assert sample("llm_relay_readers_open") == 0
+
+
 async def test_a_first_token_timeout_ends_the_stream_as_timeout(
     fake_upstream: FakeUpstream, relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
 ) -> None:
