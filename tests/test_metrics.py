@@ -5,6 +5,7 @@ embedding app; several gunicorn workers aggregated (multiprocess mode)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -171,6 +172,28 @@ async def test_a_client_leaving_is_a_disconnect_and_the_upstream_close_is_timed(
     # Closing is the abort callbacks' work in the disconnect's own loop turn: far under the largest bucket.
     assert value(samples, "llm_relay_upstream_close_seconds_bucket", outcome="abandoned", le="5.0") == 1
     assert value(samples, "llm_relay_streams_open") == 0
+
+
+async def test_a_client_that_stops_reading_is_a_slow_client_disconnect(
+    fake_upstream: FakeUpstream, relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
+) -> None:
+    # Far more than a 32 KiB send buffer and the transport's buffer hold: writes to a client that reads nothing wait.
+    fake_upstream.behavior = Behavior(tokens=["x" * 16_000] * 1_000)
+    base = await relay(write_timeout=0.3, send_buffer=32_768)
+    host, port = base.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET /api/chat?prompt=x&format=ndjson HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    await writer.drain()  # ... and then reads nothing
+    try:
+        samples = await scrape_until(
+            http, f"{base}/metrics", lambda s: value(s, "llm_relay_client_disconnects_total", framing="ndjson")
+        )
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):  # the relay aborted the connection
+            await writer.wait_closed()
+    assert value(samples, "llm_relay_readers_ended_total", framing="ndjson", outcome="slow_client") == 1
+    assert value(samples, "llm_relay_bytes_sent_total", framing="ndjson") > 0
 
 
 async def test_a_stop_is_an_outcome_and_its_upstream_close_is_timed(
