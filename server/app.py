@@ -130,6 +130,8 @@ def _rules(config: Config) -> RequestRules:
         allowed_models=frozenset(allowed),
         max_messages=config.max_messages,
         max_message_chars=config.max_message_chars,
+        content_part_types=frozenset(config.content_part_types) - {"text"},
+        system_prompt=config.system_prompt or None,
     )
 
 

@@ -132,8 +132,9 @@ class DemoProvider:
         opening = _TOKEN.findall(_opening(request))
         count = len(opening) + len(_BODY_TOKENS)
         finish = "stop"
-        if request.max_tokens is not None and count > request.max_tokens:
-            count = request.max_tokens
+        limit = request.token_limit
+        if limit is not None and count > limit:
+            count = limit
             finish = "length"
         tokens = itertools.islice(itertools.chain(opening, _BODY_TOKENS), count)
         prompt_tokens = sum(len(_TOKEN.findall(m.content)) for m in request.messages)
