@@ -17,7 +17,7 @@ from aiohttp import web
 from .admission import Limiter, NoLimits
 from .chat_request import RequestRules
 from .client_key import ClientIdentifier
-from .config import DEMO_MODEL, Config
+from .config import DEMO_MODEL, DEMO_REASONER_MODEL, Config
 from .generation import GenerationSettings
 from .handlers import chat, healthz, json_errors, stop, stream
 from .intake import expect_handler
@@ -124,7 +124,7 @@ def _rules(config: Config) -> RequestRules:
     model = config.resolved_model
     allowed = {model, *config.allowed_models}
     if config.resolved_provider == "demo":
-        allowed.add(DEMO_MODEL)
+        allowed.update((DEMO_MODEL, DEMO_REASONER_MODEL))
     return RequestRules(
         default_model=model,
         allowed_models=frozenset(allowed),
