@@ -177,3 +177,12 @@ async def test_tool_choice_none_gets_text() -> None:
     events = _events(await _collect(DemoProvider(delay=0), chat))
     assert not any(isinstance(e, ToolCallDelta) for e in events)
     assert events[-1] == Done("stop", events[-1].usage)  # type: ignore[union-attr]
+
+
+async def test_a_named_tool_choice_is_the_tool_called() -> None:
+    tools = ({"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b"}})
+    choice = {"type": "function", "function": {"name": "b"}}
+    chat = ChatRequest(messages=(Message("user", "hi"),), model="m", tools=tools, tool_choice=choice)
+    events = _events(await _collect(DemoProvider(delay=0), chat))
+    assert isinstance(events[0], ToolCallDelta)
+    assert events[0].name == "b"

@@ -164,3 +164,16 @@ async def test_an_unknown_field_is_a_400_naming_it(
     assert status == 400
     assert b"unknown fields: 'logprobs', 'n'" in body
     assert fake_upstream.seen == []
+
+
+async def test_empty_reasoning_pieces_are_not_progress(
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    # A "thinking" upstream that only sends empty reasoning_content keeps its connection busy but says nothing: the
+    # first-token timeout still ends it, as it ends a flood of text-less chunks.
+    fake_upstream.behavior = Behavior(reasoning=[""] * 40, tokens=["late"], delay=0.1)
+    config = upstream_config(fake_upstream, include_usage=False, first_token_timeout=0.5)
+    base = await serve(create_app(config))
+    status, body = await _post(http, base, "application/x-ndjson", prompt="think")
+    assert status == 504
+    assert b'"type":"timeout"' in body.replace(b" ", b"")

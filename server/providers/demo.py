@@ -6,7 +6,8 @@ trip, and says plainly that it is simulated. So that the page can show every kin
 - the model ``llm-relay-demo-reasoner`` (`DEMO_REASONER_MODEL`) streams a few sentences of simulated reasoning
   before its answer;
 - a request that declares ``tools`` and ends with a user message is answered, by either demo model, with a call
-  of its first tool (arguments ``{"query": <the prompt>}``, streamed in fragments; finish reason ``tool_calls``);
+  of its first tool, or of the one ``tool_choice`` names (arguments ``{"query": <the prompt>}``, streamed in
+  fragments; finish reason ``tool_calls``); ``tool_choice: "none"`` gets text;
   a request that ends with the tool's result is answered in text that quotes it.
 """
 
@@ -92,9 +93,11 @@ def _reasoning_tokens(request: ChatRequest) -> list[str]:
 
 
 def _tool_call(request: ChatRequest) -> list[ToolCallDelta]:
-    """The demo's call of the request's first tool: its name first, then the arguments in a few fragments."""
+    """The demo's call of the tool `tool_choice` names, else of the first tool: its id and name first, then the
+    arguments in a few fragments."""
     assert request.tools
-    name = str(request.tools[0]["function"]["name"])
+    choice = request.tool_choice
+    name = str(choice["function"]["name"] if isinstance(choice, dict) else request.tools[0]["function"]["name"])
     arguments = json.dumps({"query": _quoted(request.last_user_text)}, ensure_ascii=False)
     call_id = "call_demo_" + hashlib.sha256(arguments.encode()).hexdigest()[:16]
     pieces = [arguments[i : i + 8] for i in range(0, len(arguments), 8)]
