@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -535,3 +536,23 @@ def test_module_docstring_examples_run() -> None:
     result = doctest.testmod(server.framing, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3
     assert result.failed == 0
+
+
+_HTTP_API_DOC = Path(__file__).resolve().parent.parent / "docs" / "http-api.md"
+_DOC_SID = "3f0c5e1a9b7d42c68e2f1a0b9c8d7e6f"
+
+
+def test_docs_examples_of_the_other_kinds_are_what_the_framings_send() -> None:
+    # docs/http-api.md documents reasoning, tool_call and refusal byte by byte: the examples must stay true.
+    doc = _HTTP_API_DOC.read_text(encoding="utf-8")
+    sse_stream = [
+        Reasoning("The user greets me."),
+        ToolCallDelta(0, "call_1", "get_weather"),
+        ToolCallDelta(0, arguments='{"city":"Paris"}'),
+        Done("tool_calls"),
+    ]
+    sse = b"".join(SSEFraming().encode(_DOC_SID, seq, e) for seq, e in enumerate(sse_stream, start=1))
+    assert sse.decode() in doc
+    ndjson_stream = [*sse_stream[:3], Refusal("I can't help with that.")]
+    ndjson = b"".join(NDJSONFraming().encode(_DOC_SID, seq, e) for seq, e in enumerate(ndjson_stream, start=1))
+    assert ndjson.decode() in doc
