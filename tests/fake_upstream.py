@@ -64,6 +64,8 @@ class Behavior:
     # tool_calls.
     tool_calls: list[tuple[str, str, list[str]]] = field(default_factory=list)
     refusal: list[str] = field(default_factory=list)  # refusal pieces streamed after the tokens
+    # A recorded body to send as it is instead (a real upstream's chunks, [DONE] included), after the headers.
+    raw_body: bytes | None = None
 
 
 @dataclass
@@ -227,6 +229,11 @@ class FakeUpstream:
                 # this the fake, which shares the test's event loop, would be the one freezing it.
                 await asyncio.sleep(0)
 
+        if b.raw_body is not None:
+            await write(b.raw_body)
+            await response.write_eof()
+            seen.completed = True
+            return response
         await send(_chunk(content="", role=True))
         if b.first_delay:
             await asyncio.sleep(b.first_delay)

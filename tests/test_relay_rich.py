@@ -10,6 +10,7 @@ from server.app import create_app
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
+from .test_upstream_sse import DEEPSEEK_REASONER, GROQ_REASONING, OLLAMA_TOOL_CALLS, OPENAI_REFUSAL
 from .wire import ndjson_objects, sse_events
 
 WEATHER = {
@@ -177,3 +178,35 @@ async def test_empty_reasoning_pieces_are_not_progress(
     status, body = await _post(http, base, "application/x-ndjson", prompt="think")
     assert status == 504
     assert b'"type":"timeout"' in body.replace(b" ", b"")
+
+
+@pytest.mark.parametrize(
+    ("blob", "expected"),
+    [
+        (DEEPSEEK_REASONER, [("reasoning", {"content": "The user"}), ("reasoning", {"content": " greets me."}),
+                             ("message", {"content": "Hello"}), ("message", {"content": "!"}),
+                             ("done", {"finish_reason": "stop",
+                                       "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}})]),
+        (GROQ_REASONING, [("reasoning", {"content": "Hmm"}), ("message", {"content": "Yes"}),
+                          ("done", {"finish_reason": "stop"})]),
+        (OLLAMA_TOOL_CALLS, [("tool_call", {"index": 0, "id": "call_a1", "name": "get_weather",
+                                            "arguments": '{"city":"Paris"}'}),
+                             ("tool_call", {"index": 1, "id": "call_b2", "name": "get_time", "arguments": "{}"}),
+                             ("done", {"finish_reason": "stop"})]),
+        (OPENAI_REFUSAL, [("refusal", {"content": "I'm sorry, "}), ("refusal", {"content": "I can't help with that."}),
+                          ("done", {"finish_reason": "stop"})]),
+    ],
+    ids=["deepseek-reasoner", "groq-reasoning", "ollama-tool-calls", "openai-refusal"],
+)  # fmt: skip
+async def test_recorded_upstream_bodies_through_the_openai_client(
+    fake_upstream: FakeUpstream,
+    serve: ServeApp,
+    http: aiohttp.ClientSession,
+    blob: bytes,
+    expected: list[tuple[str, object]],
+) -> None:
+    fake_upstream.behavior = Behavior(raw_body=blob)
+    base = await serve(create_app(upstream_config(fake_upstream)))
+    status, body = await _post(http, base, "text/event-stream", prompt="hi")
+    assert status == 200
+    assert [(kind, data) for kind, data, _ in sse_events(body)] == expected
