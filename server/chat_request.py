@@ -90,7 +90,8 @@ class ToolCall:
 class Message:
     role: str
     content: str  # the text; of an array of parts, its text parts joined
-    # The content as the client sent it when it was an array of parts (relayed as sent); None for a string.
+    # The content as the client sent it when it was an array holding other parts than text (relayed as sent);
+    # None for a string or only text parts (relayed as `content`, one string).
     parts: tuple[JSONObject, ...] | None = None
     name: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
@@ -333,6 +334,10 @@ def _content(value: object, what: str, role: str, rules: RequestRules) -> tuple[
     text = "".join(texts)
     if len(text) > rules.max_message_chars:
         raise RequestError(f"{what} is longer than {rules.max_message_chars} characters")
+    if len(texts) == len(parts):
+        # Only text: sent on as one string, which says the same to the model, because several upstreams take only
+        # a string (DeepSeek's API, older Ollama and vLLM servers refuse an array of parts).
+        return text, None
     return text, tuple(parts)
 
 

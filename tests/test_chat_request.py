@@ -449,9 +449,7 @@ def test_a_tool_round_trip_with_every_field() -> None:
     )
     assert request.messages == (
         Message("developer", "Use the tools."),
-        Message(
-            "user", "Weather in Paris?", ({"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"})
-        ),
+        Message("user", "Weather in Paris?"),  # only text parts: one string, as every upstream takes it
         Message("assistant", "", tool_calls=(ToolCall("call_1", "get_weather", '{"city":"Paris"}'),)),
         Message("tool", "18 C, sunny", tool_call_id="call_1"),
     )
@@ -459,7 +457,11 @@ def test_a_tool_round_trip_with_every_field() -> None:
     assert request.stream
     assert request.token_limit == 50
     # What goes upstream: the messages as OpenAI takes them, and every optional field that was set.
-    assert [m.as_openai() for m in request.messages] == ROUND_TRIP
+    assert [m.as_openai() for m in request.messages] == [
+        ROUND_TRIP[0],
+        {"role": "user", "content": "Weather in Paris?"},
+        *ROUND_TRIP[2:],
+    ]
     assert request.upstream_fields() == {
         "max_completion_tokens": 50,
         "temperature": 0.2,
@@ -496,11 +498,15 @@ def test_the_openai_shape_has_no_prompt_or_resume() -> None:
         assert_400(info.value, "unknown field", next(iter(extra)))
 
 
-def test_a_configured_part_type_is_passed_on_as_sent() -> None:
+def test_a_configured_part_type_is_passed_on_as_sent_with_the_text_parts() -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
     request = parse_chat_body({"messages": [user([image])]}, WIDE)
     assert request.messages[0].as_openai() == user([image])
     assert request.last_user_text == ""
+    both = [{"type": "text", "text": "What is this?"}, image]
+    request = parse_chat_body({"messages": [user(both)]}, WIDE)
+    assert request.messages[0].as_openai() == user(both)
+    assert request.last_user_text == "What is this?"
 
 
 def test_the_system_prompt_comes_first() -> None:

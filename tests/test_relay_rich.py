@@ -77,7 +77,8 @@ async def test_a_tool_call_reply_over_ndjson_and_the_fields_that_reached_the_ups
     sent = fake_upstream.last.body
     assert sent["messages"] == [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        # Text parts go on as one string (DeepSeek's API and older servers take no array).
+        {"role": "user", "content": "Weather in Paris?"},
     ]
     assert {k: v for k, v in sent.items() if k != "messages"} == {
         "model": "fake-model",
