@@ -3,13 +3,20 @@ relay, to SSE and NDJSON; the accepted request fields reach the upstream; reason
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from server.app import create_app
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
+from .sse_decoder import SSEEvent, decode_sse
+from .streaming import EventSourceModel, read_cut, relay_with_upstream
 from .test_upstream_sse import DEEPSEEK_REASONER, GROQ_REASONING, OLLAMA_TOOL_CALLS, OPENAI_REFUSAL
 from .wire import ndjson_objects, sse_events
 
@@ -211,3 +218,49 @@ async def test_recorded_upstream_bodies_through_the_openai_client(
     status, body = await _post(http, base, "text/event-stream", prompt="hi")
     assert status == 200
     assert [(kind, data) for kind, data, _ in sse_events(body)] == expected
+
+
+RICH = Behavior(
+    reasoning=["Think", "ing…"],
+    tokens=["Let ", "me ", "check."],
+    tool_calls=[("call_1", "get_weather", ['{"city":', '"Paris"}'])],
+)
+
+
+@given(data=st.data())
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_rich_reply_cut_at_any_byte_resumes_with_every_part_once(data: st.DataObject) -> None:
+    sse = {"Accept": "text/event-stream"}
+
+    def reply(events: list[SSEEvent]) -> list[tuple[str, str]]:
+        return [(e.type, e.data) for e in events if e.type != "stream"]  # not the opening block (the stream's id)
+
+    async def scenario() -> None:
+        async with relay_with_upstream(RICH, resume_grace=5, shutdown_grace=0.5) as (base, upstream):
+            async with aiohttp.ClientSession() as http:
+                url = f"{base}/api/chat"
+                params = {"prompt": "hi", "resume": "1"}
+                async with http.get(url, params=params, headers=sse) as response:
+                    whole = await response.read()
+                reference = reply(decode_sse(whole)[0])
+                upstream.behavior = replace(RICH, delay=0.01)
+                async with http.get(url, params=params, headers=sse) as response:
+                    stream_id = response.headers["X-Stream-Id"]
+                    body = await read_cut(response, data.draw(st.integers(0, len(whole)), label="cut"))
+                browser = EventSourceModel()
+                browser.connection(body)
+                if not browser.events or browser.events[-1].type != "done":
+                    if browser.last_event_id:
+                        resume = http.get(url, headers={**sse, "Last-Event-ID": browser.last_event_id})
+                    else:  # cut inside the opening block: resumed from the start by the stream's id
+                        resume = http.get(f"{base}/api/streams/{stream_id}", params={"after": "0"}, headers=sse)
+                    async with resume as response:
+                        assert response.status == 200
+                        browser.connection(await response.read())
+            assert reply(browser.events) == reference  # each part once, in order
+            assert [kind for kind, _ in reference] == [
+                "reasoning", "reasoning", "message", "message", "message", "tool_call", "tool_call", "tool_call",
+                "done",
+            ]  # fmt: skip
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
