@@ -17,12 +17,13 @@ from aiohttp import web
 from .admission import Limiter, NoLimits
 from .chat_request import RequestRules
 from .client_key import ClientIdentifier
-from .config import DEMO_MODEL, DEMO_REASONER_MODEL, Config
+from .config import DEMO_MODEL, Config
 from .generation import GenerationSettings
 from .handlers import chat, healthz, json_errors, stop, stream
 from .intake import expect_handler
 from .limiter import build_limiter as build_backend_limiter
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
+from .providers.demo import DEMO_REASONER_MODEL
 from .reader import ReaderSettings
 from .registry import RegistrySettings, StreamRegistry
 from .request_origin import OriginPolicy

@@ -20,8 +20,6 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 DEMO_MODEL = "llm-relay-demo"
-# The demo model that streams simulated reasoning before its answer (providers/demo.py), offered beside DEMO_MODEL.
-DEMO_REASONER_MODEL = "llm-relay-demo-reasoner"
 PROG = "python -m server"
 
 

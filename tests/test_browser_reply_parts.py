@@ -12,8 +12,7 @@ from aiohttp import web
 from playwright.async_api import Browser, Dialog, Page
 
 from server.chat_request import ChatRequest, Message
-from server.config import DEMO_REASONER_MODEL
-from server.providers.demo import demo_events, demo_reply
+from server.providers.demo import DEMO_REASONER_MODEL, demo_events, demo_reply
 
 from .browser import ChatPage, relay_host_app
 from .conftest import ServeApp, upstream_config

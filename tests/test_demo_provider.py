@@ -9,9 +9,8 @@ import json
 from collections.abc import Sequence
 
 from server.chat_request import ChatRequest, Message, ToolCall
-from server.config import DEMO_REASONER_MODEL
 from server.events import Delta, Done, Event, Reasoning, ToolCallDelta
-from server.providers.demo import DemoProvider, _Pacer, demo_tokens
+from server.providers.demo import DEMO_REASONER_MODEL, DemoProvider, _Pacer, demo_tokens
 
 
 def _chat(prompt: str = "hello there", max_tokens: int | None = None) -> ChatRequest:

@@ -23,8 +23,10 @@ import weakref
 from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from ..chat_request import ChatRequest
-from ..config import DEMO_REASONER_MODEL
 from ..events import Delta, Done, Event, Reasoning, ToolCallDelta, Usage
+
+# The demo model that streams simulated reasoning before its answer, offered beside the default demo model.
+DEMO_REASONER_MODEL = "llm-relay-demo-reasoner"
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
 _QUOTE_LIMIT = 200

@@ -11,15 +11,13 @@
  * - Stop sends `DELETE /api/streams/{id}`, which cancels the generation (and the upstream request) at once,
  *   then closes the connection.
  *
- * Besides text, a reply may carry reasoning, tool calls and a refusal (`event: reasoning` / `tool_call` / `refusal`,
- * NDJSON types of the same names): `forwardParts` hands them to the sink, reply-parts.js shows them.
- *
  * Model output is only ever inserted as text (Text nodes, textContent), never parsed as HTML.
  * The server's settings arrive as a JSON data block (`#relay-settings`), rendered by server/page.py.
  */
 
 import { NDJSONError, readNDJSON } from "./ndjson.js";
-import { ReplyParts, toolCallPiece } from "./reply-parts.js";
+
+import { ReplyParts, toolCallPiece } from "./reply-parts.js"; // reasoning, tool calls, refusals
 
 const settings = JSON.parse(document.getElementById("relay-settings").textContent);
 const CHAT_URL = new URL(`${settings.apiBase}/chat`, document.baseURI);
