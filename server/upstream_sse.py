@@ -305,6 +305,10 @@ def _tool_calls(value: object, events: list[Event]) -> None:
         arguments = function.get("arguments")
         if arguments is None:
             arguments = ""
+        elif type(arguments) is dict:
+            # OpenAI's arguments are JSON text; some servers send the object itself (llama.cpp's server in some
+            # versions, ggml-org/llama.cpp#20198; TGI, huggingface/text-generation-inference#2136): relayed as text.
+            arguments = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
         if not (
             (call_id is None or type(call_id) is str) and (name is None or type(name) is str) and type(arguments) is str
         ):

@@ -882,10 +882,10 @@ def test_tool_calls_of_another_choice_are_not_relayed() -> None:
         [{"index": 0, "id": 5}],
         [{"index": 0, "function": "get_weather"}],
         [{"index": 0, "function": {"name": ["get_weather"]}}],
-        [{"index": 0, "function": {"arguments": {"city": "Paris"}}}],
+        [{"index": 0, "function": {"arguments": ["Paris"]}}],
     ],
     ids=["string", "object", "null-item", "string-item", "negative-index", "index-too-large", "bool-index",
-         "string-index", "float-index", "number-id", "string-function", "list-name", "object-arguments"],
+         "string-index", "float-index", "number-id", "string-function", "list-name", "list-arguments"],
 )  # fmt: skip
 def test_malformed_tool_calls_are_a_protocol_error(tool_calls: Any) -> None:
     blob = X + data_line(chunk([choice({"tool_calls": tool_calls})])) + DONE
@@ -897,3 +897,10 @@ def test_malformed_tool_calls_are_a_protocol_error(tool_calls: Any) -> None:
 def test_the_last_tool_call_index_is_accepted() -> None:
     blob = data_line(chunk([choice({"tool_calls": [{"index": MAX_TOOL_CALLS - 1, "id": "a"}]})])) + DONE
     assert decode([blob]) == [ToolCallDelta(MAX_TOOL_CALLS - 1, "a"), Done()]
+
+
+def test_tool_call_arguments_sent_as_an_object_are_relayed_as_json_text() -> None:
+    # llama.cpp's server (some versions) and TGI send the arguments object itself, where OpenAI sends JSON text.
+    call = {"index": 0, "id": "0", "type": "function", "function": {"name": "pay", "arguments": {"id": "T1", "n": 2}}}
+    blob = data_line(chunk([choice({"tool_calls": [call]}, "tool_calls")])) + DONE
+    assert decode([blob]) == [ToolCallDelta(0, "0", "pay", '{"id":"T1","n":2}'), Done("tool_calls")]
