@@ -626,3 +626,44 @@ def test_any_openai_fields_give_a_request_or_a_400(fields: dict[str, Any]) -> No
         assert_400(exc)
     else:
         json.dumps(request.upstream_fields())  # whatever is accepted can be sent on
+
+
+_CALL_IDS = st.sampled_from(["c1", "c2"])
+_VALID_MESSAGES = st.one_of(
+    st.just(user()),
+    st.just({"role": "developer", "content": [{"type": "text", "text": "be brief"}]}),
+    st.just(user([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:,"}}])),
+    _CALL_IDS.map(lambda c: {"role": "assistant", "content": None, "tool_calls": [
+        {"id": c, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
+    _CALL_IDS.map(lambda c: {"role": "tool", "tool_call_id": c, "content": "result"}),
+)  # fmt: skip
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Mostly well-formed conversations (tool calls answered or not, in any order), a field now and then replaced
+    by any JSON value or an unknown field added."""
+    messages = draw(st.lists(_VALID_MESSAGES, min_size=1, max_size=5))
+    for index in draw(st.lists(st.integers(0, len(messages) - 1), max_size=2)):
+        message = dict(messages[index])
+        key = draw(st.sampled_from([*message, "name", "tool_calls", "tool_call_id", "extra"]))
+        message[key] = draw(_JSON_VALUES | _CALL_IDS)
+        messages[index] = message
+    return messages
+
+
+@settings(max_examples=400, deadline=None)
+@given(messages=_messages(), shape=st.sampled_from(["relay", "openai"]))
+def test_any_messages_of_any_role_give_a_request_or_a_400(messages: list[dict[str, Any]], shape: Any) -> None:
+    try:
+        request = parse_chat_body({"messages": messages}, WIDE, shape=shape)
+    except RequestError as exc:
+        assert_400(exc)
+    else:
+        sent = json.loads(json.dumps([m.as_openai() for m in request.messages]))
+        # What goes upstream is what was accepted: the roles in order, each tool message answering an earlier call.
+        assert [m["role"] for m in sent] == [m["role"] for m in messages]
+        called: set[str] = set()
+        for message in sent:
+            assert message["role"] != "tool" or message["tool_call_id"] in called
+            called.update(call["id"] for call in message.get("tool_calls", []))
