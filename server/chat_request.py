@@ -65,6 +65,7 @@ _OPENAI_KEYS = frozenset(
     }
 )  # fmt: skip
 _RELAY_KEYS = _OPENAI_KEYS | {"prompt", "resume"}
+_QUERY_KEYS = frozenset({"prompt", "model", "max_tokens", "temperature", "format", "resume"})
 _MESSAGE_KEYS: Mapping[str, frozenset[str]] = {
     "system": frozenset({"role", "content", "name"}),
     "developer": frozenset({"role", "content", "name"}),
@@ -536,7 +537,15 @@ def check_query_encoding(raw_query: str) -> None:
 
 
 def from_query(query: Mapping[str, str], rules: RequestRules) -> ChatRequest:
-    """The request of ``GET /api/chat?prompt=...&model=...&max_tokens=...&temperature=...``."""
+    """The request of ``GET /api/chat?prompt=...&model=...&max_tokens=...&temperature=...``.
+
+    ``format`` (the framing, read by the handler) and ``resume`` are the other parameters; any other is refused by
+    name, as an unknown body field is.
+    """
+    unknown = sorted(set(query) - _QUERY_KEYS)
+    if unknown:
+        names = ", ".join(repr(u) for u in unknown)
+        raise RequestError(f"unknown query parameter{'s' if len(unknown) > 1 else ''}: {names}")
     prompt = query.get("prompt")
     if prompt is None:
         raise RequestError("the prompt query parameter is required")

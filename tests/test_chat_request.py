@@ -301,9 +301,10 @@ def test_any_json_object_gives_a_request_or_a_400(fields: dict[str, Any]) -> Non
         ({"prompt": "x", "temperature": "1e0"}, ChatRequest((Message("user", "x"),), "default-model", None, 1.0)),
         ({"prompt": "x", "temperature": ".5"}, ChatRequest((Message("user", "x"),), "default-model", None, 0.5)),
         ({"prompt": "x", "format": "ndjson"}, ChatRequest((Message("user", "x"),), "default-model")),
+        ({"prompt": "x", "resume": "1"}, ChatRequest((Message("user", "x"),), "default-model", resume=True)),
     ],
     ids=["prompt", "model", "max-tokens", "max-tokens-1", "temperature", "temperature-int", "temperature-zero",
-         "temperature-exponent", "temperature-leading-dot", "other-params-ignored"],
+         "temperature-exponent", "temperature-leading-dot", "format-is-the-handlers", "resume"],
 )  # fmt: skip
 def test_query_accepted(query: dict[str, str], expected: ChatRequest) -> None:
     request = from_query(query, RULES)
@@ -342,6 +343,9 @@ def test_query_accepted(query: dict[str, str], expected: ChatRequest) -> None:
         ({"prompt": "x", "temperature": ""}, ["temperature", "number"]),
         ({"prompt": "x", "temperature": "1" + "0" * 400}, ["temperature"]),  # an int too big for a float
         ({"prompt": "x \udc80"}, ["prompt", "surrogate"]),  # what a surrogateescape decoding would give
+        ({"prompt": "x", "n": "2"}, ["unknown query parameter", "'n'"]),
+        ({"prompt": "x", "stop": "END", "top_p": "1"}, ["unknown query parameters", "'stop', 'top_p'"]),
+        ({"Prompt": "x"}, ["unknown query parameter", "'Prompt'"]),
     ],
     ids=lambda value: ascii(value)[:60],
 )
