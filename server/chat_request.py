@@ -10,8 +10,9 @@ to change, and a field we do not know is refused by name rather than dropped (a 
 The body, field by field (OpenAI's Chat Completions reference is the source of each shape):
 
     messages            [{role, content, name?}]: role system, developer, user, assistant or tool; content a string
-                        or an array of parts ``{"type": "text", "text"}`` (other part types, e.g. ``image_url``,
-                        only when `RequestRules.content_part_types` lists them: they are passed on as sent);
+                        or an array of parts ``{"type": "text", "text"}`` (sent on as one string) and, only when
+                        `RequestRules.content_part_types` lists them, other part types such as ``image_url`` (then
+                        the array is passed on as sent);
                         assistant messages may carry ``tool_calls`` (then content may be null), tool messages need
                         the ``tool_call_id`` of an earlier assistant tool call
     prompt              (``/api/chat`` only) one user message, instead of messages
