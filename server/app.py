@@ -23,6 +23,7 @@ from .handlers import chat, healthz, json_errors, stop, stream
 from .intake import expect_handler
 from .limiter import build_limiter as build_backend_limiter
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
+from .providers.demo import DEMO_REASONER_MODEL
 from .reader import ReaderSettings
 from .registry import RegistrySettings, StreamRegistry
 from .request_origin import OriginPolicy
@@ -124,12 +125,14 @@ def _rules(config: Config) -> RequestRules:
     model = config.resolved_model
     allowed = {model, *config.allowed_models}
     if config.resolved_provider == "demo":
-        allowed.add(DEMO_MODEL)
+        allowed.update((DEMO_MODEL, DEMO_REASONER_MODEL))
     return RequestRules(
         default_model=model,
         allowed_models=frozenset(allowed),
         max_messages=config.max_messages,
         max_message_chars=config.max_message_chars,
+        content_part_types=frozenset(config.content_part_types) - {"text"},
+        system_prompt=config.system_prompt or None,
     )
 
 

@@ -74,6 +74,10 @@ class Config:
     request_body_timeout: float = 30.0
     max_messages: int = 200
     max_message_chars: int = 32_000
+    # Put before every conversation as a system message (chat_request.py).
+    system_prompt: str | None = None
+    # Content part types besides text that a user message may carry, passed on as sent (e.g. image_url).
+    content_part_types: tuple[str, ...] = ()
     shutdown_grace: float = 5.0
     # Resumable streams (see server/registry.py): how long an opted-in generation outlives its last reader, how
     # long an ended one stays readable, and the bounds of the logs.
@@ -324,6 +328,14 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("max-messages", "most messages in one request", _non_negative(int)),
     _Option("max-message-chars", "longest message, in characters", _non_negative(int)),
+    _Option("system-prompt", "a system message put before every conversation (default none)"),
+    _Option(
+        "content-part-type",
+        "a content part type besides text that user messages may carry, passed on to the upstream as sent, e.g. "
+        "image_url (repeatable; default none)",
+        repeatable=True,
+        field="content_part_types",
+    ),
     _Option("shutdown-grace", "seconds open streams get to finish on shutdown", _non_negative(float)),
     _Option(
         "resume-grace",

@@ -17,6 +17,8 @@
 
 import { NDJSONError, readNDJSON } from "./ndjson.js";
 
+import { ReplyParts, toolCallPiece } from "./reply-parts.js"; // reasoning, tool calls, refusals
+
 const settings = JSON.parse(document.getElementById("relay-settings").textContent);
 const CHAT_URL = new URL(`${settings.apiBase}/chat`, document.baseURI);
 const streamURL = (id) => new URL(`${settings.apiBase}/streams/${encodeURIComponent(id)}`, document.baseURI);
@@ -67,6 +69,25 @@ let conversation = 0;
 //   {kind: "error", error: {type, message}}  the server reported an error (in-band, or as an HTTP refusal)
 //   {kind: "connection-error", message}      no answer from the server: network, refusal EventSource hides
 // `sink.reconnecting(bool)` says when the connection was lost and the page is resuming the stream.
+// `sink.reasoning(text)`, `sink.toolCall({index, id, name, arguments})` and `sink.refusal(text)` take the other
+// parts of a reply.
+
+/** The reply's other parts, by SSE event name / NDJSON type, from the event's parsed JSON into `sink`. */
+const PARTS = {
+  reasoning: (sink, data) => typeof data.content === "string" && sink.reasoning(data.content),
+  refusal: (sink, data) => typeof data.content === "string" && sink.refusal(data.content),
+  tool_call: (sink, data) => {
+    const piece = toolCallPiece(data);
+    if (piece) sink.toolCall(piece);
+  },
+};
+
+/** Whether `kind` is one of the reply's other parts; if so, `data` went to `sink`. */
+function forwardParts(kind, data, sink) {
+  const forward = Object.hasOwn(PARTS, kind) ? PARTS[kind] : null;
+  if (forward && data !== null && typeof data === "object") forward(sink, data);
+  return forward !== null;
+}
 
 /** Stop the stream on the server (cancels the upstream request at once); best effort. */
 function stopOnServer(streamId) {
@@ -121,6 +142,15 @@ function viaEventSource(prompt, sink, signal) {
         finish({ kind: "error", error: { type: "protocol_error", message: "a delta event is not JSON" } });
       }
     });
+    for (const kind of Object.keys(PARTS)) {
+      source.addEventListener(kind, (event) => {
+        try {
+          forwardParts(kind, JSON.parse(event.data), sink);
+        } catch {
+          finish({ kind: "error", error: { type: "protocol_error", message: `a ${kind} event is not JSON` } });
+        }
+      });
+    }
     source.addEventListener("done", (event) => {
       let done = {};
       try {
@@ -226,6 +256,7 @@ async function readReply(response, sink, signal, onSeq) {
         case "error":
           return { kind: "error", error: errorFrom(JSON.stringify(item)) };
         default:
+          if (forwardParts(item.type, item, sink)) break;
         // "ping" keeps a quiet connection open; other types are for later versions: skip both.
       }
     }
@@ -263,6 +294,7 @@ class Turn {
     this.body.append(this.textNode);
     this.answer.append(who, this.body);
     this.node.append(question, this.answer);
+    this.parts = new ReplyParts(this.answer, this.body);
   }
 
   append(text) {
@@ -272,6 +304,7 @@ class Turn {
 
   end(state) {
     this.answer.dataset.state = state;
+    this.parts.end();
   }
 
   /** A problem shown in the reply: `kind` is "error" (the server said so) or "connection-error" (it said nothing). */
@@ -372,14 +405,21 @@ async function send(typed) {
     },
     delta(text) {
       if (typeof text !== "string") return;
-      const atEnd = scrolledToEnd();
-      if (meter.first === null) showState("streaming", "streaming…");
-      meter.token();
-      turn.append(text);
-      showStats(meter);
-      keepAtEnd(atEnd);
+      progress(() => turn.append(text));
     },
+    reasoning: (text) => progress(() => turn.parts.reasoning(text)),
+    toolCall: (piece) => progress(() => turn.parts.toolCall(piece)),
+    refusal: (text) => progress(() => turn.parts.refusal(text)),
   };
+  /** Any part of the reply is progress: the first one ends the wait, each counts as a token. */
+  function progress(show) {
+    const atEnd = scrolledToEnd();
+    if (meter.first === null) showState("streaming", "streaming…");
+    meter.token();
+    show();
+    showStats(meter);
+    keepAtEnd(atEnd);
+  }
   // The server caps the number of messages; the newest ones matter most.
   const messages = [...history, { role: "user", content: prompt }].slice(-settings.maxMessages);
   const outcome =
