@@ -96,6 +96,7 @@ async def test_page_renders_with_settings_and_assets(base: str, http: aiohttp.Cl
         "demo": True,
         "maxMessageChars": 32_000,
         "maxMessages": 200,
+        "authRequired": False,
     }
     modules = [attrs for attrs, _ in scripts_of(html) if attrs.get("type") == "module"]
     assert len(modules) == 1
