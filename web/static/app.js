@@ -15,7 +15,9 @@
  * The server's settings arrive as a JSON data block (`#relay-settings`), rendered by server/page.py.
  */
 
+import { authHeaders, loadKey, saveKey } from "./key.js";
 import { NDJSONError, readNDJSON } from "./ndjson.js";
+import { SSEError, readSSEItems } from "./sse.js";
 
 const settings = JSON.parse(document.getElementById("relay-settings").textContent);
 const CHAT_URL = new URL(`${settings.apiBase}/chat`, document.baseURI);
@@ -23,7 +25,9 @@ const streamURL = (id) => new URL(`${settings.apiBase}/streams/${encodeURICompon
 /** How often, and after how long, fetch mode tries to resume a stream whose connection was lost. */
 const RESUME_ATTEMPTS = 5;
 const RESUME_DELAY_MS = 500;
-const TRANSPORTS = { sse: "EventSource", ndjson: "fetch NDJSON" };
+// With API keys, SSE is read with fetch: EventSource cannot send the Authorization header (key.js, sse.js).
+const TRANSPORTS = { sse: settings.authRequired ? "SSE (fetch)" : "EventSource", ndjson: "fetch NDJSON" };
+const ACCEPT = { sse: "text/event-stream", ndjson: "application/x-ndjson" };
 
 const $ = (id) => document.getElementById(id);
 const view = {
@@ -71,7 +75,7 @@ let conversation = 0;
 /** Stop the stream on the server (cancels the upstream request at once); best effort. */
 function stopOnServer(streamId) {
   if (!streamId) return;
-  fetch(streamURL(streamId), { method: "DELETE" }).catch(() => {});
+  fetch(streamURL(streamId), { method: "DELETE", headers: authHeaders() }).catch(() => {});
 }
 
 function errorFrom(data) {
@@ -165,12 +169,13 @@ async function refusal(response) {
   return { kind: "error", error, status: response.status };
 }
 
-async function viaFetch(messages, sink, signal) {
+/** `framing` is "ndjson", or "sse" when a key is needed (EventSource cannot send one). */
+async function viaFetch(messages, sink, signal, framing = "ndjson") {
   let response;
   try {
     response = await fetch(CHAT_URL, {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
+      headers: { "Content-Type": "application/json", Accept: ACCEPT[framing], ...authHeaders() },
       body: JSON.stringify({ messages, resume: true }),
       signal,
     });
@@ -185,9 +190,15 @@ async function viaFetch(messages, sink, signal) {
   try {
     let seq = 0; // the last event received: a resume asks for what follows it
     for (let attempt = 0; ; attempt += 1) {
-      const read = await readReply(response, sink, signal, (n) => {
-        seq = n;
-      });
+      const read = await readReply(
+        response,
+        sink,
+        signal,
+        (n) => {
+          seq = n;
+        },
+        framing,
+      );
       if (read.kind !== "lost" || !streamId || attempt >= RESUME_ATTEMPTS) {
         return read.kind === "lost" ? { kind: "connection-error", message: read.message } : read;
       }
@@ -197,7 +208,7 @@ async function viaFetch(messages, sink, signal) {
       try {
         const url = streamURL(streamId);
         url.searchParams.set("after", String(seq));
-        response = await fetch(url, { headers: { Accept: "application/x-ndjson" }, signal });
+        response = await fetch(url, { headers: { Accept: ACCEPT[framing], ...authHeaders() }, signal });
       } catch (err) {
         if (signal.aborted) return { kind: "stopped" };
         response = null;
@@ -212,10 +223,11 @@ async function viaFetch(messages, sink, signal) {
 }
 
 /** One response's NDJSON lines into `sink`; `{kind: "lost"}` when the connection broke before the end. */
-async function readReply(response, sink, signal, onSeq) {
+async function readReply(response, sink, signal, onSeq, framing = "ndjson") {
   if (!response) return { kind: "lost", message: "the server could not be reached" };
   try {
-    for await (const item of readNDJSON(response.body)) {
+    const items = framing === "sse" ? readSSEItems(response.body) : readNDJSON(response.body);
+    for await (const item of items) {
       if (typeof item.seq === "number") onSeq(item.seq);
       switch (item.type) {
         case "delta":
@@ -231,7 +243,9 @@ async function readReply(response, sink, signal, onSeq) {
     }
   } catch (err) {
     if (signal.aborted) return { kind: "stopped" };
-    if (err instanceof NDJSONError) return { kind: "error", error: { type: "protocol_error", message: err.message } };
+    if (err instanceof NDJSONError || err instanceof SSEError) {
+      return { kind: "error", error: { type: "protocol_error", message: err.message } };
+    }
     return { kind: "lost", message: `the connection was lost: ${err.message}` };
   }
   return { kind: "lost", message: "the stream ended before its done line" };
@@ -383,9 +397,9 @@ async function send(typed) {
   // The server caps the number of messages; the newest ones matter most.
   const messages = [...history, { role: "user", content: prompt }].slice(-settings.maxMessages);
   const outcome =
-    transport === "sse"
+    transport === "sse" && !settings.authRequired
       ? await viaEventSource(prompt, sink, controller.signal)
-      : await viaFetch(messages, sink, controller.signal);
+      : await viaFetch(messages, sink, controller.signal, transport);
 
   active = null;
   showStats(meter);
@@ -450,6 +464,25 @@ view.form.addEventListener("change", (event) => {
   if (event.target.name === "transport" && !active) view.transport.textContent = TRANSPORTS[selectedTransport()];
 });
 
+/** The API key field (only on a relay with --api-keys-file): kept for this tab's session as it is typed. */
+function setupKeyField() {
+  const input = $("api-key");
+  if (!input) return;
+  input.value = loadKey();
+  input.addEventListener("input", () => saveKey(input.value.trim()));
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault(); // Enter in the field: nothing to submit, the key is already kept
+    view.prompt.focus();
+  });
+  $("forget-key").addEventListener("click", () => {
+    input.value = "";
+    saveKey("");
+    input.focus();
+  });
+  if (!input.value) input.focus();
+}
+
+setupKeyField();
 view.prompt.maxLength = settings.maxMessageChars;
 view.transport.textContent = TRANSPORTS[selectedTransport()];
 document.documentElement.dataset.ready = "true";
