@@ -131,7 +131,7 @@ def relay_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 def test_snippet_runs_as_written(snippet: Snippet, relay_port: int, tmp_path: Path) -> None:
     marker = snippet.marker
     if marker is not None and marker[0] == "not run":
-        pytest.skip(f"not run: {marker[1]}")
+        pytest.skip(f"{snippet.name} not run: {marker[1]}")
     env = _environment(tmp_path)
     if marker is None:
         code = snippet.code.replace("8080", str(relay_port))
@@ -139,6 +139,8 @@ def test_snippet_runs_as_written(snippet: Snippet, relay_port: int, tmp_path: Pa
             _command(snippet, code), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT
         )
         assert done.returncode == 0, f"{snippet.name} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr}"
+        # curl exits 0 on a refusal too: no snippet may print the relay's error body (a refusal or an in-band error).
+        assert '{"error":' not in done.stdout, f"{snippet.name} printed an error:\n{done.stdout[-2000:]}"
         return
     port = free_port()
     code = snippet.code.replace("8080", str(port))
@@ -171,9 +173,10 @@ def test_the_convention_is_kept() -> None:
 def test_the_readme_is_a_five_minute_read_and_installs_this_project() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(readme.splitlines()) <= 250
+    for snippet in SNIPPETS:
+        # "llm-relay" on the package index is another project: every install line installs this checkout.
+        assert not re.search(r"pip install\s+['\"]?llm-relay\b", snippet.code), snippet.name
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
-        # "llm-relay" on the package index is another project: every install line installs this checkout.
-        assert not re.search(r"pip install\s+['\"]?llm-relay\b", text), path
         for link in re.findall(r"\]\(((?!https?:|#)[^)#]+)", text):
             assert (path.parent / link).exists(), f"{path.name} links to a missing {link}"
