@@ -10,6 +10,8 @@
  *   `GET /api/streams/{id}?after=<last seq>` (the response's `X-Stream-Id` names the stream).
  * - Stop sends `DELETE /api/streams/{id}`, which cancels the generation (and the upstream request) at once,
  *   then closes the connection.
+ * - With API keys (`settings.authRequired`), every request carries `Authorization: Bearer <key>` (key.js), and
+ *   the SSE transport is a fetch read with sse.js instead of EventSource, which cannot send that header.
  *
  * Model output is only ever inserted as text (Text nodes, textContent), never parsed as HTML.
  * The server's settings arrive as a JSON data block (`#relay-settings`), rendered by server/page.py.
@@ -190,15 +192,10 @@ async function viaFetch(messages, sink, signal, framing = "ndjson") {
   try {
     let seq = 0; // the last event received: a resume asks for what follows it
     for (let attempt = 0; ; attempt += 1) {
-      const read = await readReply(
-        response,
-        sink,
-        signal,
-        (n) => {
-          seq = n;
-        },
-        framing,
-      );
+      const onSeq = (n) => {
+        seq = n;
+      };
+      const read = await readReply(response, sink, signal, onSeq, framing);
       if (read.kind !== "lost" || !streamId || attempt >= RESUME_ATTEMPTS) {
         return read.kind === "lost" ? { kind: "connection-error", message: read.message } : read;
       }
@@ -222,7 +219,10 @@ async function viaFetch(messages, sink, signal, framing = "ndjson") {
   }
 }
 
-/** One response's NDJSON lines into `sink`; `{kind: "lost"}` when the connection broke before the end. */
+/**
+ * One response's NDJSON lines (or SSE events, read as the same objects) into `sink`; `{kind: "lost"}` when the
+ * connection broke before the end.
+ */
 async function readReply(response, sink, signal, onSeq, framing = "ndjson") {
   if (!response) return { kind: "lost", message: "the server could not be reached" };
   try {
