@@ -28,11 +28,19 @@ from .wire import ndjson_text, sse_events
 PIP_TIMEOUT = 300
 
 
+def _outside(**extra: str) -> dict[str, str]:
+    """The environment of a process outside the checkout: no PYTHONPATH but what `extra` gives."""
+    env = clean_env(**extra)
+    if "PYTHONPATH" not in extra:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
 def _run(*argv: str | Path, cwd: Path, env: Mapping[str, str] | None = None) -> str:
     done = subprocess.run(
         [str(arg) for arg in argv],
         cwd=cwd,
-        env=clean_env() if env is None else dict(env),
+        env=_outside() if env is None else dict(env),
         capture_output=True,
         text=True,
         timeout=PIP_TIMEOUT,
@@ -115,10 +123,10 @@ async def test_installed_in_a_venv_the_console_script_serves(wheel: Path, tmp_pa
     _pip_install(python, wheel)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    assert _imported_from(python, elsewhere, clean_env()).startswith(str(tmp_path / "venv"))
+    assert _imported_from(python, elsewhere, _outside()).startswith(str(tmp_path / "venv"))
     script = tmp_path / "venv" / "bin" / "llm-relay"
     assert _run(script, "--help", cwd=elsewhere).startswith("usage: llm-relay ")
-    async with running_server(tmp_path, *FAST, command=(str(script),), cwd=elsewhere) as relay:
+    async with running_server(tmp_path, *FAST, command=(str(script),), cwd=elsewhere, env=_outside()) as relay:
         await _serves_page_and_streams(relay.base)
 
 
@@ -129,7 +137,7 @@ async def test_installed_with_target_outside_the_prefix_serves(wheel: Path, tmp_
     _pip_install(python, wheel, "--target", str(target))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = clean_env(PYTHONPATH=str(target))
+    env = _outside(PYTHONPATH=str(target))
     assert _imported_from(python, elsewhere, env).startswith(str(target))
     async with running_server(tmp_path, *FAST, command=(str(python), "-m", "server"), cwd=elsewhere, env=env) as relay:
         await _serves_page_and_streams(relay.base)
@@ -140,7 +148,7 @@ async def test_zipped_serves(wheel: Path, tmp_path: Path) -> None:
     python = _venv(tmp_path / "venv")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = clean_env(PYTHONPATH=str(wheel))
+    env = _outside(PYTHONPATH=str(wheel))
     assert _imported_from(python, elsewhere, env).startswith(str(wheel))
     async with running_server(tmp_path, *FAST, command=(str(python), "-m", "server"), cwd=elsewhere, env=env) as relay:
         await _serves_page_and_streams(relay.base)
