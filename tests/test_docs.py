@@ -158,10 +158,16 @@ def test_snippet_runs_as_written(snippet: Snippet, relay_port: int, tmp_path: Pa
         process.wait(10)
 
 
-def test_the_convention_is_kept() -> None:
+def test_the_convention_is_kept(capsys: pytest.CaptureFixture[str]) -> None:
     # Enough snippets run for the test to mean something, and every marker gives its reason or its path.
     run = [snippet for snippet in SNIPPETS if snippet.marker is None or snippet.marker[0] == "serves"]
     assert len(run) >= 8, [snippet.name for snippet in run]
+    serving = sum(1 for snippet in run if snippet.marker is not None)
+    with capsys.disabled():
+        print(
+            f"\ndocs: {len(SNIPPETS)} snippets in {len(DOCS)} files: {len(run) - serving} run to the end, "
+            f"{serving} serve until stopped, {len(SNIPPETS) - len(run)} not run (marked)"
+        )
     for snippet in SNIPPETS:
         first = snippet.code.split("\n", 1)[0]
         if re.match(r"#\s*(not run|serves)\b", first.strip()):
