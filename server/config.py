@@ -4,7 +4,8 @@ Every option has an environment variable (``LLM_RELAY_`` + the option's name in 
 the upstream's own conventional ones are read too: ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``OPENAI_MODEL``.
 The command line wins over the environment, which wins over the defaults.
 
-A setting the relay cannot start with is a `ConfigError`; ``python -m server`` prints every startup error (a bad
+A setting the relay cannot start with is a `ConfigError`; ``llm-relay`` (or ``python -m server``, the same
+program) prints every startup error (a bad
 option value, a missing ``--api-keys-file``, a bad ``--redis-url``, a port in use) as one line on stderr and exits
 with status 2, as argparse does for a bad option: `startup_error`.
 """
@@ -20,7 +21,8 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 DEMO_MODEL = "llm-relay-demo"
-PROG = "python -m server"
+# The console script's name (setup.cfg); ``python -m server`` runs the same program.
+PROG = "llm-relay"
 
 
 class ConfigError(ValueError):
@@ -28,7 +30,7 @@ class ConfigError(ValueError):
 
 
 def startup_error(message: str) -> NoReturn:
-    """Print `message` as one line (``python -m server: error: ...``) and exit with status 2."""
+    """Print `message` as one line (``llm-relay: error: ...``) and exit with status 2."""
     sys.stderr.write(f"{PROG}: error: {' '.join(message.split())}\n")
     raise SystemExit(2)
 
@@ -382,6 +384,42 @@ _OPTIONS: tuple[_Option, ...] = (
 )
 
 
+_SECRETS = frozenset({"api-key", "redis-url"})
+
+
+def shown_default(value: object) -> str | None:
+    """A default as ``--help`` shows it: booleans as the words the options take, nothing for an empty value.
+
+    >>> [shown_default(v) for v in (True, 0.03, 60.0, 0, "2/s", (), None, "")]
+    ['true', '0.03', '60', '0', '2/s', None, None, None]
+    """
+    if value is None or value in ((), ""):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def option_help(option: _Option, default: object) -> str:
+    """An option's ``--help`` text: what it does, its environment variables, and its default once (not when the
+    text already names it, nor for a secret)."""
+    envs = " or ".join(_env_names(option))
+    if option.name in _SECRETS:
+        return f"{option.help} [env {envs}; a secret: its value is never shown]"
+    shown = None if "default" in option.help else shown_default(default)
+    return f"{option.help} [env {envs}" + (f"; default {shown}]" if shown is not None else "]")
+
+
+def _metavar(option: _Option) -> str | None:
+    if option.choices:
+        return None  # argparse shows {a,b,c}
+    if option.parse is _bool:
+        return "true|false"
+    return option.name.upper().replace("-", "_")
+
+
 def _field_name(option: _Option) -> str:
     return option.field or option.name.replace("-", "_")
 
@@ -399,22 +437,21 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
+        # The full usage would repeat every option once more (fifty lines) before the list that explains them.
+        usage="%(prog)s [--OPTION VALUE ...]",
         description="llm-relay: stream chat completions to browsers (SSE) and fetch clients (NDJSON).",
     )
     defaults = Config()
     for option in _OPTIONS:
-        default = getattr(defaults, _field_name(option))
-        envs = " or ".join(_env_names(option))
-        shown = "(secret)" if option.name in {"api-key", "redis-url"} else default
         parser.add_argument(
             f"--{option.name}",
             dest=_field_name(option),
             type=option.parse,
             action="append" if option.repeatable else "store",
             choices=option.choices,
-            metavar=None if option.choices else option.name.upper().replace("-", "_"),
+            metavar=_metavar(option),
             default=None,
-            help=f"{option.help} [env {envs}; default {shown}]",
+            help=option_help(option, getattr(defaults, _field_name(option))),
         )
     return parser
 
