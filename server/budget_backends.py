@@ -71,6 +71,7 @@ class BudgetStats:
     their streams were charged; `overrun` what streams were charged beyond their reservations."""
 
     reservations: int = 0
+    settled: int = 0  # reservations whose stream has ended and been charged
     reserved: int = 0
     charged: int = 0
     refunded: int = 0
@@ -106,6 +107,7 @@ class BudgetReservation:
             return
         charged = charge(self.estimate, usage, relayed_chars)
         stats, reserved = self._stats, self.estimate.tokens
+        stats.settled += 1
         stats.charged += charged
         if charged <= reserved:
             stats.refunded += reserved - charged

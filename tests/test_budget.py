@@ -293,6 +293,7 @@ async def test_a_settled_refund_lets_the_next_request_in() -> None:
     assert await budgets.reserve("ip:a", chat) is not None
     assert budgets.stats.as_dict() == {
         "reservations": 2,
+        "settled": 1,
         "reserved": 614,
         "charged": 110,
         "refunded": 197,
