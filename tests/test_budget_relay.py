@@ -227,6 +227,7 @@ async def test_a_key_with_a_daily_quota_is_told_when_it_resets(
         await ok.read()
 
 
+@pytest.mark.redis
 async def test_two_instances_on_one_redis_admit_exactly_the_budget(tmp_path: Path) -> None:
     """Two processes, one redis-server: requests fired at both at once are admitted exactly as many times as the
     budget holds reservations, not that many per instance."""
