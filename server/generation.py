@@ -375,6 +375,7 @@ class Generation:
         collecting = collect_aborts(self._aborts)
         try:
             if self.ended:  # cancelled before this task took its first step: no upstream request at all
+                self._usage = Usage(0, 0, 0)  # nothing consumed: a token budget charges nothing
                 return
             chat, self._chat = self._chat, None
             assert chat is not None

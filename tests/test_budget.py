@@ -31,6 +31,9 @@ from server.client_key import APIKeys
 from server.config import Config, ConfigError
 from server.errors import RequestError, TokenBudgetExhausted, TokenQuotaExhausted
 from server.events import Delta, Done, Error, Reasoning, Refusal, ToolCallDelta, Usage
+from server.generation import Generation, GenerationSettings, Outcome
+
+from .scripted import ScriptedProvider
 
 
 def test_docstring_examples_run() -> None:
@@ -379,3 +382,49 @@ def test_a_bad_budget_in_the_keys_file_names_the_line_not_the_key(tmp_path: Path
     with pytest.raises(ConfigError, match="line 2") as refused:
         APIKeys.from_file(path)
     assert "sk-secret" not in str(refused.value)
+
+
+# -- the generation settles its reservation ------------------------------------------------------------------------
+
+
+async def test_a_generation_settles_what_it_relayed_once_it_ends() -> None:
+    budgets = _budgets(TokenBudgetPolicy(tokens_per_minute=1000, ceiling=100), _Clocks())
+    reservation = await budgets.reserve("ip:a", _chat("abcd"))  # 8 + 100
+    provider = ScriptedProvider()
+    generation = Generation(provider, _chat("abcd"), GenerationSettings(), budget=reservation)
+    generation.start()
+    provider.put([Delta("Hello, "), Reasoning("hmm"), ToolCallDelta(0, "call_1", "fn", '{"a":1}')])
+    await provider.started.wait()
+    provider.put(RuntimeError("the provider broke"))
+    await generation.wait_closed()
+    assert generation.outcome is Outcome.ERROR
+    assert budgets.stats.settled == 1
+    assert budgets.stats.charged == 8 + tokens_for_chars(7 + 3 + 2 + 7)
+
+
+async def test_a_generation_that_never_asked_the_upstream_is_charged_nothing() -> None:
+    budgets = _budgets(TokenBudgetPolicy(tokens_per_minute=1000, ceiling=100), _Clocks())
+    reservation = await budgets.reserve("ip:a", _chat("abcd"))
+    provider = ScriptedProvider()
+    generation = Generation(provider, _chat("abcd"), GenerationSettings(), budget=reservation)
+    generation.start()
+    generation.cancel(Outcome.SHUTDOWN)  # before its task's first step, as when shutdown has begun
+    await generation.wait_closed()
+    assert provider.opened == 0
+    assert budgets.stats.settled == 1
+    assert budgets.stats.charged == 0
+    assert budgets.stats.refunded == 108
+
+
+# -- options -------------------------------------------------------------------------------------------------------
+
+
+def test_budget_options_from_the_command_line_and_the_environment() -> None:
+    from server.config import load_config
+
+    config = load_config(["--tokens-per-minute", "20000", "--token-ceiling", "512"], {"LLM_RELAY_TOKENS_PER_DAY": "9"})
+    assert (config.tokens_per_minute, config.tokens_per_day, config.token_ceiling) == (20000, 9, 512)
+    assert (Config().tokens_per_minute, Config().tokens_per_day, Config().token_ceiling) == (0, 0, 4096)
+    for bad in (["--tokens-per-minute", "-1"], ["--token-ceiling", "0"]):
+        with pytest.raises(SystemExit):
+            load_config(bad, {})
