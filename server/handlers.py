@@ -153,17 +153,19 @@ async def _read(
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[RELAY]
     streams = state.streams
-    body: dict[str, object] = {
-        "status": "ok",
-        "provider": state.provider.name,
-        "open_streams": len(streams),  # running generations
-        "readers": streams.readers,
-        "retained_streams": streams.retained,  # running and recently ended, resumable
-        "log_bytes": streams.total_bytes,
-    }
-    if state.budgets is not None:
-        body["token_budget"] = state.budgets.stats.as_dict()  # tokens reserved, charged, refunded; refusals
-    return web.json_response(body, headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        {
+            "status": "ok",
+            "provider": state.provider.name,
+            "open_streams": len(streams),  # running generations
+            "readers": streams.readers,
+            "retained_streams": streams.retained,  # running and recently ended, resumable
+            "log_bytes": streams.total_bytes,
+            # Token budgets (budget_backends.BudgetStats): tokens reserved, charged, refunded; refusals.
+            **({"token_budget": state.budgets.stats.as_dict()} if state.budgets is not None else {}),
+        },
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @web.middleware

@@ -7,7 +7,9 @@
 A request is identified and admitted from its head alone, so a client that is refused never has its body read
 or parsed, and never sees more than why it was refused (not, say, the list of allowed models). An admitted
 request that turns out invalid has cost its client a rate token, as a valid one does: reading and checking a
-body of up to ``--max-body-bytes`` is work, and a client should not get it for free by asking badly.
+body of up to ``--max-body-bytes`` is work, and a client should not get it for free by asking badly. With a token
+budget (`server/budget.py`), a valid request then reserves its estimate (429 when it does not fit), which needs
+the body: the prompt and ``max_tokens``.
 
 * ``Expect: 100-continue`` (RFC 9110 §10.1.1): aiohttp's default expect handler answers 100 Continue as soon as
   the route matches, inviting the body before anyone knows who sent it. `expect_handler` defers that answer, and
