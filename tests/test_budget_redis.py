@@ -45,6 +45,8 @@ async def make_budgets(redis_server: RedisServer) -> AsyncIterator[MakeBudgets]:
     made: list[RedisBudgets] = []
 
     def make(policy: TokenBudgetPolicy, **kwargs: Any) -> RedisBudgets:
+        # A generous timeout unless a test is about timeouts: on a loaded machine 0.5 s is sometimes not enough.
+        kwargs.setdefault("timeout", 5.0)
         budgets = RedisBudgets.from_url(redis_server.url, lambda client: policy, **kwargs)
         made.append(budgets)
         return budgets
