@@ -170,7 +170,17 @@ def _simulate(
     return admitted, overruns
 
 
-_OPS = st.lists(st.tuples(st.integers(0, 700), st.integers(-60, 100), st.integers(0, 1000)), min_size=1, max_size=60)
+# Time steps around the bucket's refill time (60 s), so that streams outlive it; reservations from a tenth of the
+# budget to all of it; settlements as often as reservations.
+_OPS = st.lists(
+    st.tuples(
+        st.one_of(st.sampled_from([0, 1, 100, 300, 590, 600, 610]), st.integers(0, 700)),
+        st.one_of(st.sampled_from([0, 0, 10, 50, 99, 100]), st.integers(-60, 100)),
+        st.integers(0, 1000),
+    ),
+    min_size=1,
+    max_size=60,
+)
 # A stream that outlives its bucket's refill and then gives all back: a refund of the part of its hold already
 # refilled would let two whole budgets in at once (found by an earlier, naive refund).
 _OUTLIVED = [(0, 100, 0), (600, 100, 0), (0, -1, 0), (0, 100, 0)]
