@@ -189,6 +189,9 @@ async def test_the_429_names_the_token_policy_beside_the_request_policy(
         body = await too_big.json()
         assert body["error"]["type"] == "invalid_request"
         assert "more than your whole budget of 150" in body["error"]["message"]
+    assert len(fake_upstream.seen) == 1  # refused before the upstream was asked
+    stats = (await health(http, base))["token_budget"]
+    assert (stats["reservations"], stats["reserved"], stats["budget_exhausted"]) == (1, RESERVATION, 1)
     held.close()
 
 
