@@ -144,11 +144,11 @@ def _reset_text(resets_at: int) -> str:
 
 
 def _quota_refusal(
-    policy: TokenBudgetPolicy, used: int, resets_at: int, wait: float, headers: Mapping[str, str]
+    policy: TokenBudgetPolicy, used: int, needed: int, resets_at: int, wait: float, headers: Mapping[str, str]
 ) -> TokenQuotaExhausted:
     return TokenQuotaExhausted(
-        f"the daily token quota of {policy.tokens_per_day} is spent ({used} used); it resets at "
-        f"{_reset_text(resets_at)} (in {math.ceil(wait)} s)",
+        f"the daily token quota of {policy.tokens_per_day} is spent ({used} used, this request may need {needed}); "
+        f"it resets at {_reset_text(resets_at)} (in {math.ceil(wait)} s)",
         retry_after=wait,
         headers=headers,
     )
@@ -207,7 +207,7 @@ class LocalBudgets:
             headers = policy.header_fields(
                 remaining=remaining, reset=None, quota_left=policy.tokens_per_day - used, quota_reset=quota_wait
             )
-            raise _quota_refusal(policy, used, resets_at, quota_wait, headers)
+            raise _quota_refusal(policy, used, tokens, resets_at, quota_wait, headers)
         hold: Hold | None = None
         if policy.tokens_per_minute:
             taken = reserve(policy.tokens_per_minute, tat, now, tokens)
@@ -452,7 +452,7 @@ class RedisBudgets:
             headers = policy.header_fields(
                 remaining=remaining, reset=None, quota_left=policy.tokens_per_day - used, quota_reset=quota_wait
             )
-            raise _quota_refusal(policy, used, resets_at, quota_wait, headers)
+            raise _quota_refusal(policy, used, tokens, resets_at, quota_wait, headers)
         if code == _BUCKET_EMPTY:
             stats.budget_exhausted += 1
             wait = float_up(Fraction(end - now, _US))

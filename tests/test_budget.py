@@ -326,7 +326,7 @@ async def test_daily_quota_names_itself_and_its_reset() -> None:
     error = refused.value
     assert error.type == "token_quota_exhausted"
     assert error.retry_after == 23 * 3600  # 01:00 UTC: the quota resets at midnight
-    assert "daily token quota of 1000 is spent (814 used)" in error.message
+    assert "daily token quota of 1000 is spent (814 used, this request may need 407)" in error.message
     assert "resets at 2024-10-05T00:00:00Z" in error.message
     assert error.headers["RateLimit"] == '"daily-tokens";r=186;t=82800'
     # A stream that used less gives the rest of its reservation back to today's quota.

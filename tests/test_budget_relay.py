@@ -217,7 +217,9 @@ async def test_a_key_with_a_daily_quota_is_told_when_it_resets(
     assert admitted == 18
     assert response.status == 429
     assert body["error"]["type"] == "token_quota_exhausted"
-    assert body["error"]["message"].startswith("the daily token quota of 300 is spent (198 used); it resets at ")
+    assert body["error"]["message"].startswith(
+        "the daily token quota of 300 is spent (198 used, this request may need 108); it resets at "
+    )
     reset = re.fullmatch(r".*T00:00:00Z \(in (\d+) s\)", body["error"]["message"])
     assert reset is not None
     assert 0 < int(reset[1]) <= 86_400
