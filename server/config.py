@@ -108,6 +108,10 @@ class Config:
     auth_failure_rate: str = "6/m"
     limits_enabled: bool = True
     max_tracked_clients: int = 100_000
+    # Token budgets (server/budget.py): per client, 0 = off; an API key's own values come from the keys file.
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    token_ceiling: int = 4096
 
     @property
     def resolved_provider(self) -> str:
@@ -381,6 +385,22 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("auth-failure-rate", "how fast failed authentications are forgiven, e.g. 6/m (0/m = no limit)"),
     _Option("limits", "admission control on or off", _bool, field="limits_enabled"),
+    _Option(
+        "tokens-per-minute",
+        "tokens (prompt and reply) a client may use per minute, reserved up front and reconciled with the "
+        "upstream's usage (0 = no budget; a key's own value in --api-keys-file wins)",
+        _non_negative(int),
+    ),
+    _Option(
+        "tokens-per-day",
+        "tokens a client may use per UTC day (0 = no quota; a key's own value in --api-keys-file wins)",
+        _non_negative(int),
+    ),
+    _Option(
+        "token-ceiling",
+        "with a token budget: the reply tokens reserved for a request that sets no max_tokens",
+        _positive(int),
+    ),
 )
 
 
