@@ -438,3 +438,27 @@ async def test_stalled_compressed_readers_hold_bounded_memory_and_are_dropped(
         tracemalloc.stop()
         for writer in writers:
             writer.close()
+
+
+async def test_a_shutdown_ends_the_compressed_stream_whole(http: aiohttp.ClientSession) -> None:
+    provider = ScriptedProvider()
+    host, _ = relay_host(COMPRESSED.with_changes(shutdown_grace=1.0), provider)
+    runner = web.AppRunner(host, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    address, port = runner.addresses[0][:2]
+    provider.put([Delta("before the restart")])
+    resp = await http.get(
+        f"http://{address}:{port}/api/chat", params={"prompt": "x"}, headers={"Accept-Encoding": "gzip"},
+        auto_decompress=False,
+    )  # fmt: skip
+    inflater = zlib.decompressobj(DECODER_WBITS["gzip"])
+    first = await _inflate_until(resp, inflater, 1)
+    await runner.cleanup()
+    body = first + inflater.decompress(await resp.read())
+    assert inflater.eof  # the in-band error and the retry hint, then the end of the gzip stream
+    events = sse_events(body)
+    assert [kind for kind, _, _ in events] == ["message", "error"]
+    assert events[-1][1]["error"]["type"] == "server_shutdown"
+    assert b"retry: " in body
