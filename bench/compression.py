@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +190,14 @@ def _median(values: list[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else float("nan")
 
 
+def _cell(values: list[float], digits: int) -> str:
+    """The median, and [min–max] when the repeats differ."""
+    text = f"{_median(values):.{digits}f}"
+    if len(values) > 1 and min(values) != max(values):
+        text += f" [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+    return text
+
+
 def section(rows: list[Row]) -> list[str]:
     """The report's section: medians over the repeats, per coding."""
     mine = [r for r in rows if r["scenario"] == "compression"]
@@ -201,7 +211,7 @@ def section(rows: list[Row]) -> list[str]:
         "Ours with `--compression gzip,deflate`, the fake upstream's paced reply; half the runs ask for gzip. Wire "
         "bytes: everything the client received (head, chunk framing, body) per token; CPU: the server process's "
         "over the whole run per token; stretch: a reply's token spread over the intended one (1.0 = no batching). "
-        "Medians over the repeats.",
+        "Medians over the repeats, [min–max] when they differ.",
         "",
         "| coding | wire bytes per token | server CPU-µs per token | stretch p50 / p99 | complete streams |",
         "| --- | --- | --- | --- | --- |",
@@ -211,13 +221,14 @@ def section(rows: list[Row]) -> list[str]:
         runs = [r for r in mine if r["coding"] == coding]
         if not runs:
             continue
-        m = {key: _median([r[key] for r in runs if r[key] is not None]) for key in (
+        values = {key: [r[key] for r in runs if r[key] is not None] for key in (
             "wire_bytes_per_token", "server_cpu_us_per_token", "stretch_p50", "stretch_p99", "complete_streams"
         )}  # fmt: skip
-        medians[coding] = m
+        m = medians[coding] = {key: _median(v) for key, v in values.items()}
         lines.append(
-            f"| {coding} | {m['wire_bytes_per_token']:.1f} | {m['server_cpu_us_per_token']:.1f} | "
-            f"{m['stretch_p50']:.3f} / {m['stretch_p99']:.3f} | {m['complete_streams']:.0f} of {streams} |"
+            f"| {coding} | {_cell(values['wire_bytes_per_token'], 1)} | "
+            f"{_cell(values['server_cpu_us_per_token'], 1)} | {m['stretch_p50']:.3f} / {m['stretch_p99']:.3f} | "
+            f"{m['complete_streams']:.0f} of {streams} |"
         )
     if len(medians) == 2:
         plain, gzip = medians["identity"], medians["gzip"]
@@ -243,14 +254,31 @@ def main() -> None:
     runner.prepare()
     plan = scenarios.Plan(repeats=args.repeats, relay_paced_streams=args.streams)
     started = time.monotonic()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
 
     rows = scenario(plan, log)
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "compression.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    text = "\n".join(section(rows)).lstrip("\n") + "\n"
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=runner.ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    meta = {
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "load_before": load_before,
+        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+    (args.output / "compression.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    intro = (
+        f"`python -m bench.compression --streams {args.streams} --repeats {args.repeats}`: server on core 0, load "
+        f"client and fake upstream on core 1; load average {meta['load_before']} before, {meta['load_after']} after. "
+        "The machine was shared with other work while this ran: CPU figures are noisy, compare them repeat by "
+        "repeat (compression.json) rather than to the digit."
+    )
+    title = f"# Compression: bench results ({meta['started']}, commit {meta['commit']})"
+    text = "\n".join([title, "", intro, *section(rows)[1:]]) + "\n"
     (args.output / "compression.md").write_text(text)
     print(text)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import doctest
 import gc
 import random
 import shutil
@@ -21,6 +22,7 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
+import server.compression
 from server.app import create_app
 from server.compression import (
     IDENTITY,
@@ -53,6 +55,12 @@ def decompress_whole(body: bytes, coding: str) -> bytes:
     assert inflater.eof, "the compressed stream was not finished"
     assert not inflater.unused_data
     return plain
+
+
+def test_doctests() -> None:
+    failures, tried = doctest.testmod(server.compression)
+    assert tried
+    assert not failures
 
 
 # -- negotiation (RFC 9110 §12.5.3) ---------------------------------------------------------------------------
