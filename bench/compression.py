@@ -278,7 +278,7 @@ def main() -> None:
         "repeat (compression.json) rather than to the digit."
     )
     title = f"# Compression: bench results ({meta['started']}, commit {meta['commit']})"
-    text = "\n".join([title, "", intro, *section(rows)[1:]]) + "\n"
+    text = "\n".join([title, "", intro, *section(rows)]) + "\n"
     (args.output / "compression.md").write_text(text)
     print(text)
 
