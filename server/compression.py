@@ -119,7 +119,7 @@ def _weights(accept_encoding: str) -> tuple[dict[str, float], float]:
                 q = float(value) if _QVALUE.fullmatch(value) else 0.0
         coding = _ALIASES.get(coding, coding)
         if coding == "*":
-            star = q
+            star = max(q, star)  # a name listed twice counts at its best weight, * too
         else:
             weights[coding] = max(q, weights.get(coding, 0.0))
     return weights, star

@@ -103,6 +103,36 @@ def test_choose_coding(header: str | None, offered: tuple[str, ...], expected: s
     assert choose_coding(header, offered) == expected
 
 
+_QS = ("1", "1.0", "0.9", "0.5", "0.25", "0.001", "0", "0.000")
+_ELEMENT = st.tuples(
+    st.sampled_from(["gzip", "deflate", "identity", "*", "br", "x-gzip", "GZIP"]), st.sampled_from(_QS)
+)
+
+
+@given(elements=st.lists(_ELEMENT, max_size=6), offered=st.permutations(BOTH))
+def test_negotiation_never_picks_what_the_client_ranks_lower(
+    elements: list[tuple[str, str]], offered: list[str]
+) -> None:
+    header = ", ".join(f"{name};q={q}" for name, q in elements)
+    chosen = choose_coding(header, offered)
+    weights: dict[str, float] = {}
+    for name, q in elements:  # the client's weight for each name, x-gzip counting as gzip (RFC 9110 §8.4.1.3)
+        key = "gzip" if name.lower() == "x-gzip" else name.lower()
+        weights[key] = max(weights.get(key, 0.0), float(q))
+
+    def weight(coding: str) -> float:
+        return weights.get(coding, weights.get("*", 0.0))
+
+    if chosen == IDENTITY:
+        # Nothing offered was acceptable and preferred to identity.
+        assert all(weight(c) == 0 or weight(c) < weight(IDENTITY) for c in offered)
+    else:
+        assert chosen in offered
+        assert weight(chosen) > 0
+        assert weight(chosen) >= weight(IDENTITY)
+        assert all(weight(chosen) >= weight(other) for other in offered)
+
+
 MAY_COMPRESS = [
     ("a stream", "GET", (1, 1), "no-cache", True),
     ("POST", "POST", (1, 1), "no-cache", True),
