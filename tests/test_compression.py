@@ -35,6 +35,7 @@ from server.compression import (
 from server.config import Config, load_config
 from server.events import Delta, Done, Reasoning
 from server.framing import FRAMINGS
+from server.reader import Reader
 from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
@@ -500,3 +501,33 @@ async def test_a_shutdown_ends_the_compressed_stream_whole(http: aiohttp.ClientS
     assert [kind for kind, _, _ in events] == ["message", "error"]
     assert events[-1][1]["error"]["type"] == "server_shutdown"
     assert b"retry: " in body
+
+
+async def test_a_reader_with_nothing_left_to_write_still_ends_its_compressed_body(
+    serve: ServeApp, http: aiohttp.ClientSession
+) -> None:
+    provider = ScriptedProvider()
+    host, api = relay_host(COMPRESSED, provider)
+    state = api[RELAY]
+
+    async def read_after_the_end(request: web.Request) -> web.StreamResponse:
+        # A reader that joins an ended stream after its last event (the handlers answer that with 204; a reader
+        # made elsewhere, e.g. for another store, may not): prepared at once, it has nothing to write.
+        generation = state.streams.get(request.match_info["id"])
+        assert generation is not None
+        after = generation.log.last_seq
+        reader = Reader(request, generation, state.streams, FRAMINGS["sse"], state.reader_settings, after=after,
+                        prepare_now=True)  # fmt: skip
+        return await reader.run()
+
+    host.router.add_get("/after-the-end/{id}", read_after_the_end)
+    base = await serve(host)
+    provider.put([Delta("a"), Done("stop")], None)
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "resume": "1"}) as resp:
+        await resp.read()
+        sid = resp.headers["X-Stream-Id"]
+    async with http.get(
+        f"{base}/after-the-end/{sid}", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+    ) as late:
+        assert late.headers["Content-Encoding"] == "gzip"
+        assert decompress_whole(await late.read(), "gzip") == b""  # an empty body, but a whole gzip stream
