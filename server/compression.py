@@ -9,11 +9,10 @@ previous frames) makes the next frame small. The end of the body finishes the st
 and the gzip trailer or zlib checksum).
 
 Memory: one compressor per compressed stream, with a 4 KiB window (``WBITS`` 12, about 60 SSE frames of tokens:
-enough for the repeated frame skeleton) and ``MEM_LEVEL`` 2; measured with tracemalloc (zlib allocates through
-Python's raw allocator) at 24 KiB per stream (`STATE_BYTES`), where zlib's defaults (15, 8) take 262 KiB for 3 %
-fewer bytes on the wire. The state is fixed: a sync flush leaves no pending output inside zlib, so a reader whose
-client stopped reading holds no more than it did (what waits is in the transport, under the write timeout), and
-``Z_FINISH`` frees it.
+enough for the repeated frame skeleton, where the sync flush's own bytes already dominate) and ``MEM_LEVEL`` 2:
+`STATE_BYTES` per stream, a tenth of zlib's defaults (docs/compression.md has the measurements). The state is fixed:
+a sync flush leaves no pending output inside zlib, so a reader whose client stopped reading holds no more than it
+did (what waits is in the transport, under the write timeout), and ``Z_FINISH`` frees it.
 
 >>> choose_coding("gzip, deflate, br", ("gzip", "deflate"))
 'gzip'
