@@ -308,7 +308,9 @@ class Reader:
         request = self._request
         if not may_compress(request.method, request.version, response.headers.get(hdrs.CACHE_CONTROL, "")):
             return
-        coding = choose_coding(request.headers.get(hdrs.ACCEPT_ENCODING), offered)
+        # A field sent on several lines is one comma-separated list (RFC 9110 §5.3).
+        fields = request.headers.getall(hdrs.ACCEPT_ENCODING, [])
+        coding = choose_coding(", ".join(fields) if fields else None, offered)
         if coding != IDENTITY:
             response.headers[hdrs.CONTENT_ENCODING] = coding
             self._compressor = StreamCompressor(coding)

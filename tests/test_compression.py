@@ -40,6 +40,7 @@ from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
+from .raw_http import read_head
 from .scripted import ScriptedProvider, relay_host, wait_until
 from .wire import sse_events
 
@@ -358,6 +359,22 @@ async def test_no_compression_unless_offered_and_accepted(serve: ServeApp, http:
         assert "Content-Encoding" not in off.headers
         assert "Vary" not in off.headers
         assert [kind for kind, _, _ in sse_events(await off.read())] == ["message", "done"]
+
+
+async def test_accept_encoding_on_several_lines_is_one_list(serve: ServeApp) -> None:
+    base, provider, _ = await _scripted(serve)
+    provider.put([Delta("a"), Done("stop")], None)
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /api/chat?prompt=x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Accept-Encoding: br\r\nAccept-Encoding: deflate\r\n\r\n"
+    )
+    status, headers = await asyncio.wait_for(read_head(reader), 5)
+    await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert status == 200
+    assert headers["content-encoding"] == "deflate"
 
 
 async def test_never_on_http_10(serve: ServeApp) -> None:
