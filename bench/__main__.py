@@ -41,7 +41,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)} (relay = disconnects and full relay; storm = "
-        "every client connecting at once after a restart; resume = replays of ended streams and their memory)",
+        "every client connecting at once after a restart; resume = replays of ended streams and their memory; "
+        "compression = wire bytes and CPU per token, gzip against identity)",
     )
     parser.add_argument(
         "--baseline",
