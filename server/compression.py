@@ -48,7 +48,7 @@ _WBITS = {"gzip": 16 + WBITS, "deflate": WBITS}
 
 # RFC 9110 §12.4.2: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
 _QVALUE = re.compile(r"0(\.\d{0,3})?|1(\.0{0,3})?")
-# Directives under which no shared cache hands a stored response to another client (RFC 9111 §5.2.2.3 no-cache:
+# Directives under which no shared cache hands a stored response to another client (RFC 9111 §5.2.2.4 no-cache:
 # not without validating it first, and a stream has no validator; §5.2.2.5 no-store; §5.2.2.7 private).
 _NOT_SHARED = frozenset({"no-cache", "no-store", "private"})
 
