@@ -6,6 +6,7 @@ python -m bench --scenarios throughput,paced --repeats 5
 python -m bench --scenarios storm       # the reconnect storm alone (about a minute)
 python -m bench --scenarios relay,resume --baseline 00c4d06 --targets none --no-what-if   # A/B of our own code
 python -m bench --targets aiohttp,starlette --no-uvloop
+python -m bench --scenarios compression # gzip against identity at 500 paced streams (also: python -m bench.compression)
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report, runner, scenarios
+from bench import compression, report, runner, scenarios
 
-SCENARIOS = ("client", "throughput", "paced", "idle", "relay", "storm", "resume")
+SCENARIOS = ("client", "throughput", "paced", "idle", "relay", "storm", "resume", "compression")
 RESULTS = runner.ROOT / "bench" / "results"
 _VERSIONS = ("aiohttp", "uvloop", "openai", "aiohttp-sse", "sse-starlette", "uvicorn", "fastapi", "flask", "gunicorn")
 
@@ -40,7 +41,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)} (relay = disconnects and full relay; storm = "
-        "every client connecting at once after a restart; resume = replays of ended streams and their memory)",
+        "every client connecting at once after a restart; resume = replays of ended streams and their memory; "
+        "compression = wire bytes and CPU per token, gzip against identity)",
     )
     parser.add_argument(
         "--baseline",
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         "relay": lambda: scenarios.relay(plan, tokens, log),
         "storm": lambda: scenarios.storm(plan, log),
         "resume": lambda: scenarios.resume(plan, log),
+        "compression": lambda: compression.scenario(plan, log),
     }
     for name in SCENARIOS:
         if name in chosen:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import compression
 from bench import targets as t
 
 Row = dict[str, Any]
@@ -563,6 +564,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         )
     if _select(rows, "resume"):
         lines += _resume_section(rows, plan)
+    lines += compression.section(rows)
     lines.append("")
     return "\n".join(lines)
 

@@ -119,6 +119,7 @@ def _reader_settings(config: Config) -> ReaderSettings:
         flush_window=config.flush_window,
         flush_bytes=config.flush_bytes,
         reconnect_hint_ms=config.reconnect_hint_ms,
+        compression=config.compression,
     )
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from .compression import parse_codings
+
 DEMO_MODEL = "llm-relay-demo"
 # The console script's name (setup.cfg); ``python -m server`` runs the same program.
 PROG = "llm-relay"
@@ -65,6 +67,8 @@ class Config:
     # (seconds) has passed since the first held one or the held bytes reach flush_bytes.
     flush_window: float = 0.0
     flush_bytes: int = 0
+    # Content codings a stream may be compressed with, in order of preference (server/compression.py); () = off.
+    compression: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     # The origins (scheme://name[:port]) browsers reach the relay by. Besides these names, only IP addresses and
     # localhost are answered (request_origin.py: a Host the requester chose may be a DNS-rebinding name).
@@ -225,6 +229,16 @@ def _base_url(text: str) -> str:
 _base_url.__name__ = "URL"
 
 
+def _codings(text: str) -> tuple[str, ...]:
+    try:
+        return parse_codings(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_codings.__name__ = "codings"
+
+
 def _list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -306,6 +320,12 @@ _OPTIONS: tuple[_Option, ...] = (
         "flush-bytes",
         "with a flush window, write as soon as this many bytes are held (0 = no limit)",
         _non_negative(int),
+    ),
+    _Option(
+        "compression",
+        "compress streams for clients that accept it, e.g. gzip,deflate (off = never); every batch of frames is "
+        "flushed, so tokens are not delayed",
+        _codings,
     ),
     _Option(
         "cors-origin",
