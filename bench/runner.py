@@ -89,14 +89,22 @@ def prepare() -> list[str]:
 class Server:
     """One server process on loopback, pinned to `core`."""
 
-    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str], core: str = SERVER_CORE) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        env: dict[str, str],
+        core: str = SERVER_CORE,
+        interpreter: str = sys.executable,
+    ) -> None:
         self.name = name
         self.port = port
         slug = "".join(c if c.isalnum() else "-" for c in name.lower())
         self.log_path = WORK / "logs" / f"{slug}-{port}.log"
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            ["taskset", "-c", core, sys.executable, *args],
+            ["taskset", "-c", core, interpreter, *args],
             cwd=ROOT,
             env=env,
             stdout=log,
