@@ -71,7 +71,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _plan(args: argparse.Namespace) -> scenarios.Plan:
     plan = scenarios.Plan.quick() if args.quick else scenarios.Plan()
-    changes: dict[str, Any] = {"uvloop": not args.no_uvloop, "what_if": not args.no_what_if}
+    changes: dict[str, Any] = {"uvloop": not args.no_uvloop}
+    if args.no_what_if:
+        changes["what_if"] = False
     if args.targets:
         changes["targets"] = tuple(x.strip() for x in args.targets.split(",") if x.strip())
     for option, name in (

@@ -68,6 +68,9 @@ class Spec:
     # The upstream stamps each token (bench.upstream ``s=1``): count tokens by their stamps instead of frames by
     # their delimiter, and record each one's relay-added lag (receipt minus stamp).
     stamps: bool = False
+    # paced: every connection runs one stream, and the CPU window is the whole wave (from the first request to the
+    # last stream's end), so an overloaded server's figures cover everything it was asked, not a slice of time.
+    one_wave: bool = False
     headers: str = ""  # extra request header lines, each ending with CRLF (LiteLLM's master key)
     connections: int = 1
     delimiter: str = "\n\n"
@@ -224,6 +227,8 @@ class Conn(asyncio.Protocol):
                 self.start_stream()
             else:
                 self.finish()
+        elif self.spec.mode == "paced" and self.spec.one_wave:
+            self.finish()
         elif self.spec.mode == "paced" or self.spec.mode == "leave":
             if now < run.measure_until or (self.spec.mode == "paced" and not self.measured_any):
                 self.start_stream()
@@ -515,8 +520,12 @@ async def _paced(run: Run, leavers: int = 0) -> dict[str, Any]:
     run.started = time.monotonic()
     run.window_start = run.started + spec.ramp
     run.measure_until = run.window_end = run.window_start + spec.duration
-    run.loop.call_at(_loop_time(run, run.window_start), run.sample, "start")
-    run.loop.call_at(_loop_time(run, run.window_end), run.sample, "end")
+    if spec.one_wave:
+        run.window_end = run.started + spec.deadline
+        run.sample("start")
+    else:
+        run.loop.call_at(_loop_time(run, run.window_start), run.sample, "start")
+        run.loop.call_at(_loop_time(run, run.window_end), run.sample, "end")
     for index, conn in enumerate(conns):
         # Spread the first starts over one intended stream length: arrivals, not a thundering herd.
         run.loop.call_at(_loop_time(run, run.started + spec.ramp * index / max(1, len(conns))), conn.start_stream)

@@ -130,14 +130,19 @@ class Server:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not listen on port {self.port} within {timeout:.0f}s")
 
-    def probe(self) -> dict[str, int]:
-        """Tasks and suspended generators left in the process (summed over a gunicorn master and worker)."""
+    def probe(self) -> dict[str, int] | None:
+        """Tasks and suspended generators left in the process (summed over a gunicorn master and worker), or None
+        if a process did not answer in time (a busy peer's probe thread waits for the GIL)."""
         total = {"tasks": 0, "generators": 0, "threads": 0}
         for pid in process_tree(self.pid):
             path = probe.socket_path(WORK, pid)
             if not os.path.exists(path):
                 continue
-            for key, value in probe.ask(path).items():
+            try:
+                answer = probe.ask(path, timeout=20.0)
+            except OSError:  # TimeoutError included
+                return None
+            for key, value in answer.items():
                 total[key] = total.get(key, 0) + value
         return total
 

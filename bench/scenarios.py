@@ -64,6 +64,9 @@ class Plan:
     relay_cut_off: float = 20.0  # seconds past a stream's length after which an overloaded relay's run is cut
     setup_connections: int = 10  # request setup: 1-token replies back to back on this many connections
     disconnect_levels: tuple[int, ...] = (100, 500)
+    # The tutorial peers everywhere; quick: none in the relay scenario, and only the plain aiohttp handler (the idle
+    # target's measure) elsewhere.
+    tutorials: bool = True
     close_wait: float = 3.0
     storm_connections: int = 1000  # clients connecting in the same instant, as after a restart
     storm_deadline: float = 60.0
@@ -92,8 +95,10 @@ class Plan:
             relay_paced_streams=100,
             relay_paced_levels=(10, 100),
             relay_paced_tokens=50,
-            relay_peer_max=100,
+            relay_peer_max=10,
+            tutorials=False,
             relay_cut_off=8.0,
+            what_if=False,
             disconnect_levels=(100,),
             close_wait=2.0,
             storm_connections=500,
@@ -102,6 +107,8 @@ class Plan:
         )
 
     def selected(self, candidates: Sequence[t.Target]) -> list[t.Target]:
+        if not self.tutorials:
+            candidates = [c for c in candidates if c.kind != "peer" or c == t.PEERS[0]]
         if not self.targets:
             return list(candidates)
         return [c for c in candidates if c.kind == "ours" or any(n.lower() in c.name.lower() for n in self.targets)]
@@ -381,7 +388,7 @@ def _relay_spec(target: t.Target, server: Server, prompt: str, **fields: Any) ->
 
 
 def _relay_targets(plan: Plan) -> list[t.Target]:
-    chosen = [c for c in plan.selected(t.RELAYS) if c.relays]
+    chosen = [c for c in plan.selected(t.RELAYS) if c.relays and (plan.tutorials or c.kind != "peer")]
     baselines = [t.baseline(plan.baseline, plan.baseline_root)] if plan.baseline else []
     # The baseline runs right after ours (the first), so the two sides of an A/B run back to back.
     return [*chosen[:1], *baselines, *chosen[1:], *(t.WHAT_IF if plan.what_if else ())]
@@ -490,7 +497,7 @@ def _relay_paced(plan: Plan, target: t.Target, server: Server, level: int, repea
         tokens=n,
         delay=delay,
         ramp=0.0,  # every client at once, as real clients arrive after a deploy or a burst
-        # One wave of streams: the window is the first stream's length, so CPU per token is the wave's.
+        one_wave=True,  # CPU per token over the whole wave, setup included
         duration=n * delay,
         deadline=n * delay + plan.relay_cut_off,
     )
@@ -519,7 +526,7 @@ def _disconnects(
     the fake upstream seeing that request's connection closed; then what the server still runs a second later."""
     server = running[target.name]
     _get(upstream_server.port, "/reset")
-    before = server.probe() if target.probed else {}
+    before = server.probe() if target.probed else None
     delay = plan.paced_delay
     prompt = _relay_prompt(plan.disconnect_tokens, delay, 0.0, "track{i}", stamps=True)
     spec = _relay_spec(
@@ -543,9 +550,9 @@ def _disconnects(
     )
     result = run_client(spec)
     time.sleep(1.0)  # what a server still holds a second after the run is what "left running" means
-    after = server.probe() if target.probed else {}
+    after = server.probe() if before is not None else None
     leftover: dict[str, int | None] = {
-        f"left_{k}": (after.get(k, 0) - before.get(k, 0)) if target.probed else None
+        f"left_{k}": (after.get(k, 0) - before.get(k, 0)) if before is not None and after is not None else None
         for k in ("tasks", "generators", "threads")
     }
     close_max, close_p99 = result.get("close_max"), result.get("close_p99")
