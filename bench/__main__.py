@@ -64,6 +64,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds of each throughput and paced measurement window")
     parser.add_argument("--no-uvloop", action="store_true", help="run every asyncio server on the stdlib loop")
     parser.add_argument("--no-what-if", action="store_true", help="skip the measured proposals (bench/whatif.py)")
+    parser.add_argument(
+        "--what-if",
+        default="",
+        help="comma-separated bench/whatif.py variants to measure beside ours in the relay scenario, e.g. "
+        "no-write-fast-path,plain-json-framing (default: aiohttp-provider)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where latest.md and latest.json go")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite latest.md from a latest.json")
     return parser.parse_args(argv)
@@ -74,6 +80,14 @@ def _plan(args: argparse.Namespace) -> scenarios.Plan:
     changes: dict[str, Any] = {"uvloop": not args.no_uvloop}
     if args.no_what_if:
         changes["what_if"] = False
+    if args.what_if:
+        from bench import whatif
+
+        chosen = tuple(v.strip() for v in args.what_if.split(",") if v.strip())
+        unknown = set(chosen) - set(whatif.VARIANTS)
+        if unknown:
+            raise SystemExit(f"unknown --what-if variants: {', '.join(sorted(unknown))}; known: {whatif.VARIANTS}")
+        changes.update(what_if=True, what_ifs=chosen)
     if args.targets:
         changes["targets"] = tuple(x.strip() for x in args.targets.split(",") if x.strip())
     for option, name in (

@@ -71,6 +71,7 @@ class Plan:
     storm_connections: int = 1000  # clients connecting in the same instant, as after a restart
     storm_deadline: float = 60.0
     what_if: bool = True  # also measure bench.whatif's proposals in the full-relay scenario
+    what_ifs: tuple[str, ...] = ()  # --what-if: these bench.whatif variants instead of the default proposal
     targets: tuple[str, ...] = field(default_factory=tuple)  # names to run; empty: all
     # --baseline: ours from another commit's server/ (exported under baseline_root), in the full-relay scenario.
     baseline: str = ""
@@ -391,7 +392,8 @@ def _relay_targets(plan: Plan) -> list[t.Target]:
     chosen = [c for c in plan.selected(t.RELAYS) if c.relays and (plan.tutorials or c.kind != "peer")]
     baselines = [t.baseline(plan.baseline, plan.baseline_root)] if plan.baseline else []
     # The baseline runs right after ours (the first), so the two sides of an A/B run back to back.
-    return [*chosen[:1], *baselines, *chosen[1:], *(t.WHAT_IF if plan.what_if else ())]
+    proposals = tuple(t.what_if(v) for v in plan.what_ifs) if plan.what_ifs else t.WHAT_IF
+    return [*chosen[:1], *baselines, *chosen[1:], *(proposals if plan.what_if else ())]
 
 
 def _full_repeats(target: t.Target) -> bool:

@@ -207,3 +207,8 @@ def baseline_name(commit: str) -> str:
 
 # Measured proposals for server/ (see bench.whatif), shown beside ours in the full-relay tables only.
 WHAT_IF = (Target("what-if: llm-relay + aiohttp provider", "ours", "bench.ours", variant="aiohttp-provider"),)
+
+
+def what_if(variant: str) -> Target:
+    """Ours with one of bench.whatif's variants applied (``--what-if NAME``)."""
+    return Target(f"what-if: llm-relay, {variant}", "ours", "bench.ours", variant=variant)
