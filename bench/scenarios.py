@@ -528,6 +528,7 @@ def _disconnects(
     the fake upstream seeing that request's connection closed; then what the server still runs a second later."""
     server = running[target.name]
     _get(upstream_server.port, "/reset")
+    time.sleep(1.0)  # the previous run's streams finish closing first, or "before" counts them
     before = server.probe() if target.probed else None
     delay = plan.paced_delay
     prompt = _relay_prompt(plan.disconnect_tokens, delay, 0.0, "track{i}", stamps=True)
