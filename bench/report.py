@@ -326,6 +326,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         f"{meta['load_after']} after; other processes used {_num(noise.median)}% of the server's core during the "
         f"median measurement (up to {_num(noise.high)}%). Versions: {meta['versions']}.",
         "",
+        *_conditions(meta),
         "Reproduce with `make bench`; bench/README.md summarises these results and docs/benchmarks.md says what "
         "each number means. Charts (drawn from latest.json by bench/charts.py): "
         "[CPU per token](cpu-per-token.png), [time to first token](first-token.png), "
@@ -612,6 +613,23 @@ def _resume_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
         ],
         body,
     )
+
+
+def _conditions(meta: dict[str, Any]) -> list[str]:
+    """A warning a reader cannot miss when the figures are a smoke run's or were taken on a busy machine."""
+    notes = []
+    if meta.get("quick"):
+        notes.append(
+            "**A `--quick` smoke run**: smaller sizes and levels, one repeat; the targets are judged at its levels."
+        )
+    load = float(str(meta.get("load_before", "0")).split()[0] or 0)
+    if load >= 1.0:
+        notes.append(
+            f"**Taken on a busy machine** (load average {load:.2f} at the start, on {meta.get('machine', '?')}): "
+            "other processes shared the server's core, so every figure is noisy, absolute ones most; ratios measured "
+            "in the same run are the least unreliable, and even they moved several-fold between runs."
+        )
+    return [line for note in notes for line in (note, "")]
 
 
 def _name(name: str) -> str:
