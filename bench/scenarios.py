@@ -313,6 +313,8 @@ def capacity(plan: Plan, log: Log) -> list[Row]:
                     server_pid=server.pid,
                     hold=0.2,
                     connections=20,
+                    # About memory, not connecting: 10,000 at once would only overflow the listen queue (4096).
+                    connect_concurrency=1000,
                 )
                 # Warm up first (lazy imports, first-request caches), so the memory delta is per connection.
                 run_client(base)
