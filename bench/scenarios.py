@@ -139,6 +139,7 @@ def servers(
 ) -> Iterator[dict[str, Server]]:
     """Start `chosen`; the no-relay target is the running fake upstream (`upstream_server`) itself."""
     started: dict[str, Server] = {}
+    running: dict[str, Server] = {}
     try:
         for target in chosen:
             if target.kind != "direct":
@@ -150,8 +151,10 @@ def servers(
             running.update({target.name: upstream_server for target in chosen if target.kind == "direct"})
         yield running
     finally:
-        for server in started.values():
-            server.stop()
+        # `running` too: a scenario may have replaced a server by a fresh one (bench.scenarios._disconnects).
+        for server in [*started.values(), *running.values()]:
+            if server is not upstream_server:
+                server.stop()
 
 
 # -- payload check -------------------------------------------------------------------------------------------
