@@ -457,8 +457,24 @@ def _warm_up(plan: Plan, target: t.Target, server: Server) -> None:
         if _full_repeats(target)
         else min(plan.relay_peer_max, max(plan.relay_paced_levels))
     )
-    prompt = _relay_prompt(1, 0)
-    run_client(_relay_spec(target, server, prompt, connections=top, warmup=0.0, duration=0.5))
+    # One 1-token stream per connection, each read to its end: streams cut off mid-request would leave the server
+    # cleaning up while the first measured wave arrives.
+    prompt = _relay_prompt(1, 0, stamps=True)
+    spec = _relay_spec(
+        target,
+        server,
+        prompt,
+        mode="paced",
+        stamps=True,
+        one_wave=True,
+        connections=top,
+        tokens=1,
+        ramp=0.0,
+        duration=0.0,
+        deadline=plan.relay_cut_off + 10,
+    )
+    run_client(spec)
+    time.sleep(1.0)
 
 
 def _relay_fast(plan: Plan, target: t.Target, server: Server, repeat: int, log: Log) -> Row:
