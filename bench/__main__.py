@@ -1,6 +1,6 @@
 """``python -m bench`` (``make bench``): run the scenarios and write bench/results/latest.md and latest.json.
 
-python -m bench                         # every default scenario, 3 interleaved repeats (about 20 minutes)
+python -m bench                         # every default scenario, 3 interleaved repeats (about 15 minutes)
 python -m bench --quick                 # a smoke run with small sizes (about 2 minutes)
 python -m bench --scenarios relay --relay-levels 100,500 --targets lean,litellm
 python -m bench --scenarios throughput,paced --repeats 5
