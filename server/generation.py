@@ -25,9 +25,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from .admission import Admission
+from .budget import TokenReservation, output_chars
 from .chat_request import ChatRequest
 from .errors import RelayError, StreamTimeout, UpstreamError
-from .events import Error, Event, is_terminal, text_size
+from .events import Done, Error, Event, Usage, is_terminal, text_size
 from .providers.base import (
     Provider,
     UpstreamReport,
@@ -202,13 +203,16 @@ class Generation:
     __slots__ = (
         "_aborts",
         "_admission",
+        "_budget",
         "_chat",
         "_delivered",
         "_on_change",
         "_on_end",
         "_producer",
+        "_relayed_chars",
         "_running",
         "_task",
+        "_usage",
         "_waiters",
         "ended_at",
         "failure",
@@ -233,6 +237,7 @@ class Generation:
         resumable: bool = False,
         admission: Admission | None = None,
         stream_id: str | None = None,
+        budget: TokenReservation | None = None,
     ) -> None:
         self.id = stream_id or new_stream_id()
         self.provider = provider
@@ -253,6 +258,10 @@ class Generation:
         self.first_event_at: float | None = None
         self.upstream = UpstreamReport()
         self._admission = admission
+        # A token budget's reservation, settled at the end with the upstream's usage or the output relayed.
+        self._budget = budget
+        self._relayed_chars = 0
+        self._usage: Usage | None = None
         self._aborts: list[Callable[[], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
         # The furthest event any reader has written to its client, and the generation's own wait for readers.
@@ -349,6 +358,8 @@ class Generation:
         if self.first_event_at is None and not self.ended:  # (the terminal event of a failure is not a first token)
             self.first_event_at = asyncio.get_running_loop().time()
         delta = self.log.append(events)
+        if self._budget is not None:
+            self._relayed_chars += output_chars(events)
         if self._on_change is not None:
             self._on_change(self, delta)
         waiters, self._waiters = self._waiters, []
@@ -360,6 +371,8 @@ class Generation:
         """Record the end: the terminal event goes into the log, readers are woken, the registry is told."""
         self.outcome = outcome
         self.failure = failure
+        if isinstance(terminal, Done):
+            self._usage = terminal.usage
         self.ended_at = asyncio.get_running_loop().time()
         self._append([terminal])
         if self._on_end is not None:
@@ -378,6 +391,7 @@ class Generation:
         reporting = collect_upstream_report(self.upstream)
         try:
             if self.ended:  # cancelled before this task took its first step: no upstream request at all
+                self._usage = Usage(0, 0, 0)  # nothing consumed: a token budget charges nothing
                 return
             chat, self._chat = self._chat, None
             assert chat is not None
@@ -438,6 +452,8 @@ class Generation:
             stop_collecting_aborts(collecting)
             if self._admission is not None:
                 await self._admission.release()
+            if self._budget is not None:
+                await self._budget.settle(self._usage, self._relayed_chars)
 
     def _timeout_error(self) -> StreamTimeout:
         settings = self.settings

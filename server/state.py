@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from .admission import Limiter
+from .budget_backends import TokenBudgets
 from .chat_request import RequestRules
 from .config import Config
 from .generation import GenerationSettings
@@ -31,6 +32,8 @@ class RelayState:
     streams: StreamRegistry
     # Told of streams, readers and refusals (server/observe.py): metrics, the upstream failure log.
     observer: StreamObserver = field(default_factory=StreamObserver)
+    # Token budgets (budget_backends.py), None when no client has one.
+    budgets: TokenBudgets | None = None
 
 
 RELAY = web.AppKey("llm_relay", RelayState)

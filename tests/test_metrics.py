@@ -484,6 +484,6 @@ def test_a_metrics_port_in_use_is_a_startup_error_that_names_it() -> None:
         )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == (
-        f"python -m server: error: cannot listen on 127.0.0.1:{port} (--metrics-port): Address already in use"
+        f"llm-relay: error: cannot listen on 127.0.0.1:{port} (--metrics-port): Address already in use"
     )
     assert "Traceback" not in done.stderr
