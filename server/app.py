@@ -156,6 +156,10 @@ def create_relay_app(
         origin_policy=origin_policy,
         streams=_registry(config),
     )
+    if config.stream_store == "redis":
+        from .redis_streams import build_stream_store
+
+        state.shared_streams = build_stream_store(config, state.streams, state.generation_settings)
     api[RELAY] = state
     chat_resource = api.router.add_resource("/chat", name="chat")
     # The expect handler leaves 100 Continue to the handler, which sends it once the client is admitted.
@@ -193,9 +197,13 @@ def _setup_cors(api: web.Application, origins: tuple[str, ...], routes: Sequence
 async def _lifecycle(api: web.Application) -> AsyncIterator[None]:
     """Shared clients live as long as the app; they are closed only after the last stream has ended."""
     state = api[RELAY]
+    if state.shared_streams is not None:
+        state.shared_streams.start()
     yield
     await state.streams.shutdown(state.config.shutdown_grace)
     state.streams.close()
+    if state.shared_streams is not None:
+        await state.shared_streams.aclose()  # after the streams' ends, which it writes
     await state.limiter.aclose()
     await state.provider.aclose()
 
@@ -204,6 +212,9 @@ async def _end_streams(api: web.Application) -> None:
     """Graceful shutdown: every reader gets an in-band ``server_shutdown`` event; generations without readers get
     the grace period, then are cancelled (their upstreams closed)."""
     state = api[RELAY]
+    if state.shared_streams is not None:
+        # Readers of other instances' streams end in band too (those streams go on where they run).
+        await state.shared_streams.replicas.shutdown(0.0)
     await state.streams.shutdown(state.config.shutdown_grace)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -15,6 +16,9 @@ from .providers.base import Provider
 from .reader import ReaderSettings
 from .registry import StreamRegistry
 from .request_origin import OriginPolicy
+
+if TYPE_CHECKING:
+    from .redis_streams import RedisStreamStore
 
 
 @dataclass(slots=True)
@@ -28,6 +32,8 @@ class RelayState:
     identify: Callable[[web.Request], str]
     origin_policy: OriginPolicy
     streams: StreamRegistry
+    # --stream-store redis: this instance's generations shared, other instances' read (None: memory only).
+    shared_streams: RedisStreamStore | None = None
 
 
 RELAY = web.AppKey("llm_relay", RelayState)

@@ -1,0 +1,744 @@
+"""Streams in Redis (``--stream-store redis``): resume, read and stop a generation from any instance.
+
+    owner instance (runs the generation)                  Redis                         another instance
+    Generation ─append─▶ EventLog ─▶ local readers
+          └ registry._on_change ─▶ appended() ─▶ writer ─ one EVALSHA per stream ─▶ log (Stream), state (hash)
+             (marks it dirty: no await, no IO)   task     and flush, one pipeline      │ XRANGE, then XREAD BLOCK
+                                                                                      ▼
+    lease refresher (every LEASE_REFRESH s): the instance's liveness key,   replica Generation ─▶ EventLog ─▶ readers
+      the reader leases of this instance's replicas, remote reader counts   (a `ReplicaProvider` is its provider)
+    control subscriber: ``stop <id>`` (DELETE elsewhere), ``left <id>`` (a remote reader left)
+
+- **Local readers** of a local generation follow memory, exactly as with the memory store: the per-token path
+  gains one attribute check and a dict store (`appended`); Redis is written by one writer task, which sends every
+  stream's new events in one pipeline per flush (`FLUSH_INTERVAL`), one script call (XADD of the whole batch,
+  state, TTLs) per stream with news: never one write per token.
+- **Remote readers** get a *replica*: a `Generation` of their instance whose provider replays the Redis Stream
+  (XRANGE) and follows it (XREAD BLOCK of at most `FOLLOW_BLOCK_MS`, on a connection of its own from the blocking
+  pool: cancelling the replica, when its last reader leaves, disconnects that connection at once, redis-py's
+  answer to a cancelled read). Its readers are ordinary `Reader`s of the replica, in a registry of replicas that
+  forgets an ended replica at once (a later resume replays Redis again, never a replica's own ending).
+- **Reader presence**: an instance reading a stream holds a lease (a sorted set per stream, score: expiry in Redis
+  time) refreshed every `LEASE_REFRESH` s and removed, with a ``left`` message to the owner, when its replica ends.
+  When the last reader on the owner leaves, the registry asks `watch_remote_readers`: the owner counts the live
+  leases, and applies its policy (cancel, or the resume grace) only when none is left.
+- **Stop** (DELETE on an instance that does not run the generation): a ``stop <id>`` message published on the
+  owner's channel. Pub/sub, not a stop key polled by the owner: delivery takes one round trip (well under 100 ms),
+  and polling fast enough for that would cost every running generation ~10 commands per second.
+- **Owner liveness**: each instance refreshes a key with a `OWNER_TTL` s expiry every `LEASE_REFRESH` s. A remote
+  follower that waited `FOLLOW_BLOCK_MS` without news runs `_CHECK_LUA`: a running stream whose owner's key has
+  expired ends there and then with a `generation_lost` error appended to its log, which every reader, now or at a
+  later reconnect, reads (never a new generation). Bound: `OWNER_TTL` + `FOLLOW_BLOCK_MS` + a round trip.
+- **Redis unreachable**: the writer keeps what it has not written (each generation's memory log still holds it)
+  and tries again after `REDIS_RETRY_INTERVAL`; local readers never notice. A batch Redis refuses (its state is
+  gone after a Redis restart, or a lost reply left the log ambiguous) marks the stream ``degraded``: never
+  resumable elsewhere, since its Redis log would have a gap. Resumes elsewhere get `resume_unavailable` meanwhile;
+  new streams use Redis again once it answers. Logged once per episode.
+
+Keys are in `server/stream_store.py`. The owner's liveness key is read by a script that also touches the stream's
+keys, so the store needs one Redis (or a primary with replicas), not a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .chat_request import ChatRequest, Message
+from .config import Config, ConfigError
+from .errors import ResumeUnavailable
+from .events import Event, is_terminal
+from .generation import EventLog, Generation, GenerationSettings
+from .registry import RegistrySettings, StreamRegistry
+from .stream_store import (
+    DEGRADED,
+    ENDED_STATUSES,
+    KEY_PREFIX,
+    RUNNING,
+    GenerationLost,
+    StreamState,
+    control_message,
+    decode_entry,
+    encode_batch,
+    entry_id,
+    events_after,
+    instance_channel,
+    instance_key,
+    log_key,
+    parse_control,
+    readers_key,
+    state_key,
+    status_after,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+
+log = logging.getLogger("llm_relay.redis_streams")
+
+FLUSH_INTERVAL = 0.01  # seconds the writer gathers appends before one pipeline: batches tokens, bounds the lag
+REDIS_TIMEOUT = 0.5  # seconds for any one command or pipeline (as the limiter)
+REDIS_RETRY_INTERVAL = 1.0  # after a failure, Redis is not asked again for this long
+OWNER_TTL = 3.0  # a SIGKILLed owner is seen as gone this long after its last refresh
+LEASE_REFRESH = 1.0  # how often an instance refreshes its liveness key and its readers' leases
+READER_LEASE_TTL = 3.0  # an instance that died stops counting as a reader this long after its last refresh
+FOLLOW_BLOCK_MS = 1000  # one XREAD BLOCK; after one without news the follower checks that the owner lives
+REPLAY_COUNT = 1000  # entries per XRANGE / XREAD reply
+
+# -- scripts (Redis runs each atomically) --------------------------------------------------------------------------
+
+# Append one batch: only to a running stream whose last event is the one before it (no gap, no duplicate, even
+# when a lost reply makes the writer send a batch twice); a batch that does not follow marks the stream degraded.
+# KEYS: log, state. ARGV: first seq, last seq, events JSON, status after, TTL ms, length cap.
+_APPEND_LUA = """
+local st = redis.call('HMGET', KEYS[2], 'status', 'last')
+if st[1] ~= 'running' then return 0 end
+if tonumber(st[2]) ~= tonumber(ARGV[1]) - 1 then
+  redis.call('HSET', KEYS[2], 'status', 'degraded')
+  return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], ARGV[2] .. '-0', 'f', ARGV[1], 'e', ARGV[3])
+redis.call('HSET', KEYS[2], 'last', ARGV[2], 'status', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return 1
+"""
+
+# The stream's status; a running stream whose owner's liveness key is gone ends here with `generation_lost`.
+# KEYS: log, state. ARGV: owner key prefix, the error's events JSON, TTL ms.
+_CHECK_LUA = """
+local st = redis.call('HMGET', KEYS[2], 'status', 'last', 'owner')
+if not st[1] then return false end
+if st[1] ~= 'running' or redis.call('EXISTS', ARGV[1] .. st[3]) == 1 then return st[1] end
+local seq = tonumber(st[2]) + 1
+redis.call('XADD', KEYS[1], seq .. '-0', 'f', seq, 'e', ARGV[2])
+redis.call('HSET', KEYS[2], 'last', seq, 'status', 'lost')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 'lost'
+"""
+
+# Mark a running stream degraded (its owner could not write all of it). KEYS: state.
+_DEGRADE_LUA = """
+if redis.call('HGET', KEYS[1], 'status') == 'running' then redis.call('HSET', KEYS[1], 'status', 'degraded') end
+return 1
+"""
+
+# This instance reads the stream: its lease, with an expiry in Redis time (instances' clocks may differ).
+# KEYS: readers. ARGV: instance id, lease TTL ms.
+_LEASE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# Live reader leases of a stream. KEYS: readers.
+_COUNT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+_SCRIPTS = {
+    name: (text, hashlib.sha1(text.encode()).hexdigest())  # Redis names scripts by their SHA-1
+    for name, text in {
+        "append": _APPEND_LUA,
+        "check": _CHECK_LUA,
+        "degrade": _DEGRADE_LUA,
+        "lease": _LEASE_LUA,
+        "count": _COUNT_LUA,
+    }.items()
+}
+
+# The request a replica's generation is made with: a replica never asks a provider for anything.
+_REPLICA_CHAT = ChatRequest(messages=(Message("user", ""),), model="replica")
+# A replica follows another instance's clocks: its own are off (the owner's liveness bounds its waits instead).
+_NO_CLOCKS = {"first_token_timeout": 0.0, "idle_timeout": 0.0, "total_timeout": 0.0}
+
+
+@dataclass(slots=True)
+class _Mirror:
+    """What the writer knows of one local generation it shares."""
+
+    generation: Generation
+    written: int = 0  # the last sequence number Redis holds
+    opened: bool = False  # the state hash exists
+    announced: asyncio.Future[None] | None = None  # resolved once the state hash exists (or never will)
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A generation a resume reads, local or replica, and what is known of its log at this moment."""
+
+    generation: Generation
+    registry: StreamRegistry
+    first_seq: int
+    last_seq: int
+    ended: bool
+
+
+class RedisStreamStore:
+    """Shares this instance's generations through Redis and reads other instances' (see the module's doc).
+
+    `redis` (commands, short timeouts) and `blocking` (XREAD BLOCK and pub/sub, timeouts past the block) are owned:
+    `aclose` closes them. `registry` holds this instance's own generations; `replicas` those of others it reads.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        blocking: Redis,
+        registry: StreamRegistry,
+        settings: GenerationSettings,
+        *,
+        retention: float,
+        instance_id: str | None = None,
+        flush_interval: float = FLUSH_INTERVAL,
+    ) -> None:
+        from redis.exceptions import RedisError
+
+        self._failures: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError)
+        self._redis = redis
+        self._blocking = blocking
+        self.registry = registry
+        self.instance_id = instance_id or secrets.token_hex(8)
+        self._settings = settings
+        self._replica_settings = GenerationSettings(
+            **_NO_CLOCKS,
+            log_max_events=settings.log_max_events,
+            log_max_bytes=settings.log_max_bytes,
+            reader_lead_bytes=settings.reader_lead_bytes,
+        )
+        # An ended replica is forgotten at once: a later resume reads Redis again, never a replica's own end.
+        self.replicas = StreamRegistry(RegistrySettings(resume_grace=0.0, retention=0.0))
+        self._ttl_ms = max(1, round(retention * 1000))
+        # While running, a stream's keys outlive the longest wait between two of its batches.
+        longest_wait = max(settings.first_token_timeout, settings.idle_timeout) or settings.total_timeout
+        self._running_ttl_ms = self._ttl_ms + round((longest_wait or 3600.0) * 1000)
+        self._flush_interval = flush_interval
+        self._mirrored: dict[str, _Mirror] = {}
+        self._dirty: dict[str, _Mirror] = {}
+        self._to_degrade: set[str] = set()
+        self._watching: dict[str, tuple[Generation, Callable[[], None]]] = {}
+        self._replica_owners: dict[str, str] = {}  # a running replica's stream id → its owner's instance id
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._down_until = 0.0
+        self._down = False
+        self._scripts_loaded = False
+        self._closed = False
+        # Counters for tests and benchmarks.
+        self.flushes = 0
+        self.batches_written = 0
+
+    @classmethod
+    def from_url(
+        cls, url: str, registry: StreamRegistry, config: Config, settings: GenerationSettings
+    ) -> RedisStreamStore:
+        try:
+            from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+        except ImportError:  # pragma: no cover - depends on the installation
+            raise ConfigError("--stream-store redis needs the redis package: pip install 'llm-relay[redis]'") from None
+        try:
+            # No retries inside the client: the store decides what an outage means (see the module's doc).
+            redis = Redis.from_url(
+                url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 0)
+            )
+            blocking = Redis.from_url(
+                url,
+                socket_timeout=FOLLOW_BLOCK_MS / 1000 + 2 * REDIS_TIMEOUT,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError:
+            raise ConfigError(
+                "--redis-url is not a Redis URL: expected redis://[[user]:password@]host[:port][/db], rediss://... "
+                "or unix:///path, with '@', ':' and '/' in a password percent-encoded"
+            ) from None
+        return cls(redis, blocking, registry, settings, retention=config.stream_retention)
+
+    # -- life ------------------------------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        """False while Redis is considered down (after a failure, for `REDIS_RETRY_INTERVAL`)."""
+        return asyncio.get_running_loop().time() >= self._down_until
+
+    def start(self) -> None:
+        """Start the writer, the lease refresher and the control subscriber (in the running loop)."""
+        for job in (self._write_forever(), self._refresh_forever(), self._listen_forever()):
+            self._spawn(job)
+
+    async def aclose(self) -> None:
+        """Write what is left (the streams' ends), stop the tasks, give up the leases, close the clients."""
+        await self.replicas.shutdown(0.0)
+        self.replicas.close()
+        if self._dirty and self.available:
+            dirty, self._dirty = self._dirty, {}
+            await self._flush(dirty)
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.available:
+            with contextlib.suppress(*self._failures):
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    await self._redis.delete(instance_key(self.instance_id))
+        await self._redis.aclose()
+        await self._blocking.aclose()
+
+    def _spawn(self, job: Any) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _went_down(self, exc: BaseException) -> None:
+        self._down_until = asyncio.get_running_loop().time() + REDIS_RETRY_INTERVAL
+        self._scripts_loaded = False  # a restarted Redis has none
+        if not self._down:
+            self._down = True
+            log.warning(
+                "Redis is unreachable (%s: %s): streams go on from memory, but cannot be resumed on another "
+                "instance until it answers again",
+                type(exc).__name__,
+                exc,
+            )
+
+    def _came_back(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("Redis answers again: new streams can be resumed on any instance again")
+
+    async def _call(self, script: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """One script call on the command client, under the command timeout."""
+        await self._load_scripts()
+        async with asyncio.timeout(REDIS_TIMEOUT):
+            return await self._redis.evalsha(_SCRIPTS[script][1], len(keys), *keys, *args)
+
+    async def _load_scripts(self) -> None:
+        if not self._scripts_loaded:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                for text, _ in _SCRIPTS.values():
+                    await self._redis.script_load(text)
+            self._scripts_loaded = True
+
+    # -- the owner's side: what the registry tells (synchronous, per append) ----------------------------------
+
+    def started(self, generation: Generation) -> None:
+        mirror = self._mirrored[generation.id] = _Mirror(generation)
+        self._mark(mirror)
+
+    def appended(self, generation: Generation) -> None:
+        mirror = self._mirrored.get(generation.id)
+        if mirror is not None:
+            self._mark(mirror)
+
+    def _mark(self, mirror: _Mirror) -> None:
+        self._dirty[mirror.generation.id] = mirror
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def announce(self, generation: Generation) -> None:
+        """Wait (at most a flush and a round trip) until other instances can find `generation`: before its id
+        goes out to a client, who may take it to another instance at once. No wait while Redis is down."""
+        mirror = self._mirrored.get(generation.id)
+        if mirror is None or mirror.opened or not self.available:
+            return
+        if mirror.announced is None:
+            mirror.announced = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._flush_interval + 2 * REDIS_TIMEOUT):
+                await asyncio.shield(mirror.announced)
+
+    @staticmethod
+    def _announced(mirror: _Mirror) -> None:
+        if mirror.announced is not None and not mirror.announced.done():
+            mirror.announced.set_result(None)
+
+    def _give_up(self, mirror: _Mirror) -> None:
+        """Redis cannot hold this stream whole: it is never read elsewhere again (see the module's doc)."""
+        self._announced(mirror)
+        self._mirrored.pop(mirror.generation.id, None)
+        self._dirty.pop(mirror.generation.id, None)
+        self._to_degrade.add(mirror.generation.id)
+
+    # -- the writer ---------------------------------------------------------------------------------------------
+
+    async def _write_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            # Gather: appends of every stream in this window go in one pipeline, several tokens in one entry.
+            await asyncio.sleep(max(self._flush_interval, self._down_until - loop.time()))
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, {}
+            if dirty:
+                await self._flush(dirty)
+
+    async def _flush(self, dirty: dict[str, _Mirror]) -> None:
+        """One pipeline: the state of streams new to Redis, then one append per stream with news."""
+        pipe = self._redis.pipeline(transaction=False)
+        sent: list[tuple[_Mirror, int, bool]] = []  # (mirror, last seq sent, whether it ends the stream)
+        for mirror in dirty.values():
+            generation = mirror.generation
+            if not mirror.opened:
+                state = state_key(generation.id)
+                pipe.hset(state, mapping={"owner": self.instance_id, "status": RUNNING, "last": 0})
+                pipe.pexpire(state, self._running_ttl_ms)
+            try:
+                events = generation.log.since(mirror.written)
+            except LookupError:  # trimmed before it was written (memory pressure while Redis was away)
+                self._give_up(mirror)
+                continue
+            if not events:
+                sent.append((mirror, mirror.written, False))
+                continue
+            last = mirror.written + len(events)
+            ends = is_terminal(events[-1])
+            pipe.evalsha(
+                _SCRIPTS["append"][1],
+                2,
+                log_key(generation.id),
+                state_key(generation.id),
+                mirror.written + 1,
+                last,
+                encode_batch(events),
+                status_after(events),
+                self._ttl_ms if ends else self._running_ttl_ms,
+                self._settings.log_max_events,
+            )
+            sent.append((mirror, last, ends))
+        try:
+            await self._load_scripts()
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                results = await pipe.execute(raise_on_error=False)
+        except self._failures as exc:
+            self._went_down(exc)
+            # Kept: each generation's log still holds what was not written; it goes with the next flush.
+            for mirror, _, _ in sent:
+                self._dirty.setdefault(mirror.generation.id, mirror)
+                self._announced(mirror)  # nobody waits for Redis while it is down
+            self._wake.set()
+            return
+        self._came_back()
+        self.flushes += 1
+        # The pipeline's replies: per stream, [hset, pexpire] if it was opened, then [append] if it had news.
+        replies = iter(results)
+        for mirror, last, ends in sent:
+            if not mirror.opened:
+                opened = [next(replies), next(replies)]
+                if any(isinstance(reply, Exception) for reply in opened):
+                    self._give_up(mirror)
+                    continue
+                mirror.opened = True
+                self._announced(mirror)
+            if last == mirror.written:
+                continue
+            reply = next(replies)
+            if isinstance(reply, Exception) or reply != 1:
+                if isinstance(reply, Exception) and "NOSCRIPT" in str(reply):
+                    self._scripts_loaded = False
+                log.info("stream %s: Redis refused a batch; it will not be resumable elsewhere", mirror.generation.id)
+                self._give_up(mirror)
+                continue
+            mirror.written = last
+            self.batches_written += 1
+            if ends:
+                self._mirrored.pop(mirror.generation.id, None)
+
+    # -- presence: readers elsewhere ------------------------------------------------------------------------------
+
+    def watch_remote_readers(
+        self, generation: Generation, none_now: Callable[[], None], none_later: Callable[[], None]
+    ) -> bool:
+        if generation.id not in self._mirrored or not self.available:
+            return False
+        self._spawn(self._first_count(generation, none_now, none_later))
+        return True
+
+    async def _first_count(
+        self, generation: Generation, none_now: Callable[[], None], none_later: Callable[[], None]
+    ) -> None:
+        count = await self._count(generation.id)
+        if not count:
+            none_now()
+        elif not generation.ended and not generation.readers:
+            self._watching[generation.id] = (generation, none_later)
+
+    async def _count(self, stream_id: str) -> int:
+        """Live reader leases of other instances; 0 when Redis cannot tell (then only local readers count)."""
+        try:
+            count = int(await self._call("count", [readers_key(stream_id)], []))
+        except self._failures as exc:
+            self._went_down(exc)
+            return 0
+        return count
+
+    async def _recount(self, stream_id: str) -> None:
+        watched = self._watching.get(stream_id)
+        if watched is None:
+            return
+        generation, none_later = watched
+        if generation.ended or generation.readers:
+            self._watching.pop(stream_id, None)
+            return
+        if not await self._count(stream_id) and self._watching.pop(stream_id, None) is not None:
+            none_later()
+
+    # -- the lease refresher and the control subscriber ---------------------------------------------------------
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            if self.available:
+                await self._refresh()
+            await asyncio.sleep(LEASE_REFRESH)
+
+    async def _refresh(self) -> None:
+        """This instance's liveness, its replicas' reader leases, degraded marks; then watched streams' counts."""
+        replicas = [g.id for g in self.replicas.running()]
+        degrade = list(self._to_degrade)
+        try:
+            await self._load_scripts()
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(instance_key(self.instance_id), 1, px=round(OWNER_TTL * 1000))
+            for stream_id in replicas:
+                pipe.evalsha(_SCRIPTS["lease"][1], 1, readers_key(stream_id), self.instance_id, _ms(READER_LEASE_TTL))
+            for stream_id in degrade:
+                pipe.evalsha(_SCRIPTS["degrade"][1], 1, state_key(stream_id))
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await pipe.execute()
+        except self._failures as exc:
+            self._went_down(exc)
+            return
+        self._came_back()
+        self._to_degrade.difference_update(degrade)
+        for stream_id in list(self._watching):
+            await self._recount(stream_id)
+
+    async def _listen_forever(self) -> None:
+        channel = instance_channel(self.instance_id)
+        while True:
+            pubsub: PubSub | None = None
+            try:
+                pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=FOLLOW_BLOCK_MS / 1000)
+                    if message is not None and message.get("type") == "message":
+                        self._on_control(message["data"])
+            except self._failures as exc:
+                self._went_down(exc)
+                await asyncio.sleep(REDIS_RETRY_INTERVAL)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(*self._failures):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _on_control(self, data: bytes | str) -> None:
+        parsed = parse_control(data)
+        if parsed is None:
+            return
+        verb, stream_id = parsed
+        if verb == "stop":
+            generation = self.registry.get(stream_id)
+            if generation is not None:
+                self.registry.stop(generation)
+        elif stream_id in self._watching:
+            self._spawn(self._recount(stream_id))
+
+    # -- another instance's side: resume, follow, stop ---------------------------------------------------------
+
+    async def open(self, stream_id: str) -> Opened:
+        """A replica of another instance's generation (an existing one, or a new one that replays Redis).
+
+        Raises `ResumeUnavailable` when Redis does not have the stream whole (unknown, expired, degraded) or cannot
+        be reached.
+        """
+        replica = self.replicas.get(stream_id)
+        if replica is not None and not replica.ended:
+            log_ = replica.log
+            return Opened(replica, self.replicas, log_.first_seq, log_.last_seq, False)
+        if not self.available:
+            raise ResumeUnavailable("this stream cannot be resumed here now: the shared stream store is unreachable")
+        try:
+            await self._load_scripts()
+            pipe = self._redis.pipeline(transaction=False)
+            # The lease first: the owner must not decide that nobody reads while this replica starts.
+            pipe.evalsha(_SCRIPTS["lease"][1], 1, readers_key(stream_id), self.instance_id, _ms(READER_LEASE_TTL))
+            pipe.evalsha(_SCRIPTS["check"][1], 2, log_key(stream_id), state_key(stream_id), *self._check_args())
+            pipe.hgetall(state_key(stream_id))
+            pipe.xrange(log_key(stream_id), "-", "+")
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                _, _, raw_state, raw_entries = await pipe.execute()
+        except self._failures as exc:
+            self._went_down(exc)
+            raise ResumeUnavailable(
+                "this stream cannot be resumed here now: the shared stream store is unreachable"
+            ) from None
+        self._came_back()
+        state = StreamState.parse(raw_state)
+        try:
+            if state is None or state.status == DEGRADED:
+                raise ResumeUnavailable("this stream cannot be resumed here: it is unknown, expired or evicted")
+            entries = [decode_entry(entry_id_, fields) for entry_id_, fields in raw_entries]
+            first_seq = entries[0].first if entries else state.last + 1
+            _, events = events_after(entries, first_seq - 1)
+        except (ValueError, ResumeUnavailable) as exc:
+            self._spawn(self._leave(stream_id, None))
+            if isinstance(exc, ResumeUnavailable):
+                raise
+            log.warning("stream %s: its Redis log is not one this relay wrote", stream_id)
+            raise ResumeUnavailable("this stream cannot be resumed here") from None
+        last_seq = first_seq + len(events) - 1
+        replica = Generation(
+            ReplicaProvider(self, stream_id, events, last_seq),
+            _REPLICA_CHAT,
+            self._replica_settings,
+            stream_id=stream_id,
+        )
+        replica.log = EventLog(self._settings.log_max_events, self._settings.log_max_bytes, first_seq=first_seq)
+        self._replica_owners[stream_id] = state.owner
+        self.replicas.start(replica)
+        ended = state.status in ENDED_STATUSES and bool(events) and is_terminal(events[-1])
+        return Opened(replica, self.replicas, first_seq, last_seq, ended)
+
+    def _check_args(self) -> tuple[str, str, int]:
+        lost = GenerationLost("the instance that was generating this reply stopped; please ask again")
+        return (instance_key(""), encode_batch([lost.to_event()]), self._ttl_ms)
+
+    async def follow(self, stream_id: str, after: int) -> list[Event]:
+        """The events after `after`, waiting up to `FOLLOW_BLOCK_MS` for some; [] when none came (then the owner's
+        liveness was checked: a lost generation's error comes with the next call)."""
+        key = log_key(stream_id)
+        try:
+            async with asyncio.timeout(FOLLOW_BLOCK_MS / 1000 + 2 * REDIS_TIMEOUT):
+                reply = await self._blocking.xread({key: entry_id(after)}, count=REPLAY_COUNT, block=FOLLOW_BLOCK_MS)
+            if not reply:
+                status = await self._call("check", [key, state_key(stream_id)], self._check_args())
+                status = status.decode() if isinstance(status, bytes) else status
+                if status is None or status == DEGRADED:
+                    raise ResumeUnavailable("this stream can no longer be followed here: its shared log is gone")
+                return []
+        except self._failures as exc:
+            self._went_down(exc)
+            raise ResumeUnavailable("the shared stream store became unreachable; try again shortly") from None
+        self._came_back()
+        try:
+            streams: list[Any] = reply  # type: ignore[assignment]  # RESP2: [[key, [(id, fields), ...]], ...]
+            entries = [decode_entry(entry_id_, fields) for _, items in streams for entry_id_, fields in items]
+            first, events = events_after(entries, after)
+        except ValueError:
+            raise ResumeUnavailable("this stream's shared log has a gap") from None
+        if first != after + 1:
+            raise ResumeUnavailable("the events after this one are no longer kept")
+        return events
+
+    def replica_ended(self, stream_id: str) -> None:
+        """A replica's provider is done (its readers left, or the stream ended): give up its lease now."""
+        owner = self._replica_owners.pop(stream_id, None)
+        if not self._closed:
+            self._spawn(self._leave(stream_id, owner))
+
+    async def _leave(self, stream_id: str, owner: str | None) -> None:
+        if not self.available:
+            return  # the lease expires by itself
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zrem(readers_key(stream_id), self.instance_id)
+            if owner is not None and owner != self.instance_id:
+                pipe.publish(instance_channel(owner), control_message("left", stream_id))
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await pipe.execute()
+        except self._failures as exc:
+            self._went_down(exc)
+
+    def is_replica(self, generation: Generation) -> bool:
+        return self.replicas.get(generation.id) is generation
+
+    async def stop(self, stream_id: str) -> bool:
+        """Stop a stream another instance runs: its owner is told on its channel. False: no such stream."""
+        if not self.available:
+            raise ResumeUnavailable("this stream cannot be stopped here now: the shared stream store is unreachable")
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                state = StreamState.parse(await self._redis.hgetall(state_key(stream_id)))
+            if state is None:
+                return False
+            if state.status != RUNNING:
+                return True  # already ended: nothing to stop
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                listeners = await self._redis.publish(instance_channel(state.owner), control_message("stop", stream_id))
+            if not listeners:  # the owner is gone (or not listening): whatever it ran is lost, say so now
+                await self._call("check", [log_key(stream_id), state_key(stream_id)], self._check_args())
+        except self._failures as exc:
+            self._went_down(exc)
+            raise ResumeUnavailable(
+                "this stream cannot be stopped here now: the shared stream store is unreachable"
+            ) from None
+        return True
+
+
+class ReplicaProvider:
+    """The provider of a replica: the events Redis held when it opened, then what XREAD brings."""
+
+    name = "replica"
+
+    def __init__(self, store: RedisStreamStore, stream_id: str, replay: Sequence[Event], last_seq: int) -> None:
+        self._store = store
+        self._stream_id = stream_id
+        self._replay: Sequence[Event] | None = replay
+        self._last_seq = last_seq
+
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
+        try:
+            replay, self._replay = self._replay, None
+            if replay:
+                yield replay
+                if is_terminal(replay[-1]):
+                    return
+            after = self._last_seq
+            while True:
+                events = await self._store.follow(self._stream_id, after)
+                if not events:
+                    yield events  # no progress; it lets the generation see a cancellation between waits
+                    continue
+                after += len(events)
+                terminal = next((i for i, e in enumerate(events) if is_terminal(e)), None)
+                if terminal is not None:
+                    yield events[: terminal + 1]
+                    return
+                yield events
+        finally:
+            self._store.replica_ended(self._stream_id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def build_stream_store(config: Config, registry: StreamRegistry, settings: GenerationSettings) -> RedisStreamStore:
+    """The Redis store for ``--stream-store redis`` (it needs ``--redis-url``)."""
+    if not config.redis_url:
+        raise ConfigError("--stream-store redis needs --redis-url")
+    store = RedisStreamStore.from_url(config.redis_url, registry, config, settings)
+    registry.shared = store
+    return store
+
+
+__all__ = ["KEY_PREFIX", "Opened", "RedisStreamStore", "ReplicaProvider", "build_stream_store"]
