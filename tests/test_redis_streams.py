@@ -229,10 +229,12 @@ async def test_delete_on_the_other_instance_stops_the_generation(cluster: Cluste
         async with http.delete(f"{cluster.b}/api/streams/{uuid.uuid4().hex}") as unknown:
             assert unknown.status == 404
             assert (await unknown.json())["error"]["type"] == "resume_unavailable"
-    print(f"DELETE on B -> upstream closed by A: {1000 * took:.1f} ms after the 204")  # noqa: T201
-    assert seen.closed_by_client_at is not None and seen.closed_by_client_at - stopped_at < 1.0
+    print(f"DELETE on B -> upstream closed by A: {1000 * took:.1f} ms after the 204")
+    assert seen.closed_by_client_at is not None
+    assert seen.closed_by_client_at - stopped_at < 1.0
     last = json.loads(body.splitlines()[-1])
-    assert last["type"] == "error" and last["error"]["type"] == "stopped"
+    assert last["type"] == "error"
+    assert last["error"]["type"] == "stopped"
 
 
 # -- 4. the last reader anywhere leaving cancels a generation that did not opt in -----------------------------------
@@ -258,8 +260,9 @@ async def test_a_reader_elsewhere_keeps_the_generation_until_it_leaves(cluster: 
         other.close()  # the last reader anywhere leaves
         left_at = time.monotonic()
         took = await _wait_until(lambda: seen.closed_by_client_at is not None, 5.0, "the upstream request closing")
-    print(f"last reader left on B -> upstream closed by A: {1000 * took:.1f} ms")  # noqa: T201
-    assert seen.closed_by_client_at is not None and seen.closed_by_client_at - left_at < 3.0
+    print(f"last reader left on B -> upstream closed by A: {1000 * took:.1f} ms")
+    assert seen.closed_by_client_at is not None
+    assert seen.closed_by_client_at - left_at < 3.0
     assert not seen.completed
 
 
@@ -306,7 +309,7 @@ async def test_a_killed_owner_is_reported_as_generation_lost(tmp_path: Path) -> 
     finally:
         await upstream.close()
         redis.stop()
-    print(f"SIGKILL of A -> generation_lost on B after {took:.2f} s")  # noqa: T201
+    print(f"SIGKILL of A -> generation_lost on B after {took:.2f} s")
     assert took < LOST_BOUND
 
 
@@ -347,9 +350,7 @@ async def test_redis_down_mid_stream_degrades_then_recovers(tmp_path: Path) -> N
                 fresh.close()
                 async with http.get(f"{b.base}/api/streams/{fresh_id}", params={"after": "0"}, headers=NDJSON) as r:
                     if r.status == 200:
-                        assert "".join(o["content"] for o in _deltas(ndjson_objects(await r.read()))) == "".join(
-                            tokens
-                        )
+                        assert "".join(o["content"] for o in _deltas(ndjson_objects(await r.read()))) == "".join(tokens)
                         break
                 assert time.monotonic() < deadline, "new streams never became resumable elsewhere again"
                 await asyncio.sleep(0.5)
