@@ -426,10 +426,17 @@ class RedisStreamStore:
                 results = await pipe.execute(raise_on_error=False)
         except self._failures as exc:
             self._went_down(exc)
-            # Kept: each generation's log still holds what was not written; it goes with the next flush.
+            # Kept: each generation's log still holds what was not written; it goes with the next flush. Not past
+            # the retention, though: by then its keys would have expired, and a long outage must not hold every
+            # ended generation in memory.
+            now = asyncio.get_running_loop().time()
             for mirror, _, _ in sent:
-                self._dirty.setdefault(mirror.generation.id, mirror)
                 self._announced(mirror)  # nobody waits for Redis while it is down
+                ended_at = mirror.generation.ended_at
+                if ended_at is not None and now - ended_at > self._ttl_ms / 1000:
+                    self._give_up(mirror)
+                else:
+                    self._dirty.setdefault(mirror.generation.id, mirror)
             self._wake.set()
             return
         self._came_back()
@@ -490,11 +497,18 @@ class RedisStreamStore:
         watched = self._watching.get(stream_id)
         if watched is None:
             return
+        self._counted(stream_id, await self._count(stream_id))
+
+    def _counted(self, stream_id: str, count: int) -> None:
+        """A watched stream's remote readers were counted: none left, and none here, decides its fate."""
+        watched = self._watching.get(stream_id)
+        if watched is None:
+            return
         generation, none_later = watched
         if generation.ended or generation.readers:
             self._watching.pop(stream_id, None)
-            return
-        if not await self._count(stream_id) and self._watching.pop(stream_id, None) is not None:
+        elif not count:
+            self._watching.pop(stream_id, None)
             none_later()
 
     # -- the lease refresher and the control subscriber ---------------------------------------------------------
@@ -517,15 +531,18 @@ class RedisStreamStore:
                 pipe.evalsha(_SCRIPTS["lease"][1], 1, readers_key(stream_id), self.instance_id, _ms(READER_LEASE_TTL))
             for stream_id in degrade:
                 pipe.evalsha(_SCRIPTS["degrade"][1], 1, state_key(stream_id))
+            watched = list(self._watching)
+            for stream_id in watched:
+                pipe.evalsha(_SCRIPTS["count"][1], 1, readers_key(stream_id))
             async with asyncio.timeout(REDIS_TIMEOUT):
-                await pipe.execute()
+                results = await pipe.execute()
         except self._failures as exc:
             self._went_down(exc)
             return
         self._came_back()
         self._to_degrade.difference_update(degrade)
-        for stream_id in list(self._watching):
-            await self._recount(stream_id)
+        for stream_id, count in zip(watched, results[-len(watched) :] if watched else [], strict=True):
+            self._counted(stream_id, int(count))
 
     async def _listen_forever(self) -> None:
         channel = instance_channel(self.instance_id)
@@ -571,6 +588,11 @@ class RedisStreamStore:
         if replica is not None and not replica.ended:
             log_ = replica.log
             return Opened(replica, self.replicas, log_.first_seq, log_.last_seq, False)
+        for _ in range(10):  # an ended replica is forgotten in the next loop turn: not under the new one's id
+            if replica is None or not replica.ended:
+                break
+            await asyncio.sleep(0)
+            replica = self.replicas.get(stream_id)
         if not self.available:
             raise ResumeUnavailable("this stream cannot be resumed here now: the shared stream store is unreachable")
         try:

@@ -123,14 +123,16 @@ def decode_entry(entry_id_: bytes | str, fields: Mapping[bytes | str, bytes | st
     >>> decode_entry(b"2-0", {b"f": b"1", b"e": b'[{"kind":"delta","content":"a"},{"kind":"delta","content":"b"}]'})
     Entry(first=1, events=(Delta(content='a'), Delta(content='b')))
     """
-    first = int(_text(fields.get(b"f", fields.get("f"))))
-    raw = json.loads(_text(fields.get(b"e", fields.get("e"))))
-    if not isinstance(raw, list) or not raw:
-        raise ValueError("an entry holds a non-empty list of events")
-    events = tuple(from_dict(item) for item in raw)
-    entry = Entry(first, events)
-    if entry_id(entry.last) != _text(entry_id_):
-        raise ValueError("an entry's id is its last event's sequence number")
+    try:
+        first = int(_text(fields.get(b"f", fields.get("f"))))
+        raw = json.loads(_text(fields.get(b"e", fields.get("e"))))
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("it holds no list of events")
+        entry = Entry(first, tuple(from_dict(item) for item in raw))
+        if entry_id(entry.last) != _text(entry_id_):
+            raise ValueError("its id is not its last event's sequence number")
+    except (ValueError, KeyError, TypeError) as exc:  # from_dict's errors, json's (a ValueError) and ours
+        raise ValueError(f"not an entry of this relay: {exc}") from None
     return entry
 
 
