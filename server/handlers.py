@@ -113,6 +113,9 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
     state = request.app[RELAY]
     generation = state.streams.get(stream_id)
     registry = state.streams
+    # Events that may exist beyond what this instance knows of: a remote stream's owner writes Redis a flush behind
+    # its own readers, so a client may hold an event its replica has not read yet (the reader then waits for it).
+    lag = False
     if generation is not None:
         first_seq, last_seq, ended = generation.log.first_seq, generation.log.last_seq, generation.ended
     elif state.shared_streams is not None:
@@ -120,9 +123,10 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
         opened = await state.shared_streams.open(stream_id)
         generation, registry = opened.generation, opened.registry
         first_seq, last_seq, ended = opened.first_seq, opened.last_seq, opened.ended
+        lag = not ended
     else:
         raise ResumeUnavailable("this stream cannot be resumed here: it is unknown, expired or evicted")
-    if after > last_seq:
+    if after > last_seq and not lag:
         raise RequestError("the stream has no such event yet")
     if ended and after >= last_seq:
         # The client has the terminal event: 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3).
@@ -167,17 +171,17 @@ async def _read(
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[RELAY]
     streams = state.streams
-    return web.json_response(
-        {
-            "status": "ok",
-            "provider": state.provider.name,
-            "open_streams": len(streams),  # running generations
-            "readers": streams.readers,
-            "retained_streams": streams.retained,  # running and recently ended, resumable
-            "log_bytes": streams.total_bytes,
-        },
-        headers={"Cache-Control": "no-store"},
-    )
+    report: dict[str, object] = {
+        "status": "ok",
+        "provider": state.provider.name,
+        "open_streams": len(streams),  # running generations
+        "readers": streams.readers,
+        "retained_streams": streams.retained,  # running and recently ended, resumable
+        "log_bytes": streams.total_bytes,
+    }
+    if state.shared_streams is not None:
+        report["stream_store"] = state.shared_streams.report()
+    return web.json_response(report, headers={"Cache-Control": "no-store"})
 
 
 @web.middleware

@@ -83,7 +83,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llm_relay.redis_streams")
 
-FLUSH_INTERVAL = 0.01  # seconds the writer gathers appends before one pipeline: batches tokens, bounds the lag
+# Seconds the writer gathers appends before one pipeline: what a reader on another instance may lag behind the
+# owner's own readers, and what lets several tokens of a stream share one entry (paced streams: ~50 ms / pace).
+FLUSH_INTERVAL = 0.05
 REDIS_TIMEOUT = 0.5  # seconds for any one command or pipeline (as the limiter)
 REDIS_RETRY_INTERVAL = 1.0  # after a failure, Redis is not asked again for this long
 OWNER_TTL = 3.0  # a SIGKILLed owner is seen as gone this long after its last refresh
@@ -93,6 +95,16 @@ FOLLOW_BLOCK_MS = 1000  # one XREAD BLOCK; after one without news the follower c
 REPLAY_COUNT = 1000  # entries per XRANGE / XREAD reply
 
 # -- scripts (Redis runs each atomically) --------------------------------------------------------------------------
+
+# A new stream's state, unless it exists: `announce` and the writer may both send it, in either order.
+# KEYS: state. ARGV: owner instance id, TTL ms.
+_OPEN_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', 'running', 'last', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
 
 # Append one batch: only to a running stream whose last event is the one before it (no gap, no duplicate, even
 # when a lost reply makes the writer send a batch twice); a batch that does not follow marks the stream degraded.
@@ -152,6 +164,7 @@ return redis.call('ZCARD', KEYS[1])
 _SCRIPTS = {
     name: (text, hashlib.sha1(text.encode()).hexdigest())  # Redis names scripts by their SHA-1
     for name, text in {
+        "open": _OPEN_LUA,
         "append": _APPEND_LUA,
         "check": _CHECK_LUA,
         "degrade": _DEGRADE_LUA,
@@ -173,7 +186,6 @@ class _Mirror:
     generation: Generation
     written: int = 0  # the last sequence number Redis holds
     opened: bool = False  # the state hash exists
-    announced: asyncio.Future[None] | None = None  # resolved once the state hash exists (or never will)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,14 +244,16 @@ class RedisStreamStore:
         self._watching: dict[str, tuple[Generation, Callable[[], None]]] = {}
         self._replica_owners: dict[str, str] = {}  # a running replica's stream id → its owner's instance id
         self._wake = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._down_until = 0.0
         self._down = False
         self._scripts_loaded = False
         self._closed = False
-        # Counters for tests and benchmarks.
+        # Counters (healthz): pipelines sent, entries (batches) and events written.
         self.flushes = 0
         self.batches_written = 0
+        self.events_written = 0
 
     @classmethod
     def from_url(
@@ -351,25 +365,21 @@ class RedisStreamStore:
             self._wake.set()
 
     async def announce(self, generation: Generation) -> None:
-        """Wait (at most a flush and a round trip) until other instances can find `generation`: before its id
-        goes out to a client, who may take it to another instance at once. No wait while Redis is down."""
+        """Make `generation` findable on every instance (its state hash, one round trip) before its id goes out
+        to a client, who may take it to another instance at once; the writer's next flush would be up to
+        `FLUSH_INTERVAL` later. No wait while Redis is down: the stream then runs from memory alone."""
         mirror = self._mirrored.get(generation.id)
         if mirror is None or mirror.opened or not self.available:
             return
-        if mirror.announced is None:
-            mirror.announced = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._flush_interval + 2 * REDIS_TIMEOUT):
-                await asyncio.shield(mirror.announced)
-
-    @staticmethod
-    def _announced(mirror: _Mirror) -> None:
-        if mirror.announced is not None and not mirror.announced.done():
-            mirror.announced.set_result(None)
+        try:
+            await self._call("open", [state_key(generation.id)], [self.instance_id, self._running_ttl_ms])
+        except self._failures as exc:
+            self._went_down(exc)
+            return
+        mirror.opened = True
 
     def _give_up(self, mirror: _Mirror) -> None:
         """Redis cannot hold this stream whole: it is never read elsewhere again (see the module's doc)."""
-        self._announced(mirror)
         self._mirrored.pop(mirror.generation.id, None)
         self._dirty.pop(mirror.generation.id, None)
         self._to_degrade.add(mirror.generation.id)
@@ -388,22 +398,27 @@ class RedisStreamStore:
                 await self._flush(dirty)
 
     async def _flush(self, dirty: dict[str, _Mirror]) -> None:
-        """One pipeline: the state of streams new to Redis, then one append per stream with news."""
+        """One pipeline: the state of streams new to Redis, then one append per stream with news. One flush at a
+        time (the writer's, or the last one at close): each starts from what the previous one wrote."""
+        async with self._flushing:
+            await self._flush_now(dirty)
+
+    async def _flush_now(self, dirty: dict[str, _Mirror]) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        sent: list[tuple[_Mirror, int, bool]] = []  # (mirror, last seq sent, whether it ends the stream)
+        # (mirror, whether its state was sent, the last seq sent, whether that ends the stream)
+        sent: list[tuple[_Mirror, bool, int, bool]] = []
         for mirror in dirty.values():
             generation = mirror.generation
-            if not mirror.opened:
-                state = state_key(generation.id)
-                pipe.hset(state, mapping={"owner": self.instance_id, "status": RUNNING, "last": 0})
-                pipe.pexpire(state, self._running_ttl_ms)
+            opening = not mirror.opened
+            if opening:
+                pipe.evalsha(_SCRIPTS["open"][1], 1, state_key(generation.id), self.instance_id, self._running_ttl_ms)
             try:
                 events = generation.log.since(mirror.written)
             except LookupError:  # trimmed before it was written (memory pressure while Redis was away)
                 self._give_up(mirror)
                 continue
             if not events:
-                sent.append((mirror, mirror.written, False))
+                sent.append((mirror, opening, mirror.written, False))
                 continue
             last = mirror.written + len(events)
             ends = is_terminal(events[-1])
@@ -419,7 +434,7 @@ class RedisStreamStore:
                 self._ttl_ms if ends else self._running_ttl_ms,
                 self._settings.log_max_events,
             )
-            sent.append((mirror, last, ends))
+            sent.append((mirror, opening, last, ends))
         try:
             await self._load_scripts()
             async with asyncio.timeout(REDIS_TIMEOUT):
@@ -430,8 +445,7 @@ class RedisStreamStore:
             # the retention, though: by then its keys would have expired, and a long outage must not hold every
             # ended generation in memory.
             now = asyncio.get_running_loop().time()
-            for mirror, _, _ in sent:
-                self._announced(mirror)  # nobody waits for Redis while it is down
+            for mirror, _, _, _ in sent:
                 ended_at = mirror.generation.ended_at
                 if ended_at is not None and now - ended_at > self._ttl_ms / 1000:
                     self._give_up(mirror)
@@ -441,25 +455,24 @@ class RedisStreamStore:
             return
         self._came_back()
         self.flushes += 1
-        # The pipeline's replies: per stream, [hset, pexpire] if it was opened, then [append] if it had news.
+        # The pipeline's replies: per stream, [open] if it was new, then [append] if it had news.
         replies = iter(results)
-        for mirror, last, ends in sent:
-            if not mirror.opened:
-                opened = [next(replies), next(replies)]
-                if any(isinstance(reply, Exception) for reply in opened):
-                    self._give_up(mirror)
-                    continue
-                mirror.opened = True
-                self._announced(mirror)
-            if last == mirror.written:
+        for mirror, opening, last, ends in sent:
+            opened = not opening or not isinstance(next(replies), Exception)
+            reply = next(replies) if last != mirror.written else None
+            if not opened:
+                self._give_up(mirror)
                 continue
-            reply = next(replies)
+            mirror.opened = True
+            if reply is None:
+                continue
             if isinstance(reply, Exception) or reply != 1:
                 if isinstance(reply, Exception) and "NOSCRIPT" in str(reply):
                     self._scripts_loaded = False
                 log.info("stream %s: Redis refused a batch; it will not be resumable elsewhere", mirror.generation.id)
                 self._give_up(mirror)
                 continue
+            self.events_written += last - mirror.written
             mirror.written = last
             self.batches_written += 1
             if ends:
@@ -687,8 +700,17 @@ class RedisStreamStore:
         except self._failures as exc:
             self._went_down(exc)
 
-    def is_replica(self, generation: Generation) -> bool:
-        return self.replicas.get(generation.id) is generation
+    def report(self) -> dict[str, object]:
+        """What `/healthz` says of the store."""
+        return {
+            "instance": self.instance_id,
+            "redis": "up" if not self._down else "unreachable",
+            "shared_streams": len(self._mirrored),
+            "replicas": len(self.replicas),
+            "flushes": self.flushes,
+            "batches_written": self.batches_written,
+            "events_written": self.events_written,
+        }
 
     async def stop(self, stream_id: str) -> bool:
         """Stop a stream another instance runs: its owner is told on its channel. False: no such stream."""
