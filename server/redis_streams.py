@@ -2,8 +2,8 @@
 
     owner instance (runs the generation)                  Redis                         another instance
     Generation ─append─▶ EventLog ─▶ local readers
-          └ registry._on_change ─▶ appended() ─▶ writer ─ one EVALSHA per stream ─▶ log (Stream), state (hash)
-             (marks it dirty: no await, no IO)   task     and flush, one pipeline      │ XRANGE, then XREAD BLOCK
+          └ registry._on_change ─▶ appended() ─▶ writer ─ one EVALSHA per flush ──▶ log (Stream), state (hash)
+             (marks it dirty: no await, no IO)   task     (an XADD per stream in it)  │ XRANGE, then XREAD BLOCK
                                                                                       ▼
     lease refresher (every LEASE_REFRESH s): the instance's liveness key,   replica Generation ─▶ EventLog ─▶ readers
       the reader leases of this instance's replicas, remote reader counts   (a `ReplicaProvider` is its provider)
@@ -11,8 +11,8 @@
 
 - **Local readers** of a local generation follow memory, exactly as with the memory store: the per-token path
   gains one attribute check and a dict store (`appended`); Redis is written by one writer task, which sends every
-  stream's new events in one pipeline per flush (`FLUSH_INTERVAL`), one script call (XADD of the whole batch,
-  state, TTLs) per stream with news: never one write per token.
+  stream's new events in one script call per flush (`FLUSH_INTERVAL`): per stream with news one XADD of its whole
+  batch, its state and TTLs, run by Redis inside the script. Never one write per token, nor one per stream.
 - **Remote readers** get a *replica*: a `Generation` of their instance whose provider replays the Redis Stream
   (XRANGE) and follows it (XREAD BLOCK of at most `FOLLOW_BLOCK_MS`, on a connection of its own from the blocking
   pool: cancelling the replica, when its last reader leaves, disconnects that connection at once, redis-py's
@@ -96,31 +96,49 @@ REPLAY_COUNT = 1000  # entries per XRANGE / XREAD reply
 
 # -- scripts (Redis runs each atomically) --------------------------------------------------------------------------
 
-# A new stream's state, unless it exists: `announce` and the writer may both send it, in either order.
-# KEYS: state. ARGV: owner instance id, TTL ms.
+# A new stream's state, unless it exists (`announce` and the writer may both send it, in either order).
+# KEYS: the states. ARGV: owner instance id, TTL ms.
 _OPEN_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', 'running', 'last', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('HSET', KEYS[i], 'owner', ARGV[1], 'status', 'running', 'last', 0)
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  end
 end
 return 1
 """
 
-# Append one batch: only to a running stream whose last event is the one before it (no gap, no duplicate, even
-# when a lost reply makes the writer send a batch twice); a batch that does not follow marks the stream degraded.
-# KEYS: log, state. ARGV: first seq, last seq, events JSON, status after, TTL ms, length cap.
-_APPEND_LUA = """
-local st = redis.call('HMGET', KEYS[2], 'status', 'last')
-if st[1] ~= 'running' then return 0 end
-if tonumber(st[2]) ~= tonumber(ARGV[1]) - 1 then
-  redis.call('HSET', KEYS[2], 'status', 'degraded')
-  return 0
+# One flush: per stream, its state if it is new, then its batch of events. A batch is appended only to a running
+# stream whose last event is the one before it (no gap, no duplicate, even when a lost reply makes the writer send
+# a batch twice); a batch that does not follow marks the stream degraded.
+# KEYS: log, state of each stream. ARGV: owner, running TTL ms, length cap, then per stream six values: new (1/0),
+# first seq, last seq (first - 1: no events), events JSON, status after, TTL ms. Returns 1 (written) or 0 each.
+_FLUSH_LUA = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local log, state, a = KEYS[2 * i - 1], KEYS[2 * i], 3 + (i - 1) * 6
+  if ARGV[a + 1] == '1' and redis.call('EXISTS', state) == 0 then
+    redis.call('HSET', state, 'owner', ARGV[1], 'status', 'running', 'last', 0)
+    redis.call('PEXPIRE', state, ARGV[2])
+  end
+  local first, last, result = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), 1
+  if last >= first then
+    local st = redis.call('HMGET', state, 'status', 'last')
+    if st[1] ~= 'running' then
+      result = 0
+    elseif tonumber(st[2]) ~= first - 1 then
+      redis.call('HSET', state, 'status', 'degraded')
+      result = 0
+    else
+      redis.call('XADD', log, 'MAXLEN', '~', ARGV[3], ARGV[a + 3] .. '-0', 'f', ARGV[a + 2], 'e', ARGV[a + 4])
+      redis.call('HSET', state, 'last', ARGV[a + 3], 'status', ARGV[a + 5])
+      redis.call('PEXPIRE', log, ARGV[a + 6])
+      redis.call('PEXPIRE', state, ARGV[a + 6])
+    end
+  end
+  out[i] = result
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], ARGV[2] .. '-0', 'f', ARGV[1], 'e', ARGV[3])
-redis.call('HSET', KEYS[2], 'last', ARGV[2], 'status', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return 1
+return out
 """
 
 # The stream's status; a running stream whose owner's liveness key is gone ends here with `generation_lost`.
@@ -165,7 +183,7 @@ _SCRIPTS = {
     name: (text, hashlib.sha1(text.encode()).hexdigest())  # Redis names scripts by their SHA-1
     for name, text in {
         "open": _OPEN_LUA,
-        "append": _APPEND_LUA,
+        "flush": _FLUSH_LUA,
         "check": _CHECK_LUA,
         "degrade": _DEGRADE_LUA,
         "lease": _LEASE_LUA,
@@ -245,6 +263,8 @@ class RedisStreamStore:
         self._replica_owners: dict[str, str] = {}  # a running replica's stream id → its owner's instance id
         self._wake = asyncio.Event()
         self._flushing = asyncio.Lock()
+        self._loading = asyncio.Lock()
+        self._opening: tuple[list[_Mirror], asyncio.Future[None]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._down_until = 0.0
         self._down = False
@@ -342,11 +362,14 @@ class RedisStreamStore:
             return await self._redis.evalsha(_SCRIPTS[script][1], len(keys), *keys, *args)
 
     async def _load_scripts(self) -> None:
-        if not self._scripts_loaded:
-            async with asyncio.timeout(REDIS_TIMEOUT):
-                for text, _ in _SCRIPTS.values():
-                    await self._redis.script_load(text)
-            self._scripts_loaded = True
+        if self._scripts_loaded:
+            return
+        async with self._loading:  # once, not once per caller that found them missing
+            if not self._scripts_loaded:
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    for text, _ in _SCRIPTS.values():
+                        await self._redis.script_load(text)
+                self._scripts_loaded = True
 
     # -- the owner's side: what the registry tells (synchronous, per append) ----------------------------------
 
@@ -365,18 +388,34 @@ class RedisStreamStore:
             self._wake.set()
 
     async def announce(self, generation: Generation) -> None:
-        """Make `generation` findable on every instance (its state hash, one round trip) before its id goes out
-        to a client, who may take it to another instance at once; the writer's next flush would be up to
-        `FLUSH_INTERVAL` later. No wait while Redis is down: the stream then runs from memory alone."""
+        """Make `generation` findable on every instance (its state hash) before its id goes out to a client, who
+        may take it to another instance at once; the writer's next flush may be up to `FLUSH_INTERVAL` later.
+        Streams announced in the same loop turn share one round trip. No wait while Redis is down: the stream then
+        runs from memory alone."""
         mirror = self._mirrored.get(generation.id)
         if mirror is None or mirror.opened or not self.available:
             return
+        if self._opening is None:
+            self._opening = ([], asyncio.get_running_loop().create_future())
+            self._spawn(self._open_announced())
+        waiting, done = self._opening
+        waiting.append(mirror)
+        await asyncio.shield(done)
+
+    async def _open_announced(self) -> None:
+        await asyncio.sleep(0)  # the rest of this loop turn's announcements
+        assert self._opening is not None
+        (mirrors, done), self._opening = self._opening, None
         try:
-            await self._call("open", [state_key(generation.id)], [self.instance_id, self._running_ttl_ms])
+            states = [state_key(m.generation.id) for m in mirrors]
+            await self._call("open", states, [self.instance_id, self._running_ttl_ms])
         except self._failures as exc:
             self._went_down(exc)
-            return
-        mirror.opened = True
+        else:
+            for mirror in mirrors:
+                mirror.opened = True
+        finally:
+            done.set_result(None)
 
     def _give_up(self, mirror: _Mirror) -> None:
         """Redis cannot hold this stream whole: it is never read elsewhere again (see the module's doc)."""
@@ -404,48 +443,41 @@ class RedisStreamStore:
             await self._flush_now(dirty)
 
     async def _flush_now(self, dirty: dict[str, _Mirror]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        # (mirror, whether its state was sent, the last seq sent, whether that ends the stream)
-        sent: list[tuple[_Mirror, bool, int, bool]] = []
+        keys: list[str] = []
+        args: list[str | int] = [self.instance_id, self._running_ttl_ms, self._settings.log_max_events]
+        sent: list[tuple[_Mirror, int, bool]] = []  # (mirror, the last seq sent, whether that ends the stream)
         for mirror in dirty.values():
             generation = mirror.generation
-            opening = not mirror.opened
-            if opening:
-                pipe.evalsha(_SCRIPTS["open"][1], 1, state_key(generation.id), self.instance_id, self._running_ttl_ms)
             try:
                 events = generation.log.since(mirror.written)
             except LookupError:  # trimmed before it was written (memory pressure while Redis was away)
                 self._give_up(mirror)
                 continue
-            if not events:
-                sent.append((mirror, opening, mirror.written, False))
+            if not events and mirror.opened:
                 continue
             last = mirror.written + len(events)
-            ends = is_terminal(events[-1])
-            pipe.evalsha(
-                _SCRIPTS["append"][1],
-                2,
-                log_key(generation.id),
-                state_key(generation.id),
+            ends = bool(events) and is_terminal(events[-1])
+            keys += (log_key(generation.id), state_key(generation.id))
+            args += (
+                0 if mirror.opened else 1,
                 mirror.written + 1,
                 last,
-                encode_batch(events),
+                encode_batch(events) if events else "",
                 status_after(events),
                 self._ttl_ms if ends else self._running_ttl_ms,
-                self._settings.log_max_events,
             )
-            sent.append((mirror, opening, last, ends))
+            sent.append((mirror, last, ends))
+        if not sent:
+            return
         try:
-            await self._load_scripts()
-            async with asyncio.timeout(REDIS_TIMEOUT):
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._call("flush", keys, args)
         except self._failures as exc:
             self._went_down(exc)
             # Kept: each generation's log still holds what was not written; it goes with the next flush. Not past
             # the retention, though: by then its keys would have expired, and a long outage must not hold every
             # ended generation in memory.
             now = asyncio.get_running_loop().time()
-            for mirror, _, _, _ in sent:
+            for mirror, _, _ in sent:
                 ended_at = mirror.generation.ended_at
                 if ended_at is not None and now - ended_at > self._ttl_ms / 1000:
                     self._give_up(mirror)
@@ -455,20 +487,11 @@ class RedisStreamStore:
             return
         self._came_back()
         self.flushes += 1
-        # The pipeline's replies: per stream, [open] if it was new, then [append] if it had news.
-        replies = iter(results)
-        for mirror, opening, last, ends in sent:
-            opened = not opening or not isinstance(next(replies), Exception)
-            reply = next(replies) if last != mirror.written else None
-            if not opened:
-                self._give_up(mirror)
-                continue
+        for (mirror, last, ends), written in zip(sent, results, strict=True):
             mirror.opened = True
-            if reply is None:
+            if last == mirror.written:
                 continue
-            if isinstance(reply, Exception) or reply != 1:
-                if isinstance(reply, Exception) and "NOSCRIPT" in str(reply):
-                    self._scripts_loaded = False
+            if written != 1:
                 log.info("stream %s: Redis refused a batch; it will not be resumable elsewhere", mirror.generation.id)
                 self._give_up(mirror)
                 continue

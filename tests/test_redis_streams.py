@@ -32,6 +32,8 @@ from .redis_server import RedisServer
 from .streaming import ndjson_complete, read_cut
 from .wire import ndjson_objects
 
+pytestmark = pytest.mark.redis
+
 NDJSON = {"Accept": "application/x-ndjson"}
 TOKENS = [f"tok{i:02d} " for i in range(20)]
 # The documented bound for readers elsewhere to learn that the owner died (docs/streams.md): the owner's lease
