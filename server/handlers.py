@@ -120,7 +120,9 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
         first_seq, last_seq, ended = generation.log.first_seq, generation.log.last_seq, generation.ended
     elif state.shared_streams is not None:
         # Another instance's stream (--stream-store redis): a replica of it here, replayed and followed from Redis.
-        opened = await state.shared_streams.open(stream_id)
+        opened = await state.shared_streams.open(stream_id, after)
+        if opened is None:  # ended, and the client has its terminal event
+            return web.Response(status=204, headers={"Cache-Control": "no-store"})
         generation, registry = opened.generation, opened.registry
         first_seq, last_seq, ended = opened.first_seq, opened.last_seq, opened.ended
         lag = not ended

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from .chat_request import ChatRequest, Message
 from .config import Config, ConfigError
-from .errors import ResumeUnavailable
+from .errors import RelayError, RequestError, ResumeUnavailable
 from .events import Event, is_terminal
 from .generation import EventLog, Generation, GenerationSettings
 from .registry import RegistrySettings, StreamRegistry
@@ -614,11 +614,13 @@ class RedisStreamStore:
 
     # -- another instance's side: resume, follow, stop ---------------------------------------------------------
 
-    async def open(self, stream_id: str) -> Opened:
-        """A replica of another instance's generation (an existing one, or a new one that replays Redis).
+    async def open(self, stream_id: str, after: int) -> Opened | None:
+        """A replica of another instance's generation for a reader from after event `after`: an existing one, or a
+        new one that replays Redis. None: the stream has ended and the client has its terminal event.
 
-        Raises `ResumeUnavailable` when Redis does not have the stream whole (unknown, expired, degraded) or cannot
-        be reached.
+        Raises `ResumeUnavailable` when Redis does not have the stream whole (unknown, expired, degraded, the events
+        after `after` no longer kept) or cannot be reached, `RequestError` for an event after an ended stream's end.
+        No replica is left behind by a refusal.
         """
         replica = self.replicas.get(stream_id)
         if replica is not None and not replica.ended:
@@ -661,6 +663,17 @@ class RedisStreamStore:
             log.warning("stream %s: its Redis log is not one this relay wrote", stream_id)
             raise ResumeUnavailable("this stream cannot be resumed here") from None
         last_seq = first_seq + len(events) - 1
+        ended = state.status in ENDED_STATUSES and bool(events) and is_terminal(events[-1])
+        refusal: RelayError | None = None
+        if after + 1 < first_seq:
+            refusal = ResumeUnavailable("the events after this one are no longer kept")
+        elif ended and after > last_seq:
+            refusal = RequestError("the stream has no such event yet")
+        if refusal is not None or (ended and after >= last_seq):
+            self._spawn(self._leave(stream_id, None))
+            if refusal is not None:
+                raise refusal
+            return None
         replica = Generation(
             ReplicaProvider(self, stream_id, events, last_seq),
             _REPLICA_CHAT,
@@ -670,7 +683,6 @@ class RedisStreamStore:
         replica.log = EventLog(self._settings.log_max_events, self._settings.log_max_bytes, first_seq=first_seq)
         self._replica_owners[stream_id] = state.owner
         self.replicas.start(replica)
-        ended = state.status in ENDED_STATUSES and bool(events) and is_terminal(events[-1])
         return Opened(replica, self.replicas, first_seq, last_seq, ended)
 
     def _check_args(self) -> tuple[str, str, int]:

@@ -205,6 +205,17 @@ async def test_readers_on_both_instances_read_identical_sequences(cluster: Clust
             assert other.status == 200
             on_a, on_b = await asyncio.gather(response.read(), other.read())
         response.close()
+        # Ended: on the other instance too, the terminal event's holder is told to stop, a later event is refused,
+        # and an unknown stream is unknown.
+        last = len(tokens) + 1
+        for after, status in ((last, 204), (last + 5, 400), (last - 1, 200)):
+            async with http.get(
+                f"{cluster.b}/api/streams/{stream_id}", params={"after": str(after)}, headers=NDJSON
+            ) as late:
+                assert late.status == status
+        async with http.get(f"{cluster.b}/api/streams/{uuid.uuid4().hex}", params={"after": "0"}) as unknown:
+            assert unknown.status == 404
+            assert (await unknown.json())["error"]["type"] == "resume_unavailable"
     a_events, b_events = ndjson_objects(on_a), ndjson_objects(on_b)
     assert a_events == b_events
     assert "".join(o["content"] for o in _deltas(a_events)) == "".join(tokens)
