@@ -68,13 +68,13 @@ from .stream_store import (
     encode_batch,
     entry_id,
     events_after,
+    flush_record,
     instance_channel,
     instance_key,
     log_key,
     parse_control,
     readers_key,
     state_key,
-    status_after,
 )
 
 if TYPE_CHECKING:
@@ -110,33 +110,40 @@ return 1
 
 # One flush: per stream, its state if it is new, then its batch of events. A batch is appended only to a running
 # stream whose last event is the one before it (no gap, no duplicate, even when a lost reply makes the writer send
-# a batch twice); a batch that does not follow marks the stream degraded.
-# KEYS: log, state of each stream. ARGV: owner, running TTL ms, length cap, then per stream six values: new (1/0),
-# first seq, last seq (first - 1: no events), events JSON, status after, TTL ms. Returns 1 (written) or 0 each.
+# a batch twice); a batch that does not follow marks the stream degraded. The streams come as one blob of records
+# (`flush_record`) rather than as keys and arguments: the client's cost of a command grows with its arguments, and
+# this is the one per-token path that reaches Redis; the script names the keys itself (one Redis, not a Cluster).
+# ARGV: owner, running TTL ms, length cap, key prefix, records. Returns 1 (written) or 0 per record.
 _FLUSH_LUA = """
-local out = {}
-for i = 1, #KEYS / 2 do
-  local log, state, a = KEYS[2 * i - 1], KEYS[2 * i], 3 + (i - 1) * 6
-  if ARGV[a + 1] == '1' and redis.call('EXISTS', state) == 0 then
-    redis.call('HSET', state, 'owner', ARGV[1], 'status', 'running', 'last', 0)
-    redis.call('PEXPIRE', state, ARGV[2])
+local owner, running_ttl, maxlen, prefix, blob = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local out, pos = {}, 1
+while pos <= #blob do
+  local nl = string.find(blob, '\\n', pos, true)
+  local id, new, first, last, status, ttl, size = string.match(
+    string.sub(blob, pos, nl - 1), '^(%x+) (%d) (%d+) (%d+) (%a+) (%d+) (%d+)$')
+  pos = nl + 1 + tonumber(size)
+  local log, state = prefix .. ':stream:{' .. id .. '}:log', prefix .. ':stream:{' .. id .. '}:state'
+  if new == '1' and redis.call('EXISTS', state) == 0 then
+    redis.call('HSET', state, 'owner', owner, 'status', 'running', 'last', 0)
+    redis.call('PEXPIRE', state, running_ttl)
   end
-  local first, last, result = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), 1
-  if last >= first then
+  local result = 1
+  if tonumber(last) >= tonumber(first) then
     local st = redis.call('HMGET', state, 'status', 'last')
     if st[1] ~= 'running' then
       result = 0
-    elseif tonumber(st[2]) ~= first - 1 then
+    elseif tonumber(st[2]) ~= tonumber(first) - 1 then
       redis.call('HSET', state, 'status', 'degraded')
       result = 0
     else
-      redis.call('XADD', log, 'MAXLEN', '~', ARGV[3], ARGV[a + 3] .. '-0', 'f', ARGV[a + 2], 'e', ARGV[a + 4])
-      redis.call('HSET', state, 'last', ARGV[a + 3], 'status', ARGV[a + 5])
-      redis.call('PEXPIRE', log, ARGV[a + 6])
-      redis.call('PEXPIRE', state, ARGV[a + 6])
+      local events = string.sub(blob, nl + 1, nl + tonumber(size))
+      redis.call('XADD', log, 'MAXLEN', '~', maxlen, last .. '-0', 'f', first, 'e', events)
+      redis.call('HSET', state, 'last', last, 'status', status)
+      redis.call('PEXPIRE', log, ttl)
+      redis.call('PEXPIRE', state, ttl)
     end
   end
-  out[i] = result
+  out[#out + 1] = result
 end
 return out
 """
@@ -355,7 +362,7 @@ class RedisStreamStore:
             self._down = False
             log.warning("Redis answers again: new streams can be resumed on any instance again")
 
-    async def _call(self, script: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def _call(self, script: str, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
         """One script call on the command client, under the command timeout."""
         await self._load_scripts()
         async with asyncio.timeout(REDIS_TIMEOUT):
@@ -443,8 +450,7 @@ class RedisStreamStore:
             await self._flush_now(dirty)
 
     async def _flush_now(self, dirty: dict[str, _Mirror]) -> None:
-        keys: list[str] = []
-        args: list[str | int] = [self.instance_id, self._running_ttl_ms, self._settings.log_max_events]
+        records: list[bytes] = []
         sent: list[tuple[_Mirror, int, bool]] = []  # (mirror, the last seq sent, whether that ends the stream)
         for mirror in dirty.values():
             generation = mirror.generation
@@ -457,20 +463,26 @@ class RedisStreamStore:
                 continue
             last = mirror.written + len(events)
             ends = bool(events) and is_terminal(events[-1])
-            keys += (log_key(generation.id), state_key(generation.id))
-            args += (
-                0 if mirror.opened else 1,
-                mirror.written + 1,
-                last,
-                encode_batch(events) if events else "",
-                status_after(events),
-                self._ttl_ms if ends else self._running_ttl_ms,
+            records.append(
+                flush_record(
+                    generation.id,
+                    new=not mirror.opened,
+                    first=mirror.written + 1,
+                    events=events,
+                    ttl_ms=self._ttl_ms if ends else self._running_ttl_ms,
+                )
             )
             sent.append((mirror, last, ends))
         if not sent:
             return
         try:
-            results = await self._call("flush", keys, args)
+            args: list[str | int | bytes] = [
+                self.instance_id,
+                self._running_ttl_ms,
+                self._settings.log_max_events,
+                KEY_PREFIX,
+            ]
+            results = await self._call("flush", [], [*args, b"".join(records)])
         except self._failures as exc:
             self._went_down(exc)
             # Kept: each generation's log still holds what was not written; it goes with the next flush. Not past

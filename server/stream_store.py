@@ -95,6 +95,11 @@ def status_after(batch: Sequence[Event]) -> str:
     return RUNNING
 
 
+# One encoder, made once: `json.dumps` with options builds a new encoder per call, which costs more than the
+# encoding of a token.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def encode_batch(batch: Sequence[Event]) -> str:
     """The ``e`` field of one entry.
 
@@ -102,7 +107,21 @@ def encode_batch(batch: Sequence[Event]) -> str:
     >>> encode_batch([Delta("Hi"), Done("stop")])
     '[{"kind":"delta","content":"Hi"},{"kind":"done","finish_reason":"stop","usage":null}]'
     """
-    return json.dumps([to_dict(event) for event in batch], separators=(",", ":"), ensure_ascii=False)
+    return _ENCODE([to_dict(event) for event in batch])
+
+
+def flush_record(stream_id: str, *, new: bool, first: int, events: Sequence[Event], ttl_ms: int) -> bytes:
+    """One stream's part of a flush (what `server/redis_streams.py`'s flush script reads): a header line, then
+    the events' JSON, whose length in bytes the header gives. No events: the state alone (a new stream).
+
+    >>> from server.events import Delta
+    >>> flush_record("ab", new=True, first=1, events=[Delta("é")], ttl_ms=5000)
+    b'ab 1 1 1 running 5000 33\\n[{"kind":"delta","content":"\\xc3\\xa9"}]'
+    """
+    payload = encode_batch(events).encode() if events else b""
+    last = first + len(events) - 1
+    header = f"{stream_id} {int(new)} {first} {last} {status_after(events)} {ttl_ms} {len(payload)}\n"
+    return header.encode() + payload
 
 
 @dataclass(frozen=True, slots=True)
