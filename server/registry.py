@@ -2,6 +2,7 @@
 
 - **Readers leave**: when the last reader of a running generation leaves, it is cancelled at once, unless its
   request opted in to resume: then it runs on for the resume grace, and a reader arriving meanwhile keeps it.
+  With a shared store (`SharedStore`, ``--stream-store redis``), readers on other instances count too.
 - **Retention**: an ended generation's log stays readable for `retention` seconds, then it is forgotten.
 - **Memory**: the logs of all generations together stay under `max_total_bytes`. Past it, ended generations are
   forgotten first, oldest end first; then running ones lose their retained events, oldest start first (they
