@@ -86,11 +86,16 @@ log = logging.getLogger("llm_relay.redis_streams")
 # Seconds the writer gathers appends before one pipeline: what a reader on another instance may lag behind the
 # owner's own readers, and what lets several tokens of a stream share one entry (paced streams: ~50 ms / pace).
 FLUSH_INTERVAL = 0.05
-REDIS_TIMEOUT = 0.5  # seconds for any one command or pipeline (as the limiter)
+REDIS_TIMEOUT = 0.5  # seconds for any one command or pipeline on a request's path (as the limiter)
+# Seconds for the writer's flush, off every request's path: longer, so that a relay whose own event loop is
+# saturated (its replies read late) is not taken for a Redis outage.
+FLUSH_TIMEOUT = 2.0
 REDIS_RETRY_INTERVAL = 1.0  # after a failure, Redis is not asked again for this long
-OWNER_TTL = 3.0  # a SIGKILLed owner is seen as gone this long after its last refresh
+# A SIGKILLed owner is seen as gone this long after its last refresh. Several refreshes long: an owner whose event
+# loop lags (saturated) must not be taken for a dead one, since a lost generation is lost for good.
+OWNER_TTL = 5.0
 LEASE_REFRESH = 1.0  # how often an instance refreshes its liveness key and its readers' leases
-READER_LEASE_TTL = 3.0  # an instance that died stops counting as a reader this long after its last refresh
+READER_LEASE_TTL = 5.0  # a dead instance stops counting as a reader this long after its last refresh (as OWNER_TTL)
 FOLLOW_BLOCK_MS = 1000  # one XREAD BLOCK; after one without news the follower checks that the owner lives
 REPLAY_COUNT = 1000  # entries per XRANGE / XREAD reply
 
@@ -211,6 +216,9 @@ class _Mirror:
     generation: Generation
     written: int = 0  # the last sequence number Redis holds
     opened: bool = False  # the state hash exists
+    # A flush that carried this stream failed without an answer: Redis may hold its batch or not. The next flush
+    # reads the state's last sequence number first, so a batch is never sent twice nor skipped.
+    uncertain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +358,10 @@ class RedisStreamStore:
         self._scripts_loaded = False  # a restarted Redis has none
         if not self._down:
             self._down = True
+            # The pools' idle connections may be dead (a restarted Redis): dropped now, each would fail once more
+            # when Redis is back, and every failure would look like a new outage.
+            for client in (self._redis, self._blocking):
+                self._spawn(self._drop_idle(client))
             log.warning(
                 "Redis is unreachable (%s: %s): streams go on from memory, but cannot be resumed on another "
                 "instance until it answers again",
@@ -357,15 +369,21 @@ class RedisStreamStore:
                 exc,
             )
 
+    async def _drop_idle(self, client: Redis) -> None:
+        with contextlib.suppress(*self._failures):
+            await client.connection_pool.disconnect(inuse_connections=False)
+
     def _came_back(self) -> None:
         if self._down:
             self._down = False
             log.warning("Redis answers again: new streams can be resumed on any instance again")
 
-    async def _call(self, script: str, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
-        """One script call on the command client, under the command timeout."""
+    async def _call(
+        self, script: str, keys: Sequence[str], args: Sequence[str | int | bytes], seconds: float = REDIS_TIMEOUT
+    ) -> Any:
+        """One script call on the command client, under a timeout of `seconds`."""
         await self._load_scripts()
-        async with asyncio.timeout(REDIS_TIMEOUT):
+        async with asyncio.timeout(seconds):
             return await self._redis.evalsha(_SCRIPTS[script][1], len(keys), *keys, *args)
 
     async def _load_scripts(self) -> None:
@@ -450,6 +468,9 @@ class RedisStreamStore:
             await self._flush_now(dirty)
 
     async def _flush_now(self, dirty: dict[str, _Mirror]) -> None:
+        if not await self._resync([m for m in dirty.values() if m.uncertain]):
+            self._keep(list(dirty.values()))
+            return
         records: list[bytes] = []
         sent: list[tuple[_Mirror, int, bool]] = []  # (mirror, the last seq sent, whether that ends the stream)
         for mirror in dirty.values():
@@ -482,20 +503,12 @@ class RedisStreamStore:
                 self._settings.log_max_events,
                 KEY_PREFIX,
             ]
-            results = await self._call("flush", [], [*args, b"".join(records)])
+            results = await self._call("flush", [], [*args, b"".join(records)], FLUSH_TIMEOUT)
         except self._failures as exc:
             self._went_down(exc)
-            # Kept: each generation's log still holds what was not written; it goes with the next flush. Not past
-            # the retention, though: by then its keys would have expired, and a long outage must not hold every
-            # ended generation in memory.
-            now = asyncio.get_running_loop().time()
             for mirror, _, _ in sent:
-                ended_at = mirror.generation.ended_at
-                if ended_at is not None and now - ended_at > self._ttl_ms / 1000:
-                    self._give_up(mirror)
-                else:
-                    self._dirty.setdefault(mirror.generation.id, mirror)
-            self._wake.set()
+                mirror.uncertain = True
+            self._keep([mirror for mirror, _, _ in sent])
             return
         self._came_back()
         self.flushes += 1
@@ -512,6 +525,41 @@ class RedisStreamStore:
             self.batches_written += 1
             if ends:
                 self._mirrored.pop(mirror.generation.id, None)
+
+    def _keep(self, mirrors: list[_Mirror]) -> None:
+        """A flush failed: each generation's log still holds what was not written; it goes with a later flush.
+        Not past the retention, though: by then its keys would have expired, and a long outage must not hold every
+        ended generation in memory."""
+        now = asyncio.get_running_loop().time()
+        for mirror in mirrors:
+            ended_at = mirror.generation.ended_at
+            if ended_at is not None and now - ended_at > self._ttl_ms / 1000:
+                self._give_up(mirror)
+            else:
+                self._dirty.setdefault(mirror.generation.id, mirror)
+        self._wake.set()
+
+    async def _resync(self, uncertain: list[_Mirror]) -> bool:
+        """Where Redis is for streams whose last flush got no answer: its state's `last` (the batch landed, or not).
+        False if Redis cannot tell now."""
+        if not uncertain:
+            return True
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for mirror in uncertain:
+                pipe.hget(state_key(mirror.generation.id), "last")
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                lasts = await pipe.execute()
+        except self._failures as exc:
+            self._went_down(exc)
+            return False
+        for mirror, raw in zip(uncertain, lasts, strict=True):
+            mirror.uncertain = False
+            if raw is not None:
+                mirror.opened = True
+                # Only what this writer sent can be there: at most what it had sent, at least what it knew written.
+                mirror.written = max(mirror.written, min(int(raw), mirror.generation.log.last_seq))
+        return True
 
     # -- presence: readers elsewhere ------------------------------------------------------------------------------
 
