@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Redis, per token written (whole run, `INFO commandstats` against the relay's `events_written`):",
         "",
-        "| repeat | events | entries (XADD) | events per entry | pipelines | sent by the relay per token "
+        "| repeat | events | entries (XADD) | events per entry | flushes | sent by the relay per token "
         "| run inside Redis per token |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
