@@ -29,12 +29,13 @@ from hypothesis import strategies as st
 from .fake_upstream import Behavior, FakeUpstream, Seen
 from .processes import free_port, start_server, wait_up
 from .redis_server import RedisServer
-from .streaming import ndjson_complete, read_cut
+from .streaming import EventSourceModel, ndjson_complete, read_cut
 from .wire import ndjson_objects
 
 pytestmark = pytest.mark.redis
 
 NDJSON = {"Accept": "application/x-ndjson"}
+SSE = {"Accept": "text/event-stream"}
 TOKENS = [f"tok{i:02d} " for i in range(20)]
 # The documented bound for readers elsewhere to learn that the owner died (docs/streams.md): the owner's lease
 # (5 s) and one follower's wait (1 s); the rest is slack for a loaded 2-core machine, not a benchmark.
@@ -222,6 +223,31 @@ async def test_readers_on_both_instances_read_identical_sequences(cluster: Clust
     assert len(cluster.upstream.seen(prompt)) == 1
 
 
+async def test_an_event_source_reconnecting_to_the_other_instance_resumes(cluster: Cluster) -> None:
+    """What a browser does behind a load balancer: the same /api/chat URL, with Last-Event-ID, lands on B."""
+    prompt = _prompt(cluster.upstream, Behavior(tokens=TOKENS, delay=0.02))
+    url = "/api/chat"
+    params = {"prompt": prompt, "resume": "1"}
+    async with aiohttp.ClientSession() as http:
+        first = await http.get(cluster.a + url, params=params, headers=SSE)
+        assert first.status == 200
+        body = b""
+        while body.count(b"\n\n") < 4:  # the opening block and three tokens
+            body += await first.content.readany()
+        first.close()
+        browser = EventSourceModel()
+        browser.connection(body)
+        async with http.get(
+            cluster.b + url, params=params, headers={**SSE, "Last-Event-ID": browser.last_event_id}
+        ) as second:
+            assert second.status == 200
+            browser.connection(await second.read())
+    reply = [event for event in browser.events if not event.last_event_id.endswith("/0")]
+    assert [int(e.last_event_id.rpartition("/")[2]) for e in reply] == list(range(1, len(TOKENS) + 2))
+    assert "".join(json.loads(e.data)["content"] for e in reply if e.type == "message") == "".join(TOKENS)
+    assert len(cluster.upstream.seen(prompt)) == 1
+
+
 # -- 3. DELETE on B stops A's generation ---------------------------------------------------------------------------
 
 
@@ -342,7 +368,16 @@ async def test_redis_down_mid_stream_degrades_then_recovers(tmp_path: Path) -> N
             response = await _start(http, a.base, "outage", resume=True)
             stream_id = response.headers["X-Stream-Id"]
             first = await response.content.readline()
+            follower = await http.get(f"{b.base}/api/streams/{stream_id}", params={"after": "0"}, headers=NDJSON)
+            assert follower.status == 200
+            await follower.content.readline()
             redis.stop()
+            # A reader on the other instance cannot go on: it ends, in band, instead of waiting forever.
+            async with asyncio.timeout(10):
+                rest = ndjson_objects(await follower.read())
+            follower.close()
+            assert rest[-1]["type"] == "error"
+            assert rest[-1]["error"]["type"] == "resume_unavailable"
             # The local reader streams on from memory: the whole reply, nothing lost.
             body = first + await response.read()
             response.close()
