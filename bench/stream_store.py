@@ -164,11 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if "calls" not in row:
             continue
-        calls: dict[str, int] = row["calls"]
+        seen: dict[str, int] = row["calls"]
         events = max(1, row["events_written"])
         inside = {"xadd", "hset", "hmget", "pexpire", "exists", "zadd", "zremrangebyscore", "zcard", "time"}
-        sent = sum(v for k, v in calls.items() if k not in inside and k != "info")
-        ran = sum(v for k, v in calls.items() if k in inside)
+        sent = sum(v for k, v in seen.items() if k not in inside and k != "info")
+        ran = sum(v for k, v in seen.items() if k in inside)
         lines.append(
             f"| {row['repeat'] + 1} | {row['events_written']} | {row['batches_written']} "
             f"| {row['events_written'] / max(1, row['batches_written']):.2f} | {row['flushes']} "

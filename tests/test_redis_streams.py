@@ -126,6 +126,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         loop.close()
         upstream.close()
         redis.stop()
+    # Whatever the tests did to them, neither instance logged a traceback.
+    for instance in (a, b):
+        assert "Traceback" not in instance.stderr.read_text()
 
 
 async def _within(seconds: float, scenario: Coroutine[Any, Any, None]) -> None:

@@ -71,9 +71,9 @@ def test_a_terminal_batch_read_back(batch: list[Event], end: Event) -> None:
     ],
     ids=["id-mismatch", "empty", "not-a-list", "unknown-kind", "no-first", "bad-first", "not-json"],
 )
-def test_an_entry_the_relay_did_not_write_is_refused(entry_id_: str, fields: dict[str, str]) -> None:
+def test_an_entry_the_relay_did_not_write_is_refused(entry_id_: str, fields: dict[bytes | str, bytes | str]) -> None:
     with pytest.raises(ValueError, match="not an entry of this relay"):
-        decode_entry(entry_id_, dict(fields))
+        decode_entry(entry_id_, fields)
 
 
 def _entries(*sizes: int, first: int = 1) -> list[Entry]:
