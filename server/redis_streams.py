@@ -512,12 +512,13 @@ class RedisStreamStore:
             return
         self._came_back()
         self.flushes += 1
+        refused = 0
         for (mirror, last, ends), written in zip(sent, results, strict=True):
             mirror.opened = True
             if last == mirror.written:
                 continue
             if written != 1:
-                log.info("stream %s: Redis refused a batch; it will not be resumable elsewhere", mirror.generation.id)
+                refused += 1
                 self._give_up(mirror)
                 continue
             self.events_written += last - mirror.written
@@ -525,6 +526,9 @@ class RedisStreamStore:
             self.batches_written += 1
             if ends:
                 self._mirrored.pop(mirror.generation.id, None)
+        if refused:
+            # One line per flush, not per stream: after a Redis restart every running stream is refused at once.
+            log.warning("%d streams could not be kept whole in Redis: they stay resumable only here", refused)
 
     def _keep(self, mirrors: list[_Mirror]) -> None:
         """A flush failed: each generation's log still holds what was not written; it goes with a later flush.
