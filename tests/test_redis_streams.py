@@ -220,6 +220,11 @@ async def test_readers_on_both_instances_read_identical_sequences(cluster: Clust
         async with http.get(f"{cluster.b}/api/streams/{uuid.uuid4().hex}", params={"after": "0"}) as unknown:
             assert unknown.status == 404
             assert (await unknown.json())["error"]["type"] == "resume_unavailable"
+        async with http.get(f"{cluster.a}/api/healthz") as report:
+            store = (await report.json())["stream_store"]
+    assert store["redis"] == "up"
+    assert store["events_written"] >= len(tokens) + 1
+    assert store["batches_written"] <= store["events_written"]
     a_events, b_events = ndjson_objects(on_a), ndjson_objects(on_b)
     assert a_events == b_events
     assert "".join(o["content"] for o in _deltas(a_events)) == "".join(tokens)

@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.app import create_app
+from server.config import Config, ConfigError
 from server.events import Delta, Done, Error, Event, Reasoning, Refusal, ToolCallDelta, Usage
 from server.stream_store import (
     DONE,
@@ -147,3 +149,10 @@ def test_control_messages(message: bytes | str, parsed: tuple[str, str] | None) 
 
 def test_instance_channel_names_the_instance() -> None:
     assert instance_channel("a1") != instance_channel("a2")
+
+
+def test_a_stream_store_url_that_is_not_a_redis_url_is_a_startup_error() -> None:
+    config = Config(stream_store="redis", redis_url="http://nope", limits_enabled=False)
+    with pytest.raises(ConfigError, match="not a Redis URL") as info:
+        create_app(config)
+    assert "nope" not in str(info.value)  # a URL may hold a password: never echoed
