@@ -285,7 +285,7 @@ class RedisStreamStore:
         self._down = False
         self._scripts_loaded = False
         self._closed = False
-        # Counters (healthz): pipelines sent, entries (batches) and events written.
+        # Counters (healthz): flushes sent, entries (batches) and events written.
         self.flushes = 0
         self.batches_written = 0
         self.events_written = 0
@@ -301,9 +301,11 @@ class RedisStreamStore:
         except ImportError:  # pragma: no cover - depends on the installation
             raise ConfigError("--stream-store redis needs the redis package: pip install 'llm-relay[redis]'") from None
         try:
-            # No retries inside the client: the store decides what an outage means (see the module's doc).
+            # No retries inside the client: the store decides what an outage means (see the module's doc). The
+            # socket timeout is the longest any call may take (the writer's); calls on a request's path have their
+            # own, shorter `asyncio.timeout`.
             redis = Redis.from_url(
-                url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 0)
+                url, socket_timeout=FLUSH_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 0)
             )
             blocking = Redis.from_url(
                 url,
@@ -634,7 +636,7 @@ class RedisStreamStore:
             watched = list(self._watching)
             for stream_id in watched:
                 pipe.evalsha(_SCRIPTS["count"][1], 1, readers_key(stream_id))
-            async with asyncio.timeout(REDIS_TIMEOUT):
+            async with asyncio.timeout(FLUSH_TIMEOUT):  # off every request's path, like the writer
                 results = await pipe.execute()
         except self._failures as exc:
             self._went_down(exc)
