@@ -173,17 +173,19 @@ async def _read(
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[RELAY]
     streams = state.streams
-    report: dict[str, object] = {
-        "status": "ok",
-        "provider": state.provider.name,
-        "open_streams": len(streams),  # running generations
-        "readers": streams.readers,
-        "retained_streams": streams.retained,  # running and recently ended, resumable
-        "log_bytes": streams.total_bytes,
-    }
-    if state.shared_streams is not None:
-        report["stream_store"] = state.shared_streams.report()
-    return web.json_response(report, headers={"Cache-Control": "no-store"})
+    shared = state.shared_streams
+    return web.json_response(
+        {
+            "status": "ok",
+            "provider": state.provider.name,
+            "open_streams": len(streams),  # running generations
+            "readers": streams.readers,
+            "retained_streams": streams.retained,  # running and recently ended, resumable
+            "log_bytes": streams.total_bytes,
+            **({"stream_store": shared.report()} if shared is not None else {}),  # --stream-store redis
+        },
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @web.middleware
