@@ -114,7 +114,7 @@ class EventLog:
 
     def __init__(self, max_events: int, max_bytes: int, *, first_seq: int = 1) -> None:
         """`first_seq` > 1: a copy of a log whose earlier events are no longer kept (a replica of another
-        instance's generation, `server/redis_streams.py`)."""
+        instance's generation, `server/redis_replicas.py`)."""
         self._events: list[Event] = []
         # _ends[i]: the estimated bytes appended up to and including _events[i], since the log began.
         self._ends: list[int] = []

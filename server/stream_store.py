@@ -111,7 +111,7 @@ def encode_batch(batch: Sequence[Event]) -> str:
 
 
 def flush_record(stream_id: str, *, new: bool, first: int, events: Sequence[Event], ttl_ms: int) -> bytes:
-    """One stream's part of a flush (what `server/redis_streams.py`'s flush script reads): a header line, then
+    """One stream's part of a flush (what the flush script of `server/redis_link.py` reads): a header line, then
     the events' JSON, whose length in bytes the header gives. No events: the state alone (a new stream).
 
     >>> from server.events import Delta

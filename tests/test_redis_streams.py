@@ -1,4 +1,4 @@
-"""Streams in Redis (``--stream-store redis``, server/redis_streams.py): two relay processes, one real redis-server.
+"""Streams in Redis (``--stream-store redis``, server/redis_*.py): two relay processes, one real redis-server.
 
 Both instances are real ``python -m server`` processes (tests/processes.py) sharing a real ``redis-server``
 (tests/redis_server.py); both relay the fake upstream through the real `openai` client. The fake upstream runs in
