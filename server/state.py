@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .admission import Limiter
+from .budget_backends import TokenBudgets
 from .chat_request import RequestRules
 from .config import Config
 from .generation import GenerationSettings
@@ -34,6 +35,8 @@ class RelayState:
     streams: StreamRegistry
     # --stream-store redis: this instance's generations shared, other instances' read (None: memory only).
     shared_streams: RedisStreamStore | None = None
+    # Token budgets (budget_backends.py), None when no client has one.
+    budgets: TokenBudgets | None = None
 
 
 RELAY = web.AppKey("llm_relay", RelayState)
