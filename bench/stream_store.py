@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                     server = running[target.name]
                     calls_before = command_calls(redis_port)
                     health_before = healthz(server.port)
-                    row = scenarios._relay_paced(plan, target, server, repeat, log)
+                    row = scenarios._relay_paced(plan, target, server, args.streams, repeat, log)
                     # The last flushes of the run's streams.
                     time.sleep(0.5)
                     calls = {
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         "# Stream store: Redis against memory",
         "",
         f"`python -m bench.stream_store --streams {args.streams} --repeats {args.repeats}`, {when}. "
-        f"{args.streams} paced streams of {plan.paced_tokens} tokens every {1000 * plan.paced_delay:g} ms through "
-        "the fake upstream and the openai client; the relay pinned to its core, the load client and redis-server "
-        "to the other.",
+        f"{args.streams} paced streams of {plan.relay_paced_tokens} tokens every {1000 * plan.paced_delay:g} ms "
+        "through the fake upstream and the openai client, all started at once (the full relay's paced scenario); "
+        "the relay pinned to its core, the load client and redis-server to the other.",
         "",
         "| repeat | store | CPU-µs/token | ratio | CPU % | other load on the relay's core % | ttft p99 ms |",
         "| --- | --- | --- | --- | --- | --- | --- |",
