@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -17,6 +18,9 @@ from .reader import ReaderSettings
 from .registry import StreamRegistry
 from .request_origin import OriginPolicy
 
+if TYPE_CHECKING:
+    from .redis_streams import RedisStreamStore
+
 
 @dataclass(slots=True)
 class RelayState:
@@ -29,6 +33,8 @@ class RelayState:
     identify: Callable[[web.Request], str]
     origin_policy: OriginPolicy
     streams: StreamRegistry
+    # --stream-store redis: this instance's generations shared, other instances' read (None: memory only).
+    shared_streams: RedisStreamStore | None = None
     # Token budgets (budget_backends.py), None when no client has one.
     budgets: TokenBudgets | None = None
 
