@@ -189,6 +189,10 @@ def create_relay_app(
     # The access line's middleware is the outermost: it sees every response, json_errors' ones included.
     api = web.Application(middlewares=[access_middleware(observer), json_errors], client_max_size=config.max_body_bytes)
     api.on_response_prepare.append(add_request_id)
+    if config.stream_store == "redis":
+        from .redis_streams import build_stream_store
+
+        state.shared_streams = build_stream_store(config, state.streams, state.generation_settings)
     api[RELAY] = state
     chat_resource = api.router.add_resource("/chat", name="chat")
     # The expect handler leaves 100 Continue to the handler, which sends it once the client is admitted.
@@ -229,9 +233,13 @@ def _setup_cors(api: web.Application, origins: tuple[str, ...], routes: Sequence
 async def _lifecycle(api: web.Application) -> AsyncIterator[None]:
     """Shared clients live as long as the app; they are closed only after the last stream has ended."""
     state = api[RELAY]
+    if state.shared_streams is not None:
+        state.shared_streams.start()
     yield
     await state.streams.shutdown(state.config.shutdown_grace)
     state.streams.close()
+    if state.shared_streams is not None:
+        await state.shared_streams.aclose()  # after the streams' ends, which it writes
     await state.limiter.aclose()
     if state.budgets is not None:
         await state.budgets.aclose()
@@ -242,6 +250,9 @@ async def _end_streams(api: web.Application) -> None:
     """Graceful shutdown: every reader gets an in-band ``server_shutdown`` event; generations without readers get
     the grace period, then are cancelled (their upstreams closed)."""
     state = api[RELAY]
+    if state.shared_streams is not None:
+        # Readers of other instances' streams end in band too (those streams go on where they run).
+        await state.shared_streams.replicas.shutdown(0.0)
     await state.streams.shutdown(state.config.shutdown_grace)
 
 

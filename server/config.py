@@ -105,6 +105,8 @@ class Config:
     max_streams: int = 2000
     redis_url: str | None = field(default=None, repr=False)
     redis_fail_open: bool = True
+    # Where generations' logs live: "memory" (this process) or "redis" (--redis-url: resumable on any instance).
+    stream_store: str = "memory"
     trusted_proxies: tuple[str, ...] = ()
     api_keys_file: str | None = None
     # With API keys: failed authentications an address may make at once, and how fast they are forgiven.
@@ -402,6 +404,11 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option("redis-url", "share limits between processes through this Redis, e.g. redis://127.0.0.1:6379/0"),
     _Option("redis-fail-open", "admit requests when Redis is unreachable (false: refuse them)", _bool),
     _Option(
+        "stream-store",
+        "where streams are kept for resuming: memory (this process) or redis (--redis-url; any instance)",
+        choices=("memory", "redis"),
+    ),
+    _Option(
         "trusted-proxy",
         "address or network whose X-Forwarded-For is believed (repeatable)",
         repeatable=True,
@@ -564,6 +571,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             OriginPolicy.from_settings(values["public_origins"])
         except ValueError as exc:
             parser.error(str(exc))
+    if values.get("stream_store") == "redis" and not values.get("redis_url"):
+        parser.error("--stream-store redis needs --redis-url (the Redis that holds the streams)")
     return Config(**values)
 
 

@@ -120,13 +120,15 @@ class EventLog:
 
     __slots__ = ("_base", "_ends", "_events", "_first_seq", "_max_bytes", "_max_events", "_total")
 
-    def __init__(self, max_events: int, max_bytes: int) -> None:
+    def __init__(self, max_events: int, max_bytes: int, *, first_seq: int = 1) -> None:
+        """`first_seq` > 1: a copy of a log whose earlier events are no longer kept (a replica of another
+        instance's generation, `server/redis_replicas.py`)."""
         self._events: list[Event] = []
         # _ends[i]: the estimated bytes appended up to and including _events[i], since the log began.
         self._ends: list[int] = []
         self._base = 0  # the same total up to the last dropped event
         self._total = 0
-        self._first_seq = 1
+        self._first_seq = first_seq
         self._max_events = max(1, max_events)
         self._max_bytes = max(1, max_bytes)
 

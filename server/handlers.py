@@ -25,6 +25,7 @@ from .intake import accept_chat, check_host, check_origin, read_body
 from .logs import READING, ReadingRequest
 from .negotiation import choose_framing
 from .reader import Reader
+from .registry import StreamRegistry
 from .responses import error_response
 from .resume import is_stream_id, parse_after, parse_last_event_id
 from .state import RELAY
@@ -62,6 +63,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         budget=accepted.reservation,
     )
     state.streams.start(generation, framing=framing.name)
+    if state.shared_streams is not None:
+        # Findable on every instance before its id goes out (X-Stream-Id, the opening event).
+        await state.shared_streams.announce(generation)
     return await _read(
         request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=accepted.headers
     )
@@ -94,9 +98,17 @@ async def stop(request: web.Request) -> web.Response:
     try:
         check_origin(request, state.origin_policy)
         state.identify(request)
-        generation = state.streams.get(request.match_info["id"])
+        stream_id = request.match_info["id"]
+        generation = state.streams.get(stream_id)
         if generation is None:
-            raise ResumeUnavailable("no such stream")
+            # Perhaps another instance runs it (--stream-store redis): its owner is told to stop it.
+            if (
+                state.shared_streams is None
+                or not is_stream_id(stream_id)
+                or not await state.shared_streams.stop(stream_id)
+            ):
+                raise ResumeUnavailable("no such stream")
+            return web.Response(status=204, headers={"Cache-Control": "no-store"})
     except RelayError as error:
         return error_response(error)
     state.streams.stop(generation)
@@ -107,17 +119,30 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
     """A reader of an existing generation from after event `after`; never a second generation."""
     state = request.app[RELAY]
     generation = state.streams.get(stream_id)
-    if generation is None:
+    registry = state.streams
+    # Events that may exist beyond what this instance knows of: a remote stream's owner writes Redis a flush behind
+    # its own readers, so a client may hold an event its replica has not read yet (the reader then waits for it).
+    lag = False
+    if generation is not None:
+        first_seq, last_seq, ended = generation.log.first_seq, generation.log.last_seq, generation.ended
+    elif state.shared_streams is not None:
+        # Another instance's stream (--stream-store redis): a replica of it here, replayed and followed from Redis.
+        opened = await state.shared_streams.open(stream_id, after)
+        if opened is None:  # ended, and the client has its terminal event
+            return web.Response(status=204, headers={"Cache-Control": "no-store"})
+        generation, registry = opened.generation, opened.registry
+        first_seq, last_seq, ended = opened.first_seq, opened.last_seq, opened.ended
+        lag = not ended
+    else:
         raise ResumeUnavailable("this stream cannot be resumed here: it is unknown, expired or evicted")
-    log_ = generation.log
-    if after > log_.last_seq:
+    if after > last_seq and not lag:
         raise RequestError("the stream has no such event yet")
-    if generation.ended and after >= log_.last_seq:
+    if ended and after >= last_seq:
         # The client has the terminal event: 204 is the spec's "stop reconnecting" (WHATWG HTML §9.2.3).
         return web.Response(status=204, headers={"Cache-Control": "no-store"})
-    if after + 1 < log_.first_seq:
+    if after + 1 < first_seq:
         raise ResumeUnavailable("the events after this one are no longer kept")
-    return await _read(request, generation, framing, after=after, prepare_now=True, resumed=True)
+    return await _read(request, generation, framing, after=after, prepare_now=True, resumed=True, registry=registry)
 
 
 async def _read(
@@ -130,6 +155,7 @@ async def _read(
     announce: bool = False,
     headers: Mapping[str, str] | None = None,
     resumed: bool = False,
+    registry: StreamRegistry | None = None,
 ) -> web.StreamResponse:
     """Run a `Reader` of `generation` for this request (see `Reader` for the options); `resumed`: it joins an
     existing generation."""
@@ -137,7 +163,7 @@ async def _read(
     reader = Reader(
         request,
         generation,
-        state.streams,
+        registry or state.streams,
         framing,
         state.reader_settings,
         after=after,
@@ -159,6 +185,7 @@ async def _read(
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[RELAY]
     streams = state.streams
+    shared = state.shared_streams
     return web.json_response(
         {
             "status": "ok",
@@ -167,6 +194,7 @@ async def healthz(request: web.Request) -> web.Response:
             "readers": streams.readers,
             "retained_streams": streams.retained,  # running and recently ended, resumable
             "log_bytes": streams.total_bytes,
+            **({"stream_store": shared.report()} if shared is not None else {}),  # --stream-store redis
             # Token budgets (budget_backends.BudgetStats): tokens reserved, charged, refunded; refusals.
             **({"token_budget": state.budgets.stats.as_dict()} if state.budgets is not None else {}),
         },

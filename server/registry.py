@@ -2,6 +2,7 @@
 
 - **Readers leave**: when the last reader of a running generation leaves, it is cancelled at once, unless its
   request opted in to resume: then it runs on for the resume grace, and a reader arriving meanwhile keeps it.
+  With a shared store (`SharedStore`, ``--stream-store redis``), readers on other instances count too.
 - **Retention**: an ended generation's log stays readable for `retention` seconds, then it is forgotten.
 - **Memory**: the logs of all generations together stay under `max_total_bytes`. Past it, ended generations are
   forgotten first, oldest end first; then running ones lose their retained events, oldest start first (they
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +30,25 @@ class Follower(Protocol):
     """What the registry needs of a reader: to be told the server is going down."""
 
     def shutdown(self) -> None: ...
+
+
+class SharedStore(Protocol):
+    """A store that shares this registry's generations with other instances (`server/redis_streams.py`).
+
+    Told of every start and append (synchronously: it only marks the generation for its own writer), and asked,
+    when the last reader here has left, whether readers on other instances still follow the generation.
+    """
+
+    def started(self, generation: Generation) -> None: ...
+
+    def appended(self, generation: Generation) -> None: ...
+
+    def watch_remote_readers(
+        self, generation: Generation, none_now: Callable[[], None], none_later: Callable[[], None]
+    ) -> bool:
+        """True if the store decides: it calls `none_now` if no other instance reads the generation, or
+        `none_later` once the last one has left. False: it cannot tell (not shared), the caller decides now."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +82,9 @@ class StreamRegistry:
         self._unclosed: set[Generation] = set()
         self.total_bytes = 0
         self.finished = 0
+        # Set when generations are shared with other instances (--stream-store redis); None keeps every path here
+        # as it is in memory alone.
+        self.shared: SharedStore | None = None
 
     # -- what is here ----------------------------------------------------------------------------------------
 
@@ -99,6 +122,8 @@ class StreamRegistry:
         self._idle.clear()
         self._unclosed.add(generation)
         generation.start(self._on_change, self._on_end, self._on_closed)
+        if self.shared is not None:
+            self.shared.started(generation)
         if self._shutting_down:
             generation.cancel(Outcome.SHUTDOWN)
 
@@ -117,6 +142,19 @@ class StreamRegistry:
         generation.readers_changed()
         if generation.readers or generation.ended:
             return
+        if self.shared is not None and not self._shutting_down:
+            # Readers on other instances count too: the shared store decides once it has asked.
+            def unread() -> None:
+                self._unread(generation)
+
+            if self.shared.watch_remote_readers(generation, unread, unread):
+                return
+        self._unread(generation)
+
+    def _unread(self, generation: Generation) -> None:
+        """No reader anywhere: cancel now, or after the resume grace if the request opted in."""
+        if generation.readers or generation.ended or generation.id in self._grace:
+            return
         if not generation.resumable:
             generation.cancel(Outcome.SHUTDOWN if self._shutting_down else Outcome.ABANDONED)
             return
@@ -129,8 +167,20 @@ class StreamRegistry:
 
     def _grace_over(self, generation: Generation) -> None:
         self._grace.pop(generation.id, None)
-        if not generation.readers:
-            generation.cancel(Outcome.ABANDONED)
+        if generation.readers or generation.ended:
+            return
+        if self.shared is not None and not self._shutting_down:
+            # A reader elsewhere keeps it; when that one leaves, a new grace starts.
+            def abandon() -> None:
+                if not generation.readers:
+                    generation.cancel(Outcome.ABANDONED)
+
+            def unread() -> None:
+                self._unread(generation)
+
+            if self.shared.watch_remote_readers(generation, abandon, unread):
+                return
+        generation.cancel(Outcome.ABANDONED)
 
     def _on_end(self, generation: Generation) -> None:
         grace = self._grace.pop(generation.id, None)
@@ -162,6 +212,8 @@ class StreamRegistry:
     # -- memory -----------------------------------------------------------------------------------------------
 
     def _on_change(self, generation: Generation, delta: int) -> None:
+        if self.shared is not None:
+            self.shared.appended(generation)
         self.total_bytes += delta
         limit = self.settings.max_total_bytes
         if self.total_bytes <= limit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -17,6 +18,9 @@ from .providers.base import Provider
 from .reader import ReaderSettings
 from .registry import StreamRegistry
 from .request_origin import OriginPolicy
+
+if TYPE_CHECKING:
+    from .redis_streams import RedisStreamStore
 
 
 @dataclass(slots=True)
@@ -32,6 +36,8 @@ class RelayState:
     streams: StreamRegistry
     # Told of streams, readers and refusals (server/observe.py): metrics, the upstream failure log.
     observer: StreamObserver = field(default_factory=StreamObserver)
+    # --stream-store redis: this instance's generations shared, other instances' read (None: memory only).
+    shared_streams: RedisStreamStore | None = None
     # Token budgets (budget_backends.py), None when no client has one.
     budgets: TokenBudgets | None = None
 

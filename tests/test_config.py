@@ -137,6 +137,7 @@ def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--max-streams", "10"], "max_streams", 10),
         (["--redis-url", "redis://127.0.0.1:6379/0"], "redis_url", "redis://127.0.0.1:6379/0"),
         (["--redis-fail-open", "off"], "redis_fail_open", False),
+        (["--stream-store", "redis", "--redis-url", "redis://r"], "stream_store", "redis"),
         (["--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "::1"], "trusted_proxies", ("10.0.0.0/8", "::1")),
         (["--api-keys-file", "/etc/keys"], "api_keys_file", "/etc/keys"),
         (["--limits", "0"], "limits_enabled", False),
@@ -585,3 +586,13 @@ def test_a_log_bound_of_zero_is_refused(option: str) -> None:
     # A log that keeps nothing would answer every new stream with resume_unavailable.
     assert exits([f"--{option}", "0"]).code == 2
     assert load_config([f"--{option}", "1"]).log_max_events >= 1
+
+
+def test_redis_stream_store_needs_a_redis_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exits(["--stream-store", "redis"]).code == 2
+    assert "--redis-url" in capsys.readouterr().err
+    assert exits(["--stream-store", "disk"]).code == 2
+    assert load_config([], {}).stream_store == "memory"
+    assert load_config([], {"LLM_RELAY_STREAM_STORE": "redis", "LLM_RELAY_REDIS_URL": "redis://r"}).stream_store == (
+        "redis"
+    )
