@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import HttpVersion11, hdrs, web
 
@@ -54,6 +55,10 @@ log = logging.getLogger("llm_relay.intake")
 
 _JSON_TYPES = frozenset({"application/json", "text/json"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+T = TypeVar("T")
+# How an endpoint turns a refusal into its response: the relay's error body, or another dialect (OpenAI's).
+Respond = Callable[[RelayError, dict[str, str] | None], web.Response]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +134,15 @@ async def send_continue(request: web.Request) -> None:
     request.writer.output_size = 0
 
 
-def refusal(request: web.Request, error: RelayError, headers: dict[str, str] | None = None) -> web.Response:
-    """The response for a refused request; it closes the connection if the body was not read to its end."""
-    response = error_response(error, headers)
+def refusal(
+    request: web.Request,
+    error: RelayError,
+    headers: dict[str, str] | None = None,
+    respond: Respond = error_response,
+) -> web.Response:
+    """The response for a refused request (made by `respond`: an endpoint may speak another error dialect); it
+    closes the connection if the body was not read to its end."""
+    response = respond(error, headers)
     if request.body_exists and not request.content.is_eof():
         response.force_close()
     return response
@@ -142,6 +153,12 @@ async def read_chat_request(request: web.Request, state: RelayState) -> ChatRequ
     if request.method == hdrs.METH_GET:
         chat_request.check_query_encoding(request.rel_url.raw_query_string)
         return chat_request.from_query(request.query, state.rules)
+    return chat_request.from_json_body(await read_json_body(request, state), state.rules)
+
+
+async def read_json_body(request: web.Request, state: RelayState) -> bytes:
+    """A JSON request's body (415 for another media type), invited (100-continue) and read within the body timeout
+    (408) and size (413)."""
     if request.content_type not in _JSON_TYPES:
         raise UnsupportedMediaType("send the body as application/json")
     limit = state.config.max_body_bytes
@@ -156,37 +173,60 @@ async def read_chat_request(request: web.Request, state: RelayState) -> ChatRequ
         if not clock.expired():
             raise
         raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
-    return chat_request.from_json_body(body, state.rules)
+    return body
 
 
 async def accept_chat(request: web.Request, state: RelayState) -> Accepted | web.Response:
     """Identify, admit, then negotiate and validate the request; a refusal is returned as the response to send."""
+
+    async def take(request: web.Request) -> tuple[Framing, ChatRequest]:
+        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
+        return framing, await read_chat_request(request, state)
+
+    taken = await admit_then(request, state, take)
+    if isinstance(taken, web.Response):
+        return taken
+    (framing, chat), admission = taken
+    return Accepted(chat, framing, admission)
+
+
+async def admit_then(
+    request: web.Request,
+    state: RelayState,
+    take: Callable[[web.Request], Awaitable[T]],
+    *,
+    respond: Respond = error_response,
+) -> tuple[T, Admission] | web.Response:
+    """Check the origin, identify and admit the request from its head, then `take` the rest of it (negotiate, read
+    and validate the body). Every endpoint that starts a generation comes in here; `respond` shapes its refusals.
+    Returns what `take` returned and the admission (the caller owns it from here), or the refusal to send."""
     try:
         check_origin(request, state.origin_policy)
         client = state.identify(request)
         admission = await state.limiter.admit(client)
     except RelayError as error:
-        return refusal(request, error)
+        return refusal(request, error, respond=respond)
     try:
-        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
-        chat = await read_chat_request(request, state)
+        taken = await take(request)
     except RelayError as error:
         await admission.release()
-        return refusal(request, error, dict(admission.headers))
+        return refusal(request, error, dict(admission.headers), respond)
     except BaseException:  # cancelled (the server going down), or a bug: the slot goes back all the same
         await admission.release()
         raise
-    return Accepted(chat, framing, admission)
+    return taken, admission
 
 
 __all__ = [
     "Accepted",
     "accept_chat",
+    "admit_then",
     "check_host",
     "check_origin",
     "expect_handler",
     "read_body",
     "read_chat_request",
+    "read_json_body",
     "refusal",
     "send_continue",
 ]
