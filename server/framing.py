@@ -25,11 +25,19 @@ from .events import Delta, Done, Error, Event, Reasoning, Refusal, ToolCallDelta
 from .json_wire import json_bytes
 from .json_wire import json_str as _json_str
 
+# The framings that keep state per response live in modules of their own; this module is still the one to import
+# framings from. A handler makes one of these per reader (they are not in FRAMINGS, which holds shared instances).
+from .openai_chunks import OpenAIChunkFraming, OpenAICompletionFraming
+from .ui_stream import UIMessageStreamFraming
+
 __all__ = [
     "FRAMINGS",
     "NDJSONFraming",
+    "OpenAIChunkFraming",
+    "OpenAICompletionFraming",
     "SSEFieldError",
     "SSEFraming",
+    "UIMessageStreamFraming",
     "encode_sse",
     "encode_sse_comment",
     "json_bytes",

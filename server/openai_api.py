@@ -21,10 +21,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from .errors import MethodNotAllowed, NotFound, RelayError
-from .framing import Framing
+from .framing import Framing, OpenAIChunkFraming, OpenAICompletionFraming
 from .generation import Generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
-from .openai_chunks import OpenAIChunkFraming, OpenAICompletionFraming, openai_error_body
+from .openai_chunks import openai_error_body
 from .openai_request import OpenAIRequest, parse_openai_request
 from .reader import Reader
 from .responses import error_response

@@ -24,6 +24,7 @@ from aiohttp import web
 from . import chat_request
 from .chat_request import ChatRequest
 from .errors import RelayError, ResumeUnavailable
+from .framing import UIMessageStreamFraming
 from .generation import Generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
 from .json_wire import json_bytes
@@ -32,7 +33,7 @@ from .reader import Reader
 from .responses import error_response
 from .state import RELAY
 from .ui_messages import parse_chat_id, ui_chat_body
-from .ui_stream import UI_STREAM_HEADERS, UIMessageStreamFraming
+from .ui_stream import UI_STREAM_HEADERS
 
 __all__ = ["UI_CHATS", "ChatStreams", "add_ui_chat_routes", "ui_chat", "ui_chat_stream"]
 
