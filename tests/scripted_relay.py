@@ -42,7 +42,10 @@ SCRIPTS: dict[str, list[list[Event]]] = {
     "refusal": [[Refusal("I can't")], [Refusal(" help with that.")], [Done("stop", USAGE)]],
     "error": [[Delta("Partial")], [Delta(" answer")], [Error("upstream_error", "the model provider failed")]],
     "error-first": [[Error("upstream_error", "the model provider failed")]],
+    "slow": [*([Delta(f"{i} ")] for i in range(40)), [Done("stop", USAGE)]],
 }
+# Seconds between the batches of these scripts (others use the provider's pause): long enough to cut and resume.
+SLOW_PAUSE = {"slow": 0.08}
 
 
 class ScriptedByPrompt:
@@ -56,13 +59,11 @@ class ScriptedByPrompt:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
         self.requests.append(request)
-        if request.messages[-1].role == "tool":
-            script = SCRIPTS["tool-answer"]
-        else:
-            prompt = request.last_user_text
-            script = SCRIPTS.get(prompt) or [[Delta(f"You said: {prompt}")], [Done("stop", None)]]
+        prompt = "tool-answer" if request.messages[-1].role == "tool" else request.last_user_text
+        script = SCRIPTS.get(prompt) or [[Delta(f"You said: {prompt}")], [Done("stop", None)]]
+        pause = SLOW_PAUSE.get(prompt, self.pause)
         for batch in script:
-            await asyncio.sleep(self.pause)
+            await asyncio.sleep(pause)
             yield batch
 
     async def aclose(self) -> None:
@@ -82,7 +83,9 @@ async def _serve(port: int, pause: float) -> None:
     runner = web.AppRunner(scripted_relay_app(config, ScriptedByPrompt(pause)), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    print(f"scripted relay at http://127.0.0.1:{port}", flush=True)
+    host, bound = runner.addresses[0][:2]
+    # The one line a test reads to learn the port (with --port 0, the kernel picks it).
+    print(f"scripted relay at http://{host}:{bound}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
@@ -91,7 +94,7 @@ async def _serve(port: int, pause: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="The relay around a provider that plays fixed scripts")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=8765, help="0: any free port (printed)")
     parser.add_argument("--pause", type=float, default=0.001, help="seconds between batches")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
