@@ -3,7 +3,7 @@
 Every part is one SSE block ``data: {json}`` (header ``x-vercel-ai-ui-message-stream: v1``), the schema being the
 ``ai`` package's ``uiMessageChunkSchema`` (``ai/src/ui-message-stream/ui-message-chunks.ts``). One reply reads:
 
-    start {messageId}            start-step
+    start                        start-step
     text-start {id}              text-delta {id, delta}…          text-end {id}
     reasoning-start {id}         reasoning-delta {id, delta}…     reasoning-end {id}
     tool-input-start {toolCallId, toolName}   tool-input-delta {toolCallId, inputTextDelta}…
@@ -87,8 +87,9 @@ class UIMessageStreamFraming:
         out = b""
         if not self._started:
             self._started = True
-            # The message id is the stream's: a resumed stream (replayed from its start) names the same message.
-            out = _part({"type": "start", "messageId": f"msg-{stream_id}"}) + b'data: {"type":"start-step"}\n\n'
+            # No messageId: the client names its messages (useChat keeps the id of an assistant message that a
+            # reply continues, as after a tool result; a server-chosen id would rename it).
+            out = b'data: {"type":"start"}\n\ndata: {"type":"start-step"}\n\n'
         if isinstance(event, (Delta, Refusal)):
             return out + self._delta("text", event.content)
         if isinstance(event, Reasoning):

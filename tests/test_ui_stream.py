@@ -31,7 +31,7 @@ def parts_of(events: list[Event], framing: UIMessageStreamFraming | None = None)
 
 def test_a_text_reply() -> None:
     assert parts_of([Delta("Hel"), Delta("lo"), Done("stop", Usage(1, 2, 3))]) == [
-        {"type": "start", "messageId": f"msg-{SID}"},
+        {"type": "start"},
         {"type": "start-step"},
         {"type": "text-start", "id": "t1"},
         {"type": "text-delta", "id": "t1", "delta": "Hel"},
@@ -91,7 +91,7 @@ def test_a_refusal_is_text_and_an_error_ends_the_open_part() -> None:
 
 def test_an_error_before_anything_still_starts_the_message() -> None:
     assert parts_of([Error("upstream_error", "down")]) == [
-        {"type": "start", "messageId": f"msg-{SID}"},
+        {"type": "start"},
         {"type": "start-step"},
         {"type": "error", "errorText": "down"},
         "[DONE]",

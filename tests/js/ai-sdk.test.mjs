@@ -5,7 +5,12 @@
 
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { AbstractChat, DefaultChatTransport, readUIMessageStream } from "ai";
+import {
+  AbstractChat,
+  DefaultChatTransport,
+  lastAssistantMessageIsCompleteWithToolCalls,
+  readUIMessageStream,
+} from "ai";
 import { consoleWarnings, startScriptedRelay } from "./relay.mjs";
 
 let relay;
@@ -104,6 +109,39 @@ describe("ai npm package: Chat with DefaultChatTransport", () => {
     assert.equal(calls[0].toolName, "get_weather");
   });
 
+  // The second request carries the tool part with its output, which the relay sends on as a `tool` message:
+  // that needs the request allowlist of tools and tool messages (chat_request.py, issue 15 part 1).
+  test("a tool call round trip: the tool's output is sent back and answered", { todo: "needs tool messages" }, async () => {
+    let chat;
+    chat = newChat({
+      init: {
+        sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithToolCalls,
+        onToolCall: ({ toolCall }) => {
+          // Not awaited, as the SDK's docs say: the output is added once the tool call's part exists.
+          chat.addToolOutput({ tool: toolCall.toolName, toolCallId: toolCall.toolCallId, output: { sky: "sunny" } });
+        },
+      },
+    });
+    const warnings = await consoleWarnings(async () => {
+      await chat.sendMessage({ text: "tool" });
+      const deadline = Date.now() + 10_000;
+      while (!(chat.status === "ready" && JSON.stringify(chat.messages).includes("It is sunny in Paris.")))
+        if (Date.now() > deadline) throw new Error(`no answer: ${chat.status} ${JSON.stringify(chat.messages)}`);
+        else await new Promise((resolve) => setTimeout(resolve, 20));
+    });
+    assert.deepEqual(warnings, []);
+    assert.deepEqual(
+      parts(chat).map((p) => [p.type, p.text ?? p.state]),
+      [
+        ["step-start", undefined],
+        ["text", "Let me look."],
+        ["tool-get_weather", "output-available"],
+        ["step-start", undefined],
+        ["text", "It is sunny in Paris."],
+      ],
+    );
+  });
+
   test("a refusal is shown as text", async () => {
     const chat = await ask("refusal");
     assert.deepEqual(parts(chat), [
@@ -170,7 +208,6 @@ describe("ai npm package: readUIMessageStream", () => {
     });
     let last;
     for await (const message of readUIMessageStream({ stream, terminateOnError: true })) last = message;
-    assert.ok(last.id.startsWith("msg-"));
     assert.deepEqual(
       last.parts.map((p) => [p.type, p.text]),
       [
