@@ -9,6 +9,9 @@ opening frame and a reconnection hint.
   are ``event: error`` with ``{"error": {...}}``.
 * `NDJSONFraming`, ``application/x-ndjson``: one compact JSON object per line, ``{"type": "delta" | "done" |
   "error", "seq": n, ...}``; the stream's id is the response's ``X-Stream-Id``.
+* The framings that keep state per response, made per reader by their endpoints: `OpenAIChunkFraming` and
+  `OpenAICompletionFraming` (`server/openai_chunks.py`, ``/v1/chat/completions``) and `UIMessageStreamFraming`
+  (`server/ui_stream.py`, ``/api/ui-chat``), re-exported here.
 
 The general SSE encoder `encode_sse` refuses input that would change the framing (a line break in an event name or
 id, a NUL in an id, a ``retry`` that is not a non-negative integer) instead of silently altering it: a caller that
