@@ -35,9 +35,11 @@ log = logging.getLogger("llm_relay.generation")
 # After the terminal event, how long the provider may go on reading the upstream body to its end (the bytes after
 # [DONE]), so that the upstream connection can go back to its pool instead of being closed.
 PROVIDER_DRAIN_GRACE = 0.5
-# What one logged event is counted as, beyond its text: the event object, its slot in the log (an estimate of
-# CPython's sizes, used only to bound memory, never reported as exact).
-EVENT_OVERHEAD_BYTES = 100
+# What one logged event is counted as, beyond the characters of its text: the event object (40 bytes for a slotted
+# Delta), its str's header (49), its end offset (an int, 28) and their two list slots, as tracemalloc sees them on
+# CPython 3.11 x86-64 (~140). An estimate used only to bound memory, never reported as exact; what the allocator
+# adds beyond it (fragmentation, a str's 1-4 bytes per character past ASCII) is not counted.
+EVENT_OVERHEAD_BYTES = 140
 
 
 class Outcome(enum.Enum):

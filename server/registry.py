@@ -53,6 +53,7 @@ class StreamRegistry:
         self._idle = asyncio.Event()
         self._idle.set()
         self._shutting_down = False
+        self._shutdown: asyncio.Future[None] | None = None  # the one shutdown, however often it is asked for
         self._over = False  # over max_total_bytes: warned once per episode
         # Every generation whose task has not finished, registered or already forgotten: shutdown waits for them.
         self._unclosed: set[Generation] = set()
@@ -87,11 +88,14 @@ class StreamRegistry:
     # -- life of a generation ---------------------------------------------------------------------------------
 
     def start(self, generation: Generation) -> None:
-        """Register `generation` and start its task."""
+        """Register `generation` and start its task. Once shutdown has begun it ends at once with
+        ``server_shutdown`` and opens no upstream request (its reader answers 503 with a reconnection hint)."""
         self._generations[generation.id] = generation
         self._idle.clear()
         self._unclosed.add(generation)
         generation.start(self._on_change, self._on_end, self._unclosed.discard)
+        if self._shutting_down:
+            generation.cancel(Outcome.SHUTDOWN)
 
     def attach(self, generation: Generation, reader: Follower) -> None:
         """`reader` starts following `generation`."""
@@ -182,8 +186,17 @@ class StreamRegistry:
 
     async def shutdown(self, grace: float) -> None:
         """End every reader in band, give running generations `grace` seconds, then cancel the rest and wait
-        for their tasks (their upstreams closed)."""
-        self._shutting_down = True
+        for their tasks (their upstreams closed).
+
+        Idempotent: the app asks on shutdown and again at cleanup (an embedding app may run only the latter);
+        a second call waits for the first one's work instead of doing it again.
+        """
+        if self._shutdown is None:
+            self._shutting_down = True  # from this call on, not once the task below takes its first step
+            self._shutdown = asyncio.ensure_future(self._shut_down(grace))
+        await asyncio.shield(self._shutdown)
+
+    async def _shut_down(self, grace: float) -> None:
         for reader in list(self._followers):
             reader.shutdown()
         if not await self.wait_idle(grace):

@@ -1,0 +1,60 @@
+"""The stream registry's policies that need no HTTP: what happens to new work and repeated calls at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.chat_request import ChatRequest, Message
+from server.events import Delta, Done
+from server.generation import Generation, GenerationSettings, Outcome
+from server.registry import RegistrySettings, StreamRegistry
+
+from .scripted import ScriptedProvider, wait_until
+
+CHAT = ChatRequest((Message("user", "x"),), "m")
+
+
+class _Follower:
+    def __init__(self) -> None:
+        self.told = 0
+
+    def shutdown(self) -> None:
+        self.told += 1
+
+
+async def test_a_generation_started_during_shutdown_ends_at_once_without_an_upstream_request() -> None:
+    registry = StreamRegistry(RegistrySettings())
+    busy, late = ScriptedProvider(), ScriptedProvider()
+    running = Generation(busy, CHAT, GenerationSettings())
+    registry.start(running)
+    await busy.started.wait()
+    shutdown = asyncio.create_task(registry.shutdown(5.0))
+    await asyncio.sleep(0)  # shutdown has begun and waits for `running`
+    newcomer = Generation(late, CHAT, GenerationSettings())
+    registry.start(newcomer)
+    assert newcomer.outcome is Outcome.SHUTDOWN
+    assert newcomer.log.since(0)[-1].type == "server_shutdown"  # type: ignore[union-attr]
+    busy.put([Delta("a"), Done("stop")])
+    await asyncio.wait_for(shutdown, 5)
+    await newcomer.wait_closed()
+    assert late.opened == 0
+    assert running.outcome is Outcome.DONE
+
+
+async def test_shutdown_asked_twice_does_its_work_once_and_both_calls_wait_for_it() -> None:
+    registry = StreamRegistry(RegistrySettings())
+    provider = ScriptedProvider()
+    generation = Generation(provider, CHAT, GenerationSettings())
+    registry.start(generation)
+    follower = _Follower()
+    registry.attach(generation, follower)
+    first = asyncio.create_task(registry.shutdown(0.2))
+    second = asyncio.create_task(registry.shutdown(0.2))
+    await wait_until(lambda: follower.told > 0)
+    assert not first.done() and not second.done()  # the generation still runs: both wait for the grace period
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert follower.told == 1
+    assert generation.outcome is Outcome.SHUTDOWN
+    assert provider.closed.is_set()
+    await asyncio.wait_for(registry.shutdown(0.2), 1)  # and a later call returns at once
+    registry.close()
