@@ -357,3 +357,33 @@ def test_docstring_examples() -> None:
 
     for module in (json_wire, openai_chunks, openai_request):
         assert doctest.testmod(module).failed == 0
+
+
+async def test_a_completion_longer_than_the_reader_lead(serve: ServeApp) -> None:
+    """A reply that is not streamed writes nothing until its end, yet its reader takes every event as it comes:
+    the generation, which waits for a reader more than the reader lead (64 KiB) behind, never waits for it."""
+    provider = ScriptedProvider()
+    base = await serve(_host_with_scripted(provider))
+    piece = "x" * 1000
+    provider.put(*([Delta(piece)] for _ in range(200)), [Done("length")])
+    async with openai.AsyncOpenAI(base_url=f"{base}/openai/v1", api_key="k", max_retries=0) as client:
+        async with asyncio.timeout(30):  # a generation waiting for its reader would wait for the total timeout
+            completion = await client.chat.completions.create(model=DEMO_MODEL, messages=USER)
+    assert completion.choices[0].message.content == piece * 200
+    assert completion.choices[0].finish_reason == "length"
+
+
+async def test_cors_preflight_of_the_openai_routes(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    origin = "https://app.example"
+    base = await serve(create_app(Config(provider="demo", limits_enabled=False, cors_origins=(origin,))))
+    headers = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization",
+    }
+    for path in ("/v1/chat/completions", "/api/ui-chat"):
+        async with http.options(base + path, headers=headers) as resp:
+            assert resp.status == 200, path
+            assert resp.headers["Access-Control-Allow-Origin"] == origin
+    async with http.options(base + "/v1/chat/completions", headers={**headers, "Origin": "https://evil.example"}) as r:
+        assert "Access-Control-Allow-Origin" not in r.headers
