@@ -107,8 +107,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def expect_handler(request: web.Request) -> web.StreamResponse | None:
-    """The chat route's ``Expect`` handler: meets 100-continue later (`send_continue`), refuses anything else.
+async def expect_handler(request: web.Request, respond: Respond = error_response) -> web.StreamResponse | None:
+    """The chat route's ``Expect`` handler: meets 100-continue later (`send_continue`), refuses anything else
+    (`respond` shapes the refusal: ``functools.partial`` it for another error dialect).
 
     RFC 9110 §10.1.1: an HTTP/1.0 request's expectation is ignored; an expectation other than 100-continue gets
     417. aiohttp calls this before the handler, and answers 100 Continue itself if the route has no handler of
@@ -118,7 +119,7 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
         return None
     if request.headers.get(hdrs.EXPECT, "").strip().lower() == "100-continue":
         return None
-    return refusal(request, ExpectationFailed("the only expectation this server meets is 100-continue"))
+    return refusal(request, ExpectationFailed("the only expectation this server meets is 100-continue"), None, respond)
 
 
 async def send_continue(request: web.Request) -> None:

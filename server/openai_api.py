@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from aiohttp import hdrs, web
 
@@ -119,7 +120,9 @@ def create_openai_app(relay_api: web.Application) -> tuple[web.Application, list
     v1 = web.Application(middlewares=[openai_errors], client_max_size=state.config.max_body_bytes)
     v1[RELAY] = state
     routes = [
-        v1.router.add_post("/chat/completions", chat_completions, expect_handler=expect_handler),
+        v1.router.add_post(
+            "/chat/completions", chat_completions, expect_handler=partial(expect_handler, respond=openai_error_response)
+        ),
         v1.router.add_get("/models", models, allow_head=False),
     ]
     return v1, routes

@@ -21,6 +21,7 @@ from server.events import Delta, Done, Error, Usage
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
+from .raw_http import connect, post_head, read_head, read_response
 from .scripted import BASE, ScriptedProvider, wait_until
 from .scripted_relay import ScriptedByPrompt, scripted_relay_app
 
@@ -387,3 +388,28 @@ async def test_cors_preflight_of_the_openai_routes(serve: ServeApp, http: aiohtt
             assert resp.headers["Access-Control-Allow-Origin"] == origin
     async with http.options(base + "/v1/chat/completions", headers={**headers, "Origin": "https://evil.example"}) as r:
         assert "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_expect_100_continue_and_417_in_openai_s_shape(serve: ServeApp) -> None:
+    base = await serve(scripted_relay_app(BASE, ScriptedByPrompt()))
+    body = json.dumps({"model": DEMO_MODEL, "messages": ask("text")}).encode()
+    reader, writer = await connect(base)
+    writer.write(post_head("/v1/chat/completions", len(body), extra="Expect: 100-continue\r\n"))
+    status, _ = await read_head(reader)
+    assert status == 100  # invited once admitted
+    writer.write(body)
+    status, headers = await read_head(reader)
+    assert status == 200
+    assert headers["content-type"] == "application/json"
+    writer.close()
+    reader, writer = await connect(base)
+    writer.write(post_head("/v1/chat/completions", len(body), extra="Expect: 200-ok\r\n"))
+    response = await read_response(reader)
+    assert response.status == 417
+    assert response.json()["error"] == {
+        "message": "the only expectation this server meets is 100-continue",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "expectation_failed",
+    }
+    writer.close()
