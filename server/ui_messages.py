@@ -1,7 +1,7 @@
 """The body ``useChat`` sends (AI SDK 5+, ``DefaultChatTransport``) turned into a chat body in OpenAI's shape. No IO.
 
     {"id": chat id, "messages": [UI message…], "trigger": "submit-message" | "regenerate-message",
-     "messageId"?: …, and the relay's own options: "model"?, "max_tokens"?, "temperature"?, "resume"?}
+     "messageId"?: …, and any field of the chat request (the transport's ``body``): "model"?, "resume"?, …}
 
 A UI message is ``{"id", "role": "system" | "user" | "assistant", "parts": [...]}``. Its parts become OpenAI
 messages as the SDK's own ``convertToModelMessages`` does it, for the parts a chat completion can carry:
@@ -13,8 +13,9 @@ messages as the SDK's own ``convertToModelMessages`` does it, for the parts a ch
   (``output-denied``); ``step-start`` parts split an assistant message into one assistant message per step;
 * ``source-url``, ``source-document`` and ``data-*`` parts are for the page only and are dropped.
 
-Anything else is refused with a `RequestError` naming it (``file`` parts, a tool call without its output, fields
-the relay does not know).
+Anything else is refused with a `RequestError` naming it (``file`` parts, a tool call without its output). The
+fields other than the transport's own go on, as they are, to the chat request's allowlist (`server/chat_request.py`),
+which refuses those it does not know by name, as on every endpoint.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ __all__ = ["MAX_CHAT_ID_CHARS", "UIChat", "parse_chat_id", "ui_chat_body"]
 
 MAX_CHAT_ID_CHARS: Final = 256
 _TRANSPORT_KEYS: Final = frozenset({"id", "messages", "trigger", "messageId"})
-# The relay's own request options, passed on as they are (chat_request.py validates them).
-_RELAY_KEYS: Final = frozenset({"model", "max_tokens", "temperature", "resume"})
 _TRIGGERS: Final = frozenset({"submit-message", "regenerate-message"})
 _ROLES: Final = frozenset({"system", "user", "assistant"})
 _PAGE_ONLY_PARTS: Final = frozenset({"source-url", "source-document", "step-start", "reasoning"})
@@ -63,9 +62,6 @@ def ui_chat_body(data: object) -> UIChat:
     """The chat id and OpenAI-shaped body of a decoded ``useChat`` request body; `RequestError` if it is not one."""
     if not isinstance(data, dict):
         raise RequestError("the body must be a JSON object")
-    unknown = sorted(set(data) - _TRANSPORT_KEYS - _RELAY_KEYS)
-    if unknown:
-        raise RequestError(f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
     chat_id = parse_chat_id(data.get("id"))
     trigger = data.get("trigger", "submit-message")
     if trigger not in _TRIGGERS:
@@ -76,7 +72,7 @@ def ui_chat_body(data: object) -> UIChat:
     converted: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         converted += _message(message, f"messages[{index}]")
-    body: dict[str, Any] = {key: data[key] for key in _RELAY_KEYS if key in data}
+    body: dict[str, Any] = {key: value for key, value in data.items() if key not in _TRANSPORT_KEYS}
     body["messages"] = converted
     return UIChat(chat_id, body)
 

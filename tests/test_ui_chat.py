@@ -109,7 +109,10 @@ async def test_failures_before_the_stream_are_json_errors(serve: ServeApp, http:
     base, provider = await serve_scripted(serve)
     async with http.post(f"{base}/api/ui-chat", json=chat_body("c5", frobnicate=1)) as resp:
         assert resp.status == 400
-        assert await resp.json() == {"error": {"type": "invalid_request", "message": "unknown field: frobnicate"}}
+        error = (await resp.json())["error"]
+        assert error["type"] == "invalid_request"
+        assert "unknown field" in error["message"]
+        assert "frobnicate" in error["message"]
     provider.put([Error("upstream_error", "down")])
     async with http.post(f"{base}/api/ui-chat", json=chat_body("c5")) as resp:
         assert resp.status == 502

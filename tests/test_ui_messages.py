@@ -18,10 +18,16 @@ def user(*texts: str) -> dict[str, Any]:
     return {"id": "u", "role": "user", "parts": [{"type": "text", "text": t} for t in texts]}
 
 
-def test_text_parts_and_relay_options() -> None:
-    chat = ui_chat_body(body(user("Hello, ", "world"), model="m", temperature=0.5))
+def test_text_parts_and_the_other_fields() -> None:
+    """The transport's fields are taken; the others go on to the chat request's allowlist as they are."""
+    chat = ui_chat_body(body(user("Hello, ", "world"), model="m", temperature=0.5, frobnicate=1))
     assert chat.chat_id == "chat-1"
-    assert chat.body == {"model": "m", "temperature": 0.5, "messages": [{"role": "user", "content": "Hello, world"}]}
+    assert chat.body == {
+        "model": "m",
+        "temperature": 0.5,
+        "frobnicate": 1,
+        "messages": [{"role": "user", "content": "Hello, world"}],
+    }
 
 
 def test_page_only_parts_are_dropped() -> None:
@@ -95,7 +101,6 @@ def test_tool_parts_become_tool_calls_and_tool_messages_per_step() -> None:
     ("data", "words"),
     [
         ([], "must be a JSON object"),
-        (body(user("x"), frobnicate=1, extra=2), "unknown fields: extra, frobnicate"),
         ({"messages": [user("x")]}, "id (the chat id)"),
         (body(user("x"), trigger="resume-stream"), "trigger must be one of"),
         (body(), "messages must be a non-empty list"),
@@ -113,7 +118,6 @@ def test_tool_parts_become_tool_calls_and_tool_messages_per_step() -> None:
     ],
     ids=[
         "not-object",
-        "unknown",
         "no-id",
         "trigger",
         "no-messages",
