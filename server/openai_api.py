@@ -79,19 +79,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         log.debug("stream %s: an OpenAI-compatible reader ended (%s)", generation.id, reader.outcome)
 
 
+def _model(name: str) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llm-relay"}
+
+
 async def models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models a request may name (``--model`` and ``--allow-model``), to a client the relay
-    would serve (so the list is never shown to one without a valid key)."""
+    """``GET /v1/models`` (the models a request may name: ``--model`` and ``--allow-model``) and
+    ``GET /v1/models/{model}``, to a client the relay would serve (never to one without a valid key)."""
     state = request.app[RELAY]
     try:
         check_origin(request, state.origin_policy)
         state.identify(request)
+        name = request.match_info.get("model")
+        if name is not None and name not in state.rules.allowed_models:
+            raise NotFound(f"no model {name!r} here")
     except RelayError as error:
         return openai_error_response(error)
-    data = [
-        {"id": model, "object": "model", "created": 0, "owned_by": "llm-relay"}
-        for model in sorted(state.rules.allowed_models)
-    ]
+    if name is not None:
+        return web.json_response(_model(name), headers={"Cache-Control": "no-store"})
+    data = [_model(model) for model in sorted(state.rules.allowed_models)]
     return web.json_response({"object": "list", "data": data}, headers={"Cache-Control": "no-store"})
 
 
@@ -124,5 +130,6 @@ def create_openai_app(relay_api: web.Application) -> tuple[web.Application, list
             "/chat/completions", chat_completions, expect_handler=partial(expect_handler, respond=openai_error_response)
         ),
         v1.router.add_get("/models", models, allow_head=False),
+        v1.router.add_get("/models/{model}", models, allow_head=False),
     ]
     return v1, routes

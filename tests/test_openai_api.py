@@ -210,6 +210,10 @@ async def test_refusals_are_bad_request_errors(client: openai.AsyncOpenAI, chang
 async def test_models(client: openai.AsyncOpenAI) -> None:
     page = await client.models.list()
     assert [model.id for model in page.data] == [DEMO_MODEL]
+    model = await client.models.retrieve(DEMO_MODEL)
+    assert (model.id, model.object, model.owned_by) == (DEMO_MODEL, "model", "llm-relay")
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("gpt-pricey")
 
 
 async def test_raw_refusals_have_openai_s_shape(scripted_base: str, http: aiohttp.ClientSession) -> None:
