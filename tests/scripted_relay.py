@@ -15,10 +15,11 @@ from collections.abc import AsyncGenerator, Sequence
 
 from aiohttp import web
 
-from server.app import setup, setup_openai_compatible
 from server.chat_request import ChatRequest
 from server.config import Config
 from server.events import Delta, Done, Error, Event, Reasoning, Refusal, ToolCallDelta, Usage
+
+from .scripted import relay_host
 
 USAGE = Usage(prompt_tokens=9, completion_tokens=4, total_tokens=13)
 
@@ -72,10 +73,8 @@ class ScriptedByPrompt:
 
 def scripted_relay_app(config: Config, provider: object) -> web.Application:
     """The standalone relay's routes (``/api``, ``/v1``) around `provider` (without the page)."""
-    app = web.Application(client_max_size=config.max_body_bytes)
-    api = setup(app, config, provider=provider)
-    setup_openai_compatible(app, api)
-    return app
+    host, _ = relay_host(config, provider, openai_prefix="/v1")
+    return host
 
 
 async def _serve(port: int, pause: float) -> None:

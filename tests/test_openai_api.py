@@ -15,14 +15,14 @@ import openai
 import pytest
 from aiohttp import web
 
-from server.app import create_app, setup, setup_openai_compatible
+from server.app import create_app
 from server.config import DEMO_MODEL, Config
 from server.events import Delta, Done, Error, Usage
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
 from .raw_http import connect, post_head, read_head, read_response
-from .scripted import BASE, ScriptedProvider, wait_until
+from .scripted import BASE, ScriptedProvider, relay_host, wait_until
 from .scripted_relay import ScriptedByPrompt, scripted_relay_app
 
 KEY = "relay-client-key-0123456789"
@@ -288,9 +288,8 @@ async def test_rate_limits_apply(serve: ServeApp) -> None:
 
 
 def _host_with_scripted(provider: ScriptedProvider, config: Config = BASE) -> web.Application:
-    host = web.Application()
-    api = setup(host, config, provider=provider)
-    setup_openai_compatible(host, api, prefix="/openai/v1")
+    """Mounted as a host may: the OpenAI-compatible routes under a prefix of its choosing."""
+    host, _ = relay_host(config, provider, openai_prefix="/openai/v1")
     return host
 
 
