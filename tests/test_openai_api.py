@@ -21,6 +21,7 @@ from server.events import Delta, Done, Error, Usage
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
+from .processes import running_server
 from .raw_http import connect, post_head, read_head, read_response
 from .scripted import BASE, ScriptedProvider, relay_host, wait_until
 from .scripted_relay import ScriptedByPrompt, scripted_relay_app
@@ -416,3 +417,15 @@ async def test_expect_100_continue_and_417_in_openai_s_shape(serve: ServeApp) ->
         "code": "expectation_failed",
     }
     writer.close()
+
+
+async def test_python_m_server_serves_v1_with_the_demo_model(tmp_path: Path) -> None:
+    """The standalone server (``python -m server``, its own runner settings) mounts /v1 beside /api."""
+    async with running_server(tmp_path, "--provider", "demo", "--demo-delay", "0", "--limits", "false") as running:
+        client = openai.AsyncOpenAI(base_url=f"{running.base}/v1", api_key="k", max_retries=0)
+        async with client:
+            stream = await client.chat.completions.create(
+                model=DEMO_MODEL, messages=ask("ping"), stream=True, max_tokens=12
+            )
+            text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text.startswith("You asked: “ping”")
