@@ -429,3 +429,19 @@ async def test_python_m_server_serves_v1_with_the_demo_model(tmp_path: Path) -> 
             )
             text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
     assert text.startswith("You asked: “ping”")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "completion"])
+async def test_the_relay_s_timeouts_apply(serve: ServeApp, stream: bool) -> None:
+    """A model that never starts answering: the first-token timeout ends it, as a 504 in OpenAI's shape."""
+    provider = ScriptedProvider()
+    config = Config(provider="demo", limits_enabled=False, heartbeat=0.0, first_token_timeout=0.2)
+    base = await serve(_host_with_scripted(provider, config))
+    async with openai.AsyncOpenAI(base_url=f"{base}/openai/v1", api_key="k", max_retries=0) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model=DEMO_MODEL, messages=USER, stream=stream)
+    assert caught.value.status_code == 504
+    assert caught.value.code == "timeout"
+    assert caught.value.message.endswith("the model did not start answering in time")
+    async with asyncio.timeout(5):
+        await provider.closed.wait()
