@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from aiohttp import HttpVersion11, hdrs, web
 
@@ -59,6 +59,16 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 T = TypeVar("T")
 # How an endpoint turns a refusal into its response: the relay's error body, or another dialect (OpenAI's).
 Respond = Callable[[RelayError, dict[str, str] | None], web.Response]
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted(Generic[T]):
+    """What `admit_then` took of an admitted request, who the client is, and its admission (the caller owns it from
+    here and must release it, usually by handing it to a generation)."""
+
+    taken: T
+    admission: Admission
+    client: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +194,11 @@ async def accept_chat(request: web.Request, state: RelayState) -> Accepted | web
         framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
         return framing, await read_chat_request(request, state)
 
-    taken = await admit_then(request, state, take)
-    if isinstance(taken, web.Response):
-        return taken
-    (framing, chat), admission = taken
-    return Accepted(chat, framing, admission)
+    admitted = await admit_then(request, state, take)
+    if isinstance(admitted, web.Response):
+        return admitted
+    framing, chat = admitted.taken
+    return Accepted(chat, framing, admitted.admission)
 
 
 async def admit_then(
@@ -197,10 +207,10 @@ async def admit_then(
     take: Callable[[web.Request], Awaitable[T]],
     *,
     respond: Respond = error_response,
-) -> tuple[T, Admission] | web.Response:
+) -> Admitted[T] | web.Response:
     """Check the origin, identify and admit the request from its head, then `take` the rest of it (negotiate, read
     and validate the body). Every endpoint that starts a generation comes in here; `respond` shapes its refusals.
-    Returns what `take` returned and the admission (the caller owns it from here), or the refusal to send."""
+    Returns what `take` returned with the client and its admission, or the refusal to send."""
     try:
         check_origin(request, state.origin_policy)
         client = state.identify(request)
@@ -215,11 +225,12 @@ async def admit_then(
     except BaseException:  # cancelled (the server going down), or a bug: the slot goes back all the same
         await admission.release()
         raise
-    return taken, admission
+    return Admitted(taken, admission, client)
 
 
 __all__ = [
     "Accepted",
+    "Admitted",
     "accept_chat",
     "admit_then",
     "check_host",

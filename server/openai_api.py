@@ -50,10 +50,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async def take(request: web.Request) -> OpenAIRequest:
         return parse_openai_request(await read_json_body(request, state), state.rules)
 
-    taken = await admit_then(request, state, take, respond=openai_error_response)
-    if isinstance(taken, web.StreamResponse):
-        return taken
-    asked, admission = taken
+    admitted = await admit_then(request, state, take, respond=openai_error_response)
+    if isinstance(admitted, web.StreamResponse):
+        return admitted
+    asked, admission = admitted.taken, admitted.admission
     chat = asked.chat
     generation = Generation(state.provider, chat, state.generation_settings, admission=admission)
     state.streams.start(generation)

@@ -104,11 +104,10 @@ async def ui_chat(request: web.Request) -> web.StreamResponse:
         chat.body.setdefault("resume", True)
         return chat.chat_id, chat_request.from_json_body(json_bytes(chat.body), state.rules)
 
-    taken = await admit_then(request, state, take)
-    if isinstance(taken, web.StreamResponse):
-        return taken
-    (chat_id, chat), admission = taken
-    client = state.identify(request)  # it passed once already: the same key again
+    admitted = await admit_then(request, state, take)
+    if isinstance(admitted, web.StreamResponse):
+        return admitted
+    (chat_id, chat), admission, client = admitted.taken, admitted.admission, admitted.client
     generation = Generation(state.provider, chat, state.generation_settings, resumable=chat.resume, admission=admission)
     state.streams.start(generation)
     replaced = chats.set(client, chat_id, generation.id)
