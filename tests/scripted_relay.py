@@ -44,9 +44,11 @@ SCRIPTS: dict[str, list[list[Event]]] = {
     "error": [[Delta("Partial")], [Delta(" answer")], [Error("upstream_error", "the model provider failed")]],
     "error-first": [[Error("upstream_error", "the model provider failed")]],
     "slow": [*([Delta(f"{i} ")] for i in range(40)), [Done("stop", USAGE)]],
+    "quiet": [[Delta("a")], [Delta("b")], [Done("stop", USAGE)]],
 }
-# Seconds between the batches of these scripts (others use the provider's pause): long enough to cut and resume.
-SLOW_PAUSE = {"slow": 0.08}
+# Seconds between the batches of these scripts (others use the provider's pause): long enough to cut and resume,
+# or for heartbeats to go out between the events.
+SLOW_PAUSE = {"slow": 0.08, "quiet": 0.3}
 
 
 class ScriptedByPrompt:
@@ -77,8 +79,8 @@ def scripted_relay_app(config: Config, provider: object) -> web.Application:
     return host
 
 
-async def _serve(port: int, pause: float) -> None:
-    config = Config(provider="demo", limits_enabled=False)
+async def _serve(port: int, pause: float, heartbeat: float) -> None:
+    config = Config(provider="demo", limits_enabled=False, heartbeat=heartbeat)
     runner = web.AppRunner(scripted_relay_app(config, ScriptedByPrompt(pause)), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -95,9 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="The relay around a provider that plays fixed scripts")
     parser.add_argument("--port", type=int, default=8765, help="0: any free port (printed)")
     parser.add_argument("--pause", type=float, default=0.001, help="seconds between batches")
+    parser.add_argument("--heartbeat", type=float, default=15.0, help="seconds between heartbeats (0 = off)")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.port, args.pause))
+        asyncio.run(_serve(args.port, args.pause, args.heartbeat))
 
 
 if __name__ == "__main__":

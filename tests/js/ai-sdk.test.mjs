@@ -142,6 +142,12 @@ describe("ai npm package: Chat with DefaultChatTransport", () => {
     );
   });
 
+  test("heartbeats between the parts are skipped by the SDK's parser", async () => {
+    const chat = await ask("quiet");
+    assert.equal(chat.status, "ready");
+    assert.deepEqual(parts(chat), [{ type: "step-start" }, { type: "text", text: "ab", state: "done" }]);
+  });
+
   test("a refusal is shown as text", async () => {
     const chat = await ask("refusal");
     assert.deepEqual(parts(chat), [

@@ -126,6 +126,20 @@ describe("openai npm package: chat.completions", () => {
     );
   });
 
+  test("heartbeats between the events are skipped by the SDK's parser", async () => {
+    const raw = await fetch(`${relay.base}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ model: MODEL, messages: user("quiet"), stream: true }),
+    });
+    const wire = await raw.text();
+    assert.match(wire, /\n\n: ping\n\n/, "the relay sent heartbeats between the chunks");
+    assert.doesNotMatch(wire, /^(id|retry|event):/m);
+    const chunks = await streamed("quiet");
+    assert.equal(chunks.map((c) => c.choices[0]?.delta.content ?? "").join(""), "ab");
+    assert.equal(chunks.at(-1).choices[0].finish_reason, "stop");
+  });
+
   test("a refused request is a BadRequestError naming what to change", async () => {
     await assert.rejects(
       client.chat.completions.create({ model: "gpt-pricey", messages: user("text") }),

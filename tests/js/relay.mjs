@@ -12,9 +12,10 @@ function python() {
   return existsSync(venv) ? venv : "python3";
 }
 
-/** Start the scripted relay; resolves to { base, stop } once it listens. */
+/** Start the scripted relay; resolves to { base, stop } once it listens. Heartbeats go out every 50 ms of quiet,
+ * so the clients' parsers meet them between events (every pause of the "slow" and "quiet" scripts). */
 export async function startScriptedRelay() {
-  const child = spawn(python(), ["-m", "tests.scripted_relay", "--port", "0"], {
+  const child = spawn(python(), ["-m", "tests.scripted_relay", "--port", "0", "--heartbeat", "0.05"], {
     cwd: ROOT,
     stdio: ["ignore", "pipe", "pipe"],
   });
