@@ -63,22 +63,16 @@ def openai_error_type(status: int) -> str:
     return "invalid_request_error"
 
 
-def openai_error_body(error: RelayError | Error, status: int | None = None) -> dict[str, object]:
-    """OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``, for a refusal or a failure.
+def openai_error_body(error: RelayError | Error) -> dict[str, object]:
+    """OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``, for a refusal (its type from its
+    status) or a failure in band (always ``server_error``: once the stream began, the request was good, and what
+    ended it is the upstream's or the relay's doing: a timeout, an upstream failure, a stop, a shutdown).
 
-    >>> openai_error_body(Error("timeout", "the model stopped answering mid-reply"), 504)["error"]["code"]
-    'timeout'
+    >>> openai_error_body(Error("timeout", "the model stopped answering mid-reply"))["error"]["type"]
+    'server_error'
     """
-    if isinstance(error, RelayError):
-        status = error.status
-    return {
-        "error": {
-            "message": error.message,
-            "type": openai_error_type(status or 500),
-            "param": None,
-            "code": error.type,
-        }
-    }
+    kind = openai_error_type(error.status) if isinstance(error, RelayError) else "server_error"
+    return {"error": {"message": error.message, "type": kind, "param": None, "code": error.type}}
 
 
 # Our finish reasons are the upstream's, which already are OpenAI's (stop, length, tool_calls, content_filter).
@@ -149,7 +143,7 @@ class OpenAIChunkFraming:
                 frame += b'%s,"choices":[],"usage":%s}\n\n' % (self._head, usage)
             return frame + _DONE
         # OpenAI ends a failed stream with the error object alone (no [DONE]); the SDKs raise it as APIError.
-        return b"data: %s\n\n" % json_bytes(openai_error_body(event, _status_of(event)))
+        return b"data: %s\n\n" % json_bytes(openai_error_body(event))
 
     def keepalive(self) -> bytes:
         return b": ping\n\n"  # skipped by the openai SDKs' parsers as long as no id: was ever sent (see above)
@@ -159,25 +153,6 @@ class OpenAIChunkFraming:
 
     def reconnect_hint(self, retry_ms: int) -> bytes:
         return b""  # a retry: block would crash the SDKs' parsers
-
-
-def _status_of(event: Error) -> int:
-    """The status a failure in band would have had before the stream (what ``type`` it maps to)."""
-    return _IN_BAND_STATUS.get(event.type, 502)
-
-
-# The relay's own in-band error types and their statuses (server/generation.py, server/errors.py); an upstream's
-# failure keeps the upstream error's type and counts as 502.
-_IN_BAND_STATUS: Final = {
-    "timeout": 504,
-    "stopped": 409,
-    "cancelled": 409,
-    "server_shutdown": 503,
-    "internal_error": 500,
-    "resume_unavailable": 404,
-    "upstream_rate_limited": 503,
-    "upstream_timeout": 504,
-}
 
 
 @dataclass(slots=True)
