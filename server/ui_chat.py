@@ -101,8 +101,8 @@ async def ui_chat(request: web.Request) -> web.StreamResponse:
         chat = ui_chat_body(decode_json_object(await read_json_body(request, state)))
         # Resumable unless the client says otherwise (``resume: false`` in the transport's ``body``): the resume
         # option of useChat needs the reply to outlive a reload.
-        chat.body.setdefault("resume", True)
-        return chat.chat_id, chat_request.from_json_body(json_bytes(chat.body), state.rules)
+        body = {"resume": True, **chat.body}
+        return chat.chat_id, chat_request.from_json_body(json_bytes(body), state.rules)
 
     admitted = await admit_then(request, state, take)
     if isinstance(admitted, web.StreamResponse):
