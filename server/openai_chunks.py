@@ -109,6 +109,7 @@ class OpenAIChunkFraming:
         self._usage_null = b',"usage":null' if include_usage else b""
 
     def _chunk(self, stream_id: str, delta: bytes, finish_reason: str | None = None) -> bytes:
+        # Compact JSON never holds a raw CR or LF, so each chunk is exactly one data: line (WHATWG HTML §9.2.5).
         head = self._head
         if head is None:
             head = self._head = b'data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s' % (
