@@ -188,3 +188,15 @@ def test_docstring_examples() -> None:
 
     for module in (ui_messages, ui_stream):
         assert doctest.testmod(module).failed == 0
+
+
+async def test_a_reply_whose_start_is_gone_cannot_be_replayed(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    config = Config(provider="demo", limits_enabled=False, heartbeat=0.0, log_max_events=4)
+    base, provider = await serve_scripted(serve, config)
+    provider.put(*([Delta(f"{i} ")] for i in range(10)))
+    async with http.post(f"{base}/api/ui-chat", json=chat_body("c7")) as resp:
+        await resp.content.readuntil(b'"delta":"9 "}\n\n')
+    async with http.get(f"{base}/api/ui-chat/c7/stream") as resumed:
+        assert resumed.status == 404
+        assert (await resumed.json())["error"]["type"] == "resume_unavailable"
+    provider.put([Done("stop")])
