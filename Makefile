@@ -2,20 +2,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+# `make run` installs what the relay needs to run; `make test` adds the test extra (pytest, Playwright, mypy, ...).
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test setup system-deps lint typecheck unit js-test bench soak clean
+.PHONY: run test setup run-setup system-deps lint typecheck unit js-test bench soak clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(RUN_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(RUN_STAMP)
 	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $@
 
-setup: $(STAMP)
+run-setup: $(RUN_STAMP)
 
-run: setup
-	$(PY) -m server $(ARGS)
+setup: $(TEST_STAMP)
+
+run: run-setup
+	$(VENV)/bin/llm-relay $(ARGS)
 
 system-deps:
 	bash scripts/system-deps.sh
@@ -40,7 +50,7 @@ js-test: setup system-deps tests/js/node_modules/.package-lock.json
 test: lint typecheck unit js-test
 
 # The peers (aiohttp-sse, sse-starlette, uvicorn, FastAPI, Flask, gunicorn) come with the bench extra.
-bench: setup
+bench: run-setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench $(ARGS)
 
@@ -49,4 +59,4 @@ soak: setup
 	$(PY) -m pytest -m soak -s tests/soak $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info

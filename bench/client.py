@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import re
 import resource
 import socket
 import sys
@@ -40,9 +41,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from bench.procstat import core_busy_seconds, cpu_seconds, listen_overflows, process_tree, rss_bytes
+from bench.procstat import (
+    core_busy_seconds,
+    cpu_seconds,
+    listen_overflows,
+    process_tree,
+    rss_bytes,
+    write_syscalls,
+)
 
 _HEAD, _SIZE, _DATA, _DATA_END, _TRAILER, _LENGTH, _UNTIL_EOF = range(7)
+# A token's generation stamp from the fake upstream (bench.upstream: ``~t<µs>~`` at the end of its text).
+_STAMP = re.compile(rb"~t(\d+)~")
+_STAMP_TAIL = 24  # longer than any stamp: what a read keeps for the next one, in case a stamp is split
+# Relay-added lag is kept as these percentiles (for the report's distribution chart), plus p50/p99 on their own.
+LAG_PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 
 
 @dataclass
@@ -50,6 +63,15 @@ class Spec:
     port: int
     path: str  # "{i}" is the connection's index and "{s}" the stream's sequence number on that connection
     mode: str = "throughput"
+    # A JSON body (with the same placeholders) makes the request a POST: an OpenAI-style chat completions request.
+    body: str = ""
+    # The upstream stamps each token (bench.upstream ``s=1``): count tokens by their stamps instead of frames by
+    # their delimiter, and record each one's relay-added lag (receipt minus stamp).
+    stamps: bool = False
+    # paced: every connection runs one stream, and the CPU window is the whole wave (from the first request to the
+    # last stream's end), so an overloaded server's figures cover everything it was asked, not a slice of time.
+    one_wave: bool = False
+    headers: str = ""  # extra request header lines, each ending with CRLF (LiteLLM's master key)
     connections: int = 1
     delimiter: str = "\n\n"
     accept: str = "text/event-stream"
@@ -69,7 +91,9 @@ class Spec:
     leave_spread: float = 1.0  # leave: seconds over which the leavers' requests arrive
     replays: int = 0  # resume: reconnecting readers, one after another
     server_pid: int = 0
-    connect_concurrency: int = 100
+    # Connection handshakes in flight at once; 0: every connection at once, as real clients do (issue 17: a ramp
+    # hid a listen-queue overflow). Only the idle scenario, which is about memory, opens in steps.
+    connect_concurrency: int = 0
     deadline: float = 120.0  # hard cap on the whole run
 
 
@@ -91,6 +115,7 @@ class Run:
     window_end: float = 0.0
     measure_until: float = 0.0  # paced: streams start until then
     window_frames: int = 0
+    window_streams: int = 0  # streams that ended inside the window
     streams_done: int = 0
     bad_status: int = 0
     broken: int = 0  # connections lost mid-stream or refused
@@ -98,9 +123,11 @@ class Run:
     stretch: list[float] = field(default_factory=list)
     lateness: list[float] = field(default_factory=list)
     lag: list[float] = field(default_factory=list)
+    relay_lag: list[float] = field(default_factory=list)  # stamps mode: receipt minus the upstream's stamp
     short_streams: int = 0  # measured streams that ended with fewer token frames than expected
     left: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    writes: dict[str, int | None] = field(default_factory=dict)  # the server's write syscalls at the edges
     active: bool = True
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     pending: int = 0  # connections still running their streams
@@ -109,6 +136,7 @@ class Run:
         self.cpu[f"core0_{name}"] = core_busy_seconds("cpu0")
         self.cpu[f"server_{name}"] = cpu_seconds(self.pids)
         self.cpu[f"client_{name}"] = time.process_time()
+        self.writes[name] = write_syscalls(self.pids)
         self.cpu[f"wall_{name}"] = time.monotonic()
 
     def conn_finished(self) -> None:
@@ -133,6 +161,7 @@ class Conn(asyncio.Protocol):
         self.state = _HEAD
         self.need = 0
         self.tail = b""
+        self.stamp_tail = b""
         self.seq = 0
         self.frames = 0
         self.status = 0
@@ -161,21 +190,31 @@ class Conn(asyncio.Protocol):
         self.state = _HEAD
         self.frames = 0
         self.tail = b""
+        self.stamp_tail = b""
         self.arrivals = []
         self.status = 0
         now = time.monotonic()
         self.measured = spec.mode in ("paced", "leave") and not self.leaver and now >= self.run.window_start
         self.measured_any = self.measured_any or self.measured
         self.sent_at = now
-        self.transport.write(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {spec.accept}\r\nUser-Agent: bench\r\n\r\n".encode()
-        )
+        head = f"Host: 127.0.0.1\r\nAccept: {spec.accept}\r\nUser-Agent: bench\r\n{spec.headers}"
+        if spec.body:
+            body = spec.body.replace("{i}", str(self.index)).replace("{s}", str(self.seq)).encode()
+            self.transport.write(
+                f"POST {path} HTTP/1.1\r\n{head}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"\r\n".encode()
+                + body
+            )
+        else:
+            self.transport.write(f"GET {path} HTTP/1.1\r\n{head}\r\n".encode())
         if self.leaver and spec.leave_after_seconds > 0:
             self.run.loop.call_later(spec.leave_after_seconds, self.leave)
 
     def stream_done(self, now: float) -> None:
         run = self.run
         run.streams_done += 1
+        if run.window_start <= now < run.window_end:
+            run.window_streams += 1
         if self.measured:
             self._paced_metrics()
         if self.leaver:  # the reply ended before the leaver meant to leave: nothing to measure
@@ -188,6 +227,8 @@ class Conn(asyncio.Protocol):
                 self.start_stream()
             else:
                 self.finish()
+        elif self.spec.mode == "paced" and self.spec.one_wave:
+            self.finish()
         elif self.spec.mode == "paced" or self.spec.mode == "leave":
             if now < run.measure_until or (self.spec.mode == "paced" and not self.measured_any):
                 self.start_stream()
@@ -329,6 +370,8 @@ class Conn(asyncio.Protocol):
             self._frames(now, counted)
 
     def _count(self, piece: bytes) -> int:
+        if self.spec.stamps:
+            return self._count_stamps(piece)
         delim = self.delim
         if self.tail:
             joined = self.tail + piece
@@ -338,6 +381,21 @@ class Conn(asyncio.Protocol):
             found = piece.count(delim)
         keep = len(delim) - 1
         self.tail = b"" if not keep or joined.endswith(delim) else joined[-keep:]
+        return found
+
+    def _count_stamps(self, piece: bytes) -> int:
+        """Tokens completed in `piece` (with what the last read kept), each one's lag recorded if measured."""
+        joined = self.stamp_tail + piece if self.stamp_tail else piece
+        found = 0
+        end = 0
+        lags = self.run.relay_lag if self.measured else None
+        now_us = time.monotonic_ns() // 1000
+        for match in _STAMP.finditer(joined):
+            found += 1
+            end = match.end()
+            if lags is not None:
+                lags.append((now_us - int(match.group(1))) / 1e6)
+        self.stamp_tail = joined[max(end, len(joined) - _STAMP_TAIL) :]
         return found
 
     def _frames(self, now: float, counted: int) -> None:
@@ -365,8 +423,6 @@ class Conn(asyncio.Protocol):
 
 
 async def _connect(run: Run, index: int, gate: asyncio.Semaphore, leaver: bool = False) -> Conn | None:
-    # The listen backlog of most servers is 128: opening thousands of connections at once would only measure
-    # SYN retransmits, so at most `connect_concurrency` handshakes are in flight.
     async with gate:
         try:
             _, conn = await run.loop.create_connection(lambda: Conn(run, index, leaver), "127.0.0.1", run.spec.port)
@@ -377,7 +433,7 @@ async def _connect(run: Run, index: int, gate: asyncio.Semaphore, leaver: bool =
 
 
 async def _open(run: Run, count: int, leaver: bool = False) -> list[Conn]:
-    gate = asyncio.Semaphore(run.spec.connect_concurrency)
+    gate = asyncio.Semaphore(run.spec.connect_concurrency or max(1, count))
     conns = await asyncio.gather(*(_connect(run, i, gate, leaver) for i in range(count)))
     return [c for c in conns if c is not None]
 
@@ -395,6 +451,8 @@ def _rates(run: Run) -> dict[str, Any]:
         wall = cpu["wall_end"] - cpu["wall_start"]
         server = cpu["server_end"] - cpu["server_start"]
         client = cpu["client_end"] - cpu["client_start"]
+        start, end = run.writes.get("start"), run.writes.get("end")
+        writes = end - start if start is not None and end is not None else None
         out.update(
             window_seconds=wall,
             frames=run.window_frames,
@@ -402,6 +460,11 @@ def _rates(run: Run) -> dict[str, Any]:
             server_cpu_seconds=server,
             server_cpu_percent=100 * server / wall if wall > 0 else 0.0,
             server_cpu_us_per_frame=1e6 * server / run.window_frames if run.window_frames else None,
+            window_streams=run.window_streams,
+            server_cpu_us_per_stream=1e6 * server / run.window_streams if run.window_streams else None,
+            # write(2)/writev(2) calls of the server process (/proc/<pid>/io syscw): how many frames one write carried.
+            server_writes=writes,
+            frames_per_write=run.window_frames / writes if writes else None,
             client_cpu_percent=100 * client / wall if wall > 0 else 0.0,
             # Whatever else ran on the server's core meanwhile: this machine is shared, so say how much.
             core0_other_percent=100 * max(0.0, cpu["core0_end"] - cpu["core0_start"] - server) / wall if wall else 0.0,
@@ -421,6 +484,10 @@ def _paced_summary(run: Run) -> dict[str, Any]:
         "lateness_p99": _percentile(run.lateness, 99),
         "lag_p50": _percentile(run.lag, 50),
         "lag_p99": _percentile(run.lag, 99),
+        "relay_lag_p50": _percentile(run.relay_lag, 50),
+        "relay_lag_p99": _percentile(run.relay_lag, 99),
+        "relay_lag_percentiles": [[q, _percentile(run.relay_lag, q)] for q in LAG_PERCENTILES] if run.relay_lag else [],
+        "relay_lag_samples": len(run.relay_lag),
     }
 
 
@@ -453,8 +520,12 @@ async def _paced(run: Run, leavers: int = 0) -> dict[str, Any]:
     run.started = time.monotonic()
     run.window_start = run.started + spec.ramp
     run.measure_until = run.window_end = run.window_start + spec.duration
-    run.loop.call_at(_loop_time(run, run.window_start), run.sample, "start")
-    run.loop.call_at(_loop_time(run, run.window_end), run.sample, "end")
+    if spec.one_wave:
+        run.window_end = run.started + spec.deadline
+        run.sample("start")
+    else:
+        run.loop.call_at(_loop_time(run, run.window_start), run.sample, "start")
+        run.loop.call_at(_loop_time(run, run.window_end), run.sample, "end")
     for index, conn in enumerate(conns):
         # Spread the first starts over one intended stream length: arrivals, not a thundering herd.
         run.loop.call_at(_loop_time(run, run.started + spec.ramp * index / max(1, len(conns))), conn.start_stream)
@@ -533,6 +604,7 @@ async def _upstream_closes(run: Run) -> dict[str, Any]:
         "ran_to_end": ran_to_end,  # the upstream generated the whole reply for a client that had left
         "never_requested": never_requested,
         "close_p50": _percentile(latencies, 50),
+        "close_p99": _percentile(latencies, 99),
         "close_max": max(latencies) if latencies else None,
         "close_wait": spec.close_wait,
     }

@@ -68,6 +68,23 @@ def rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def write_syscalls(pids: list[int]) -> int | None:
+    """write(2)-family calls made by `pids` (``syscw`` of /proc/<pid>/io; a socket's write and writev count, its
+    send and sendmsg do not, and asyncio's and uvloop's transports write with write/writev), or None if any of
+    them cannot be read."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io", "rb") as f:
+                for line in f:
+                    if line.startswith(b"syscw:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            return None
+    return total
+
+
 def core_busy_seconds(core: str) -> float:
     """Busy time of one core (``cpu0``) from /proc/stat: everything but idle and iowait, in seconds."""
     with open("/proc/stat", "rb") as f:

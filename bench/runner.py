@@ -89,14 +89,22 @@ def prepare() -> list[str]:
 class Server:
     """One server process on loopback, pinned to `core`."""
 
-    def __init__(self, name: str, args: list[str], port: int, env: dict[str, str], core: str = SERVER_CORE) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        env: dict[str, str],
+        core: str = SERVER_CORE,
+        interpreter: str = sys.executable,
+    ) -> None:
         self.name = name
         self.port = port
         slug = "".join(c if c.isalnum() else "-" for c in name.lower())
         self.log_path = WORK / "logs" / f"{slug}-{port}.log"
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            ["taskset", "-c", core, sys.executable, *args],
+            ["taskset", "-c", core, interpreter, *args],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -122,14 +130,19 @@ class Server:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.name} did not listen on port {self.port} within {timeout:.0f}s")
 
-    def probe(self) -> dict[str, int]:
-        """Tasks and suspended generators left in the process (summed over a gunicorn master and worker)."""
+    def probe(self) -> dict[str, int] | None:
+        """Tasks and suspended generators left in the process (summed over a gunicorn master and worker), or None
+        if a process did not answer in time (a busy peer's probe thread waits for the GIL)."""
         total = {"tasks": 0, "generators": 0, "threads": 0}
         for pid in process_tree(self.pid):
             path = probe.socket_path(WORK, pid)
             if not os.path.exists(path):
                 continue
-            for key, value in probe.ask(path).items():
+            try:
+                answer = probe.ask(path, timeout=20.0)
+            except OSError:  # TimeoutError included
+                return None
+            for key, value in answer.items():
                 total[key] = total.get(key, 0) + value
         return total
 

@@ -1,5 +1,9 @@
-"""The five scenarios of issue 6, the reconnect storm of issue 12, resuming, and the load client's own ceiling.
-Each returns flat result rows.
+"""The scenarios of issue 17 (realistic first: paced relay, reconnect storm, disconnects, idle capacity, resume,
+zero-delay throughput), the demo model's paced streams of issue 6, and the load client's own ceiling. Each
+returns flat result rows.
+
+Relayed streams carry the fake upstream's generation stamps (bench.upstream ``s=1``), so the load client measures
+each token's relay-added lag whatever the relay's output format; every client opens its connections at once.
 
 Repeats are interleaved (repeat 1 of every target and size, then repeat 2, ...) so that a noisy moment on this
 shared machine hurts every target a little rather than one target a lot. Servers are started once per scenario
@@ -18,6 +22,7 @@ from typing import Any
 
 from bench import targets as t
 from bench.client import Spec
+from bench.peers import litellm_proxy
 from bench.runner import CLIENT_CORE, Server, environment, free_port, run_client
 
 Row = dict[str, Any]
@@ -50,11 +55,26 @@ class Plan:
     disconnect_tokens: int = 100  # 2 s replies: a relay that never closes early shows as "ran to the end"
     relay_tokens: int = 200
     relay_connections: int = 100
-    relay_paced_streams: int = 500
+    relay_paced_streams: int = 500  # the level the targets are judged at
+    relay_paced_levels: tuple[int, ...] = (10, 100, 500, 1000)
+    relay_paced_tokens: int = 100  # issue 17: 100 tokens per stream, 20 ms apart
+    # Peers that cannot keep up with the top levels (LiteLLM, the tutorial relays over the SDK's objects) run up to
+    # this level, once: at 1,000 streams they need many cores and only show that they are overloaded.
+    relay_peer_max: int = 500
+    relay_cut_off: float = 20.0  # seconds past a stream's length after which an overloaded relay's run is cut
+    setup_connections: int = 10  # request setup: 1-token replies back to back on this many connections
+    disconnect_levels: tuple[int, ...] = (100, 500)
+    # LiteLLM and the tutorial relays leave at 100 only: at 500 their leavers wait many seconds for the 5–25 tokens
+    # they leave after, which only shows again that those relays are overloaded.
+    disconnect_peer_max: int = 100
+    # The tutorial peers everywhere; quick: none in the relay scenario, and only the plain aiohttp handler (the idle
+    # target's measure) elsewhere.
+    tutorials: bool = True
     close_wait: float = 3.0
     storm_connections: int = 1000  # clients connecting in the same instant, as after a restart
     storm_deadline: float = 60.0
     what_if: bool = True  # also measure bench.whatif's proposals in the full-relay scenario
+    what_ifs: tuple[str, ...] = ()  # --what-if: these bench.whatif variants instead of the default proposal
     targets: tuple[str, ...] = field(default_factory=tuple)  # names to run; empty: all
     # --baseline: ours from another commit's server/ (exported under baseline_root), in the full-relay scenario.
     baseline: str = ""
@@ -77,6 +97,13 @@ class Plan:
             disconnect_load=100,
             relay_connections=20,
             relay_paced_streams=100,
+            relay_paced_levels=(10, 100),
+            relay_paced_tokens=50,
+            relay_peer_max=100,  # LiteLLM at the level the quick targets judge (the tutorials are left out)
+            tutorials=False,
+            relay_cut_off=8.0,
+            what_if=False,
+            disconnect_levels=(100,),
             close_wait=2.0,
             storm_connections=500,
             resume_streams=50,
@@ -84,38 +111,65 @@ class Plan:
         )
 
     def selected(self, candidates: Sequence[t.Target]) -> list[t.Target]:
+        if not self.tutorials:
+            candidates = [c for c in candidates if c.kind != "peer" or c == t.PEERS[0]]
         if not self.targets:
             return list(candidates)
         return [c for c in candidates if c.kind == "ours" or any(n.lower() in c.name.lower() for n in self.targets)]
 
 
+def start(target: t.Target, scenario: str, plan: Plan, port: int, upstream: str, threads: int) -> Server:
+    args = target.command(port, scenario, upstream=upstream, uvloop=plan.uvloop, threads=threads)
+    env = environment(upstream, plan.uvloop, target.server_root)
+    if target.kind == "litellm":
+        env.update(litellm_proxy.environment())
+        litellm_proxy.ensure_venv()
+    return Server(target.name, args, port, env, interpreter=target.interpreter())
+
+
 @contextmanager
 def servers(
-    chosen: Sequence[t.Target], scenario: str, plan: Plan, *, upstream: str = "", threads: int = 1000
+    chosen: Sequence[t.Target],
+    scenario: str,
+    plan: Plan,
+    *,
+    upstream: str = "",
+    threads: int = 1000,
+    upstream_server: Server | None = None,
 ) -> Iterator[dict[str, Server]]:
+    """Start `chosen`; the no-relay target is the running fake upstream (`upstream_server`) itself."""
     started: dict[str, Server] = {}
+    running: dict[str, Server] = {}
     try:
         for target in chosen:
-            port = free_port()
-            args = target.command(port, scenario, upstream=upstream, uvloop=plan.uvloop, threads=threads)
-            env = environment(upstream, plan.uvloop, target.server_root)
-            started[target.name] = Server(target.name, args, port, env)
+            if target.kind != "direct":
+                started[target.name] = start(target, scenario, plan, free_port(), upstream, threads)
         for server in started.values():
-            server.wait_listening()
-        yield started
+            server.wait_listening(timeout=120.0)  # LiteLLM's proxy takes ~10 s to import
+        running = dict(started)
+        if upstream_server is not None:
+            running.update({target.name: upstream_server for target in chosen if target.kind == "direct"})
+        yield running
     finally:
-        for server in started.values():
-            server.stop()
+        # `running` too: a scenario may have replaced a server by a fresh one (bench.scenarios._disconnects).
+        for server in [*started.values(), *running.values()]:
+            if server is not upstream_server:
+                server.stop()
 
 
 # -- payload check -------------------------------------------------------------------------------------------
 
 
-def fetch_tokens(port: int, path: str, accept: str) -> list[str]:
-    """Decode one whole stream with http.client (independent of the load client) into its token texts."""
+def fetch_tokens(port: int, path: str, accept: str, body: str = "", headers: str = "") -> list[str]:
+    """Decode one whole stream with http.client (independent of the load client) into its token texts: the
+    ``content`` of each JSON object, or of an OpenAI chunk's first choice's delta."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    extra = dict(line.split(": ", 1) for line in headers.split("\r\n") if line)
     try:
-        conn.request("GET", path, headers={"Accept": accept})
+        if body:
+            conn.request("POST", path, body, headers={"Accept": accept, "Content-Type": "application/json", **extra})
+        else:
+            conn.request("GET", path, headers={"Accept": accept, **extra})
         response = conn.getresponse()
         body = response.read().decode()
     finally:
@@ -129,13 +183,15 @@ def fetch_tokens(port: int, path: str, accept: str) -> list[str]:
         if not data.startswith("{"):
             continue
         obj = json.loads(data)
-        if isinstance(obj, dict) and isinstance(obj.get("content"), str):
+        if isinstance(obj, dict) and obj.get("choices"):
+            obj = obj["choices"][0].get("delta") or {}
+        if isinstance(obj, dict) and isinstance(obj.get("content"), str) and obj["content"]:
             texts.append(obj["content"])
     return texts
 
 
-def check_payload(server: Server, target: t.Target, path: str, expected: list[str]) -> bool:
-    got = fetch_tokens(server.port, path, target.accept)
+def check_payload(server: Server, target: t.Target, path: str, expected: list[str], body: str = "") -> bool:
+    got = fetch_tokens(server.port, path, target.accept, body, target.headers())
     if got != expected:
         raise RuntimeError(f"{target.name} served {len(got)} tokens that differ from the payload's {len(expected)}")
     return True
@@ -169,7 +225,7 @@ def client_ceiling(plan: Plan, log: Log) -> list[Row]:
 
 
 def throughput(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
-    chosen = plan.selected(t.ALL)
+    chosen = plan.selected((*t.ALL, t.CEILING_BATCHED))
     rows: list[Row] = []
     n = plan.throughput_tokens
     with servers(chosen, "throughput", plan, threads=max(plan.throughput_levels)) as running:
@@ -260,6 +316,8 @@ def capacity(plan: Plan, log: Log) -> list[Row]:
                     server_pid=server.pid,
                     hold=0.2,
                     connections=20,
+                    # About memory, not connecting: 10,000 at once would only overflow the listen queue (4096).
+                    connect_concurrency=1000,
                 )
                 # Warm up first (lazy imports, first-request caches), so the memory delta is per connection.
                 run_client(base)
@@ -303,108 +361,180 @@ def storm(plan: Plan, log: Log) -> list[Row]:
     return rows
 
 
-def _relay_prompt(n: int, delay: float, first: float = 0.0, ident: str = "") -> str:
+def _relay_prompt(n: int, delay: float, first: float = 0.0, ident: str = "", stamps: bool = False) -> str:
     prompt = f"n={n} d={delay:g} f={first:g}"
+    if stamps:
+        prompt += " s=1"
     return f"{prompt} id={ident}" if ident else prompt
 
 
 @contextmanager
-def fake_upstream(plan: Plan) -> Iterator[tuple[int, str]]:
-    """The fake OpenAI-compatible upstream on the client's core: its port and its base URL."""
+def fake_upstream(plan: Plan) -> Iterator[tuple[Server, str]]:
+    """The fake OpenAI-compatible upstream on the client's core: its process and its base URL."""
     port = free_port()
     upstream = Server(
         "fake upstream", ["-m", "bench.upstream", "--port", str(port)], port, environment("", plan.uvloop), CLIENT_CORE
     )
     try:
         upstream.wait_listening()
-        yield port, f"http://127.0.0.1:{port}/v1"
+        yield upstream, f"http://127.0.0.1:{port}/v1"
     finally:
         upstream.stop()
 
 
-def relay(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
-    """Scenarios 4 and 5: everything that goes through the fake upstream and the openai client."""
-    relays = [c for c in plan.selected((t.OURS, *t.PEERS)) if c.relays]
+def _relay_spec(target: t.Target, server: Server, prompt: str, **fields: Any) -> Spec:
+    return Spec(
+        port=server.port,
+        path=target.relay_path(prompt),
+        body=target.relay_body(prompt),
+        headers=target.headers(),
+        accept=target.accept,
+        delimiter=target.delimiter,
+        # The no-relay floor's server is the upstream itself: its CPU is not a relay's, so none is read.
+        server_pid=0 if target.kind == "direct" else server.pid,
+        **fields,
+    )
+
+
+def _relay_targets(plan: Plan) -> list[t.Target]:
+    chosen = [c for c in plan.selected(t.RELAYS) if c.relays and (plan.tutorials or c.kind != "peer")]
     baselines = [t.baseline(plan.baseline, plan.baseline_root)] if plan.baseline else []
-    # The baseline runs right after ours (the first of `relays`), so the two sides of the A/B run back to back.
-    measured = [*relays[:1], *baselines, *relays[1:], *(t.WHAT_IF if plan.what_if else ())]
+    # The baseline runs right after ours (the first), so the two sides of an A/B run back to back.
+    proposals = tuple(t.what_if(v) for v in plan.what_ifs) if plan.what_ifs else t.WHAT_IF
+    return [*chosen[:1], *baselines, *chosen[1:], *(proposals if plan.what_if else ())]
+
+
+def _full_repeats(target: t.Target) -> bool:
+    """Ours (and its baseline and what-ifs), the lean relay and the two floors get every repeat: the targets are
+    ratios of these. LiteLLM and the tutorial relays, many times slower, run once."""
+    return target.kind in ("ours", "lean", "relay-ceiling", "direct")
+
+
+def relay(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
+    """Issue 17's realistic scenarios: the fake upstream → each relay → the load client. Paced relay at each level
+    (all clients at once), request setup, zero-delay relay, and disconnects at each disconnect level."""
+    measured = _relay_targets(plan)
     rows: list[Row] = []
-    with fake_upstream(plan) as (upstream_port, url):
-        threads = max(plan.relay_paced_streams, plan.disconnect_load + plan.leavers, plan.relay_connections)
-        with servers(measured, "relay", plan, upstream=url, threads=threads) as running:
+    with fake_upstream(plan) as (upstream_server, url):
+        threads = max(*plan.relay_paced_levels, *plan.disconnect_levels, plan.relay_connections)
+        with servers(
+            measured, "relay", plan, upstream=url, threads=threads, upstream_server=upstream_server
+        ) as running:
             n_fast = plan.relay_tokens
             for target in measured:
-                path = target.relay_path(_relay_prompt(n_fast, 0))
-                check_payload(running[target.name], target, path, tokens[:n_fast])
+                prompt = _relay_prompt(n_fast, 0)
+                path, body = target.relay_path(prompt), target.relay_body(prompt)
+                check_payload(running[target.name], target, path, tokens[:n_fast], body)
+                _warm_up(plan, target, running[target.name])
             for repeat in range(plan.repeats):
+                for level in plan.relay_paced_levels:
+                    for target in measured:
+                        if not _full_repeats(target) and (repeat >= plan.heavy_repeats or level > plan.relay_peer_max):
+                            continue
+                        rows.append(_relay_paced(plan, target, running[target.name], level, repeat, log))
                 for target in measured:
-                    rows.append(_relay_fast(plan, target, running[target.name], repeat, log))
-                for target in measured:
-                    # 500 relayed streams are several cores' work for every peer: like the heavy paced sizes,
-                    # one repeat of those; ours and the what-ifs, which the targets are about, get every repeat.
-                    if target.kind == "peer" and repeat >= plan.heavy_repeats:
+                    if target.kind == "direct" or (not _full_repeats(target) and repeat >= plan.heavy_repeats):
                         continue
-                    rows.append(_relay_paced(plan, target, running[target.name], repeat, log))
+                    rows.append(_relay_setup(plan, target, running[target.name], repeat, log))
+                    rows.append(_relay_fast(plan, target, running[target.name], repeat, log))
                 if repeat >= plan.disconnect_repeats:
                     continue
-                for target in relays:
-                    # Under load only for ours (the issue's target): an overloaded peer takes a minute to get its
-                    # leavers their first tokens, and the two cases without load already show how peers behave.
-                    cases = (
-                        ("mid-stream", "under load", "idle stream")
-                        if target.kind == "ours"
-                        else ("mid-stream", "idle stream")
-                    )
-                    for case in cases:
-                        rows.append(_disconnects(plan, target, running, case, repeat, upstream_port, url, log))
+                for level in plan.disconnect_levels:
+                    for target in measured:
+                        if target.kind == "direct" or (not _full_repeats(target) and level > plan.disconnect_peer_max):
+                            continue
+                        if target.variant or target.server_root:
+                            continue  # what-ifs and baselines: the relay's hot path, not its disconnects
+                        rows.append(_disconnects(plan, target, running, level, repeat, upstream_server, url, log))
     return rows
 
 
+def _warm_up(plan: Plan, target: t.Target, server: Server) -> None:
+    """As many concurrent 1-token streams as the target will serve at its top level: a server in service has its
+    upstream connection pool and caches warm, so the first measured wave should not pay for filling them."""
+    top = (
+        max(plan.relay_paced_levels)
+        if _full_repeats(target)
+        else min(plan.relay_peer_max, max(plan.relay_paced_levels))
+    )
+    # One 1-token stream per connection, each read to its end: streams cut off mid-request would leave the server
+    # cleaning up while the first measured wave arrives.
+    prompt = _relay_prompt(1, 0, stamps=True)
+    spec = _relay_spec(
+        target,
+        server,
+        prompt,
+        mode="paced",
+        stamps=True,
+        one_wave=True,
+        connections=top,
+        tokens=1,
+        ramp=0.0,
+        duration=0.0,
+        deadline=plan.relay_cut_off + 10,
+    )
+    run_client(spec)
+    time.sleep(1.0)
+
+
 def _relay_fast(plan: Plan, target: t.Target, server: Server, repeat: int, log: Log) -> Row:
-    spec = Spec(
-        port=server.port,
-        path=target.relay_path(_relay_prompt(plan.relay_tokens, 0)),
-        accept=target.accept,
-        delimiter=target.delimiter,
+    spec = _relay_spec(
+        target,
+        server,
+        _relay_prompt(plan.relay_tokens, 0, stamps=True),
+        stamps=True,
         connections=plan.relay_connections,
         warmup=plan.warmup,
         duration=plan.duration,
-        server_pid=server.pid,
     )
     result = run_client(spec)
     log(f"relay {target.name} x{plan.relay_connections}: {result['server_cpu_us_per_frame'] or 0:.1f} CPU-us/token")
-    return {
-        "scenario": "relay-fast",
-        "target": target.name,
-        "level": plan.relay_connections,
-        "repeat": repeat,
-        **result,
-    }
+    level = plan.relay_connections
+    return {"scenario": "relay-fast", "target": target.name, "level": level, "repeat": repeat, **result}
 
 
-def _relay_paced(plan: Plan, target: t.Target, server: Server, repeat: int, log: Log) -> Row:
-    n, delay = plan.paced_tokens, plan.paced_delay
-    spec = Spec(
-        port=server.port,
-        path=target.relay_path(_relay_prompt(n, delay)),
+def _relay_setup(plan: Plan, target: t.Target, server: Server, repeat: int, log: Log) -> Row:
+    """CPU per stream for request setup: 1-token replies back to back (each stream is a request, one token and
+    its end), on `setup_connections` keep-alive connections."""
+    spec = _relay_spec(
+        target,
+        server,
+        _relay_prompt(1, 0, stamps=True),
+        stamps=True,
+        connections=plan.setup_connections,
+        warmup=plan.warmup,
+        duration=plan.duration,
+    )
+    result = run_client(spec)
+    log(f"relay setup {target.name}: {result.get('server_cpu_us_per_stream') or 0:.0f} CPU-us/stream")
+    level = plan.setup_connections
+    return {"scenario": "relay-setup", "target": target.name, "level": level, "repeat": repeat, **result}
+
+
+def _relay_paced(plan: Plan, target: t.Target, server: Server, level: int, repeat: int, log: Log) -> Row:
+    n, delay = plan.relay_paced_tokens, plan.paced_delay
+    spec = _relay_spec(
+        target,
+        server,
+        _relay_prompt(n, delay, stamps=True),
         mode="paced",
-        accept=target.accept,
-        delimiter=target.delimiter,
-        connections=plan.relay_paced_streams,
+        stamps=True,
+        connections=level,
         tokens=n,
         delay=delay,
-        ramp=n * delay,
-        duration=plan.paced_duration,
-        server_pid=server.pid,
-        deadline=n * delay + plan.paced_duration + 40,
+        ramp=0.0,  # every client at once, as real clients arrive after a deploy or a burst
+        one_wave=True,  # CPU per token over the whole wave, setup included
+        duration=n * delay,
+        deadline=n * delay + plan.relay_cut_off,
     )
     result = run_client(spec)
     log(
-        f"relay paced {target.name} x{plan.relay_paced_streams}: stretch {result['stretch_p50'] or 0:.3f}, "
-        f"ttft p99 {1000 * (result['ttff_p99'] or 0):.0f} ms, CPU {result.get('server_cpu_percent', 0):.0f}%, "
+        f"relay paced {target.name} x{level}: lag p99 {1000 * (result['relay_lag_p99'] or 0):.1f} ms, "
+        f"ttft p50/p99 {1000 * (result['ttff_p50'] or 0):.0f}/{1000 * (result['ttff_p99'] or 0):.0f} ms, "
+        f"stretch {result['stretch_p50'] or 0:.3f}, CPU {result.get('server_cpu_percent', 0):.0f}%, "
         f"{result.get('server_cpu_us_per_frame') or 0:.1f} CPU-us/token"
     )
-    level = plan.relay_paced_streams
+    time.sleep(0.3)  # let the server finish closing the last run's connections
     return {"scenario": "relay-paced", "target": target.name, "level": level, "repeat": repeat, **result}
 
 
@@ -412,69 +542,66 @@ def _disconnects(
     plan: Plan,
     target: t.Target,
     running: dict[str, Server],
-    case: str,
+    level: int,
     repeat: int,
-    upstream_port: int,
+    upstream_server: Server,
     upstream_url: str,
     log: Log,
 ) -> Row:
+    """`level` clients open their streams at once and each leaves after 5–25 tokens: from each client's close to
+    the fake upstream seeing that request's connection closed; then what the server still runs a second later."""
     server = running[target.name]
-    _get(upstream_port, "/reset")
-    before = server.probe()
-    load = plan.disconnect_load if case == "under load" else 0
+    _get(upstream_server.port, "/reset")
+    time.sleep(1.0)  # the previous run's streams finish closing first, or "before" counts them
+    before = server.probe() if target.probed else None
     delay = plan.paced_delay
-    first = 30.0 if case == "idle stream" else 0.0
-    spec = Spec(
-        port=server.port,
-        path=target.relay_path(_relay_prompt(plan.disconnect_tokens, delay)),
-        leave_path=target.relay_path(_relay_prompt(plan.disconnect_tokens, delay, first, "track{i}")),
+    prompt = _relay_prompt(plan.disconnect_tokens, delay, 0.0, "track{i}", stamps=True)
+    spec = _relay_spec(
+        target,
+        server,
+        prompt,
+        leave_path=target.relay_path(prompt),
         mode="leave",
-        accept=target.accept,
-        delimiter=target.delimiter,
-        connections=load,
-        leavers=plan.leavers,
+        stamps=True,
+        connections=0,
+        leavers=level,
         leave_after_frames=(5, 25),
-        leave_after_seconds=0.3 if case == "idle stream" else 0.0,
+        leave_spread=0.0,
         tokens=plan.disconnect_tokens,
         delay=delay,
-        ramp=1.0 if load else 0.0,
-        duration=600.0,  # the background load runs until the leavers are measured
-        upstream_port=upstream_port,
+        ramp=0.0,
+        duration=600.0,
+        upstream_port=upstream_server.port,
         close_wait=plan.close_wait,
-        server_pid=server.pid,
-        deadline=60.0,
+        deadline=40.0,
     )
     result = run_client(spec)
     time.sleep(1.0)  # what a server still holds a second after the run is what "left running" means
-    after = server.probe()
-    leftover = {f"left_{k}": after.get(k, 0) - before.get(k, 0) for k in ("tasks", "generators", "threads")}
-    close_max = result.get("close_max")
+    after = server.probe() if before is not None else None
+    leftover: dict[str, int | None] = {
+        f"left_{k}": (after.get(k, 0) - before.get(k, 0)) if before is not None and after is not None else None
+        for k in ("tasks", "generators", "threads")
+    }
+    close_max, close_p99 = result.get("close_max"), result.get("close_p99")
     log(
-        f"disconnect {case} {target.name}: {result['closed']}/{result['leavers']} upstreams closed, "
-        f"max {1000 * close_max if close_max is not None else float('nan'):.0f} ms, "
+        f"disconnect x{level} {target.name}: {result['closed']}/{result['leavers']} upstreams closed, "
+        f"p99 {1000 * close_p99 if close_p99 is not None else float('nan'):.1f} ms, "
+        f"max {1000 * close_max if close_max is not None else float('nan'):.1f} ms, "
         f"{result['not_closed']} not closed within {plan.close_wait:g}s, left {leftover}"
     )
     if any(leftover.values()) or result["not_closed"]:
         # Restart a server that still holds streams, so the next run starts clean.
         server.stop()
-        args = target.command(
-            server.port,
-            "relay",
-            upstream=upstream_url,
-            uvloop=plan.uvloop,
-            threads=max(plan.disconnect_load + plan.leavers, plan.relay_paced_streams),
-        )
-        env = environment(upstream_url, plan.uvloop, target.server_root)
-        running[target.name] = Server(target.name, args, server.port, env)
-        running[target.name].wait_listening()
-    level = plan.leavers
+        threads = max(*plan.relay_paced_levels, *plan.disconnect_levels)
+        running[target.name] = start(target, "relay", plan, server.port, upstream_url, threads)
+        running[target.name].wait_listening(timeout=120.0)
     return {
         "scenario": "disconnect",
-        "case": case,
+        "case": f"x{level}",
         "target": target.name,
         "level": level,
         "repeat": repeat,
-        "load": load,
+        "load": 0,
         **result,
         **leftover,
     }

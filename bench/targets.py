@@ -8,10 +8,14 @@ run the same way from another revision's ``server/`` package, exported by `bench
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 from bench.payload import PROMPT
+from bench.peers import litellm_proxy
 
 SSE = "\n\n"
 SSE_CRLF = "\r\n\r\n"  # aiohttp-sse and sse-starlette end lines with CRLF, which the SSE spec allows
@@ -21,7 +25,9 @@ NDJSON = "\n"
 @dataclass(frozen=True)
 class Target:
     name: str
-    kind: str  # ours | peer | ceiling | blaster
+    # ours | peer (a tutorial relay) | lean (the hand-written aiohttp relay) | relay-ceiling | litellm | direct (no
+    # relay: the load client reads the fake upstream itself) | ceiling | blaster
+    kind: str
     module: str  # what `python -m` runs
     delimiter: str = SSE
     accept: str = "text/event-stream"
@@ -30,6 +36,21 @@ class Target:
     variant: str = ""  # ours only: a what-if of bench.whatif
     options: tuple[str, ...] = ()  # ours only: options added to the scenario's own
     server_root: str = ""  # ours only: a directory holding the server/ package to run instead of the working tree's
+    streams: bool = True  # has the demo payload's /stream route (the throughput and paced scenarios)
+    query: str = ""  # added to the stream route's query (the batched ceiling's ``&batch=64``)
+
+    @property
+    def openai_style(self) -> bool:
+        """Clients POST /v1/chat/completions and read OpenAI chunk SSE back (LiteLLM, and the upstream itself)."""
+        return self.kind in ("litellm", "direct")
+
+    @property
+    def probed(self) -> bool:
+        """Runs bench.probe, which counts the tasks and generators left after a disconnect."""
+        return self.kind not in ("litellm", "direct")
+
+    def interpreter(self) -> str:
+        return str(litellm_proxy.python()) if self.kind == "litellm" else sys.executable
 
     def command(self, port: int, scenario: str, *, upstream: str, uvloop: bool, threads: int) -> list[str]:
         if self.kind == "ours":
@@ -57,28 +78,45 @@ class Target:
                 "--worker-connections",
                 str(max(1000, 2 * threads)),
                 "--backlog",
-                "2048",
+                "4096",  # bench.peers._common.BACKLOG
                 "--log-level",
                 "warning",
                 "-b",
                 f"127.0.0.1:{port}",
                 "bench.peers.flask_peer:app",
             ]
+        if self.kind == "litellm":
+            config = Path(__file__).resolve().parent / ".work" / f"litellm-{port}.yaml"
+            loop = [] if uvloop else ["--loop", "asyncio"]
+            return ["-m", self.module, "--port", str(port), "--config", str(config), "--upstream", upstream, *loop]
         mode = ["--mode", "blast"] if self.kind == "blaster" else []
         return ["-m", self.module, "--port", str(port), *mode]
 
     def stream_path(self, n: int, delay: float) -> str:
         if self.kind == "ours":
             return f"/api/chat?prompt={PROMPT}&max_tokens={n}"
-        return f"/stream?n={n}&delay={delay:g}"
+        return f"/stream?n={n}&delay={delay:g}{self.query}"
 
     def idle_path(self) -> str:
         return f"/api/chat?prompt={PROMPT}" if self.kind == "ours" else "/idle"
 
     def relay_path(self, prompt: str) -> str:
         """`prompt` may hold the client's ``{i}``/``{s}`` placeholders; everything else is URL-quoted."""
+        if self.openai_style:
+            return "/v1/chat/completions"
         quoted = quote(prompt, safe="{}")
         return f"/api/chat?prompt={quoted}" if self.kind == "ours" else f"/relay?prompt={quoted}"
+
+    def relay_body(self, prompt: str) -> str:
+        """The POST body of an OpenAI-style target (empty for the others, which take the prompt in the query)."""
+        if not self.openai_style:
+            return ""
+        messages = [{"role": "user", "content": prompt}]
+        return json.dumps({"model": "fake-model", "messages": messages, "stream": True})
+
+    def headers(self) -> str:
+        """Extra request header lines: LiteLLM's master key."""
+        return f"Authorization: Bearer {litellm_proxy.MASTER_KEY}\r\n" if self.kind == "litellm" else ""
 
 
 def ours_arguments(scenario: str, upstream: str, uvloop: bool) -> list[str]:
@@ -129,6 +167,16 @@ OURS = Target("llm-relay", "ours", "bench.ours")
 # The reconnect storm's contrast: the listen backlog aiohttp (and most servers) default to.
 OURS_BACKLOG_128 = Target("llm-relay --backlog 128", "ours", "bench.ours", options=("--backlog", "128"))
 CEILING = Target("bare asyncio.Protocol", "ceiling", "bench.peers.bare_protocol", relays=False)
+# The ceiling given the batching our demo model gives the zero-delay stream (server/providers/demo.py hands 64
+# tokens per batch at full speed), so that no throughput figure credits batching to the relay (issue 17).
+CEILING_BATCHED = Target(
+    "bare asyncio.Protocol, 64 frames per write",
+    "ceiling",
+    "bench.peers.bare_protocol",
+    relays=False,
+    idles=False,
+    query="&batch=64",
+)
 BLASTER = Target("blaster (pre-encoded)", "blaster", "bench.peers.bare_protocol", relays=False, idles=False)
 PEERS = (
     Target("aiohttp StreamResponse", "peer", "bench.peers.aiohttp_plain"),
@@ -138,6 +186,14 @@ PEERS = (
     Target("Flask/gunicorn gthread", "peer", "gunicorn"),
 )
 ALL = (OURS, *PEERS, CEILING)
+# The relays of issue 17 beside the tutorial ones (PEERS): what a team would run otherwise, and the floors.
+LEAN = Target("lean aiohttp relay", "lean", "bench.peers.lean_relay", idles=False, streams=False)
+RELAY_CEILING = Target(
+    "raw asyncio relay (ceiling)", "relay-ceiling", "bench.peers.relay_ceiling", idles=False, streams=False
+)
+LITELLM = Target("LiteLLM proxy", "litellm", "bench.peers.litellm_proxy", idles=False, streams=False)
+DIRECT = Target("no relay (upstream direct)", "direct", "bench.upstream", idles=False, streams=False)
+RELAYS = (OURS, LEAN, RELAY_CEILING, DIRECT, LITELLM, *PEERS)
 
 
 def baseline(commit: str, server_root: str) -> Target:
@@ -151,3 +207,8 @@ def baseline_name(commit: str) -> str:
 
 # Measured proposals for server/ (see bench.whatif), shown beside ours in the full-relay tables only.
 WHAT_IF = (Target("what-if: llm-relay + aiohttp provider", "ours", "bench.ours", variant="aiohttp-provider"),)
+
+
+def what_if(variant: str) -> Target:
+    """Ours with one of bench.whatif's variants applied (``--what-if NAME``)."""
+    return Target(f"what-if: llm-relay, {variant}", "ours", "bench.ours", variant=variant)

@@ -6,10 +6,13 @@ core 1 with the load client (tests/fake_upstream.py, on aiohttp, would cost more
 
 The reply is chosen by the prompt, so one upstream serves every relay scenario through relays that were started
 once: ``"n=50 d=0.02 f=0 id=track7"`` asks for 50 tokens, 20 ms apart, the first one ``f`` seconds after the
-role chunk; a reply longer than the payload repeats its tokens (up to `MAX_TOKENS`). For a request whose ``id``
-starts with ``track`` it records when the request started, when the relay closed the connection before the reply
-was complete, and when the reply completed (the disconnect scenario). ``GET /stats`` returns those records as JSON;
-``POST /reset`` forgets them.
+role chunk (at once with ``f=0``, so a time to first token is the relays' and not the model's); a reply longer
+than the payload repeats its tokens (up to `MAX_TOKENS`). With ``s=1`` every token's text ends with its
+generation stamp, ``~t<CLOCK_MONOTONIC in µs>~``, taken when the token is written: relays copy the text into their
+own framing, so the load client (same machine, same clock) reads each token's relay-added lag as its receipt time
+minus that stamp, whatever the relay's output format. For a request whose ``id`` starts with ``track`` it records
+when the request started, when the relay closed the connection before the reply was complete, and when the reply
+completed (the disconnect scenario). ``GET /stats`` returns those records as JSON; ``POST /reset`` forgets them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ def _event(obj: dict[str, Any] | str) -> bytes:
     return b"%x\r\n%s\r\n" % (len(frame), frame)
 
 
+def stamp_marker(micros: int) -> str:
+    """The text appended to a stamped token: ASCII that every JSON encoder copies as it is."""
+    return f"~t{micros}~"
+
+
 def _chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
     return {
         "id": "chatcmpl-bench",
@@ -52,7 +60,14 @@ class Reply:
 
     def __init__(self, tokens: list[str]) -> None:
         self.first = _SSE_HEAD + _event(_chunk({"role": "assistant", "content": ""}))
-        self.tokens = [_event(_chunk({"content": t})) for t in itertools.islice(itertools.cycle(tokens), MAX_TOKENS)]
+        texts = list(itertools.islice(itertools.cycle(tokens), MAX_TOKENS))
+        self.tokens = [_event(_chunk({"content": t})) for t in texts]
+        # A stamped token's event, split around where its stamp goes: (b"data: {..." , b"...}\n\n").
+        self.stamped: list[tuple[bytes, bytes]] = []
+        for text in texts:
+            event = "data: " + json.dumps(_chunk({"content": text + stamp_marker(0)}), separators=(",", ":")) + "\n\n"
+            head, _, tail = event.encode().partition(stamp_marker(0).encode())
+            self.stamped.append((head + b"~t", b"~" + tail))
         self.finish = _event(_chunk({}, "stop"))
         self.done = _event("[DONE]") + b"0\r\n\r\n"
         self._joined: dict[int, bytes] = {}
@@ -63,6 +78,11 @@ class Reply:
         if joined is None:
             joined = self._joined[n] = b"".join(self.tokens[:n])
         return joined
+
+    def stamped_token(self, index: int) -> bytes:
+        head, tail = self.stamped[index]
+        frame = b"%s%d%s" % (head, time.monotonic_ns() // 1000, tail)
+        return b"%x\r\n%s\r\n" % (len(frame), frame)
 
     def usage(self, n: int) -> bytes:
         usage = self._usage.get(n)
@@ -106,6 +126,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.delay = 0.0
         self.due = 0.0
         self.usage = False
+        self.stamps = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -165,22 +186,29 @@ class UpstreamProtocol(asyncio.Protocol):
         reply = self.up.reply
         self.count = min(len(reply.tokens), int(params.get("n", "50")))
         self.delay = float(params.get("d", "0"))
+        self.stamps = params.get("s") == "1"
         first_delay = float(params.get("f", "0"))
         self.transport.write(reply.first)
         self.index = 0
         if not self.delay and not first_delay:
-            self.transport.write(reply.all_tokens(self.count))
+            if self.stamps:
+                self.transport.write(b"".join(reply.stamped_token(i) for i in range(self.count)))
+            else:
+                self.transport.write(reply.all_tokens(self.count))
             self.index = self.count
             self._finish()
             return
         self.due = now + first_delay
-        self.timer = self.loop.call_at(self.due + self.delay, self._step)
+        if first_delay:
+            self.timer = self.loop.call_at(self.due, self._step)
+        else:
+            self._step()
 
     def _step(self) -> None:
         if self.transport is None:
             return
         reply = self.up.reply
-        self.transport.write(reply.tokens[self.index])
+        self.transport.write(reply.stamped_token(self.index) if self.stamps else reply.tokens[self.index])
         self.index += 1
         if self.record is not None:
             self.record.sent = self.index
@@ -188,7 +216,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self._finish()
             return
         # Due times, not sleeps: a late tick does not delay the rest of the reply (an ideal pacer).
-        self.timer = self.loop.call_at(self.due + (self.index + 1) * self.delay, self._step)
+        self.timer = self.loop.call_at(self.due + self.index * self.delay, self._step)
 
     def _finish(self) -> None:
         assert self.transport is not None

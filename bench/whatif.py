@@ -6,6 +6,14 @@
   `ChunkStreamDecoder`, with no openai or httpx objects per request or per chunk (our server already runs the
   openai client on aiohttp, ``openai.DefaultAioHttpClient``; this goes one step further). A prototype: it maps only
   the errors the bench can produce, so it shows what the hot path would cost, not a finished provider.
+
+Two more take a micro-optimisation of server/ back out, to re-measure on the paced relay what a zero-delay or
+micro-benchmark figure justified (issue 17): if ours is no slower without it there, it does not pay.
+
+* ``no-write-fast-path``: every token's write waits under the reader's ``asyncio.timeout`` (server/reader.py's
+  ``Reader._cannot_wait``, which skips the timer when a write cannot wait, is made to answer False).
+* ``plain-json-framing``: a delta's text is encoded by the framing's general ``json_bytes`` instead of calling
+  the C string encoder directly (server/framing.py's ``_json_str``).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import json
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-VARIANTS = ("aiohttp-provider",)
+VARIANTS = ("aiohttp-provider", "no-write-fast-path", "plain-json-framing")
 
 
 class AiohttpProvider:
@@ -79,5 +87,13 @@ def apply(name: str) -> None:
             return original(config)
 
         server.app.build_provider = build_provider
+    elif name == "no-write-fast-path":
+        import server.reader
+
+        server.reader.Reader._cannot_wait = lambda self, size: False  # type: ignore[method-assign]
+    elif name == "plain-json-framing":
+        import server.framing
+
+        server.framing._json_str = server.framing.json_bytes
     else:
         raise SystemExit(f"unknown bench variant {name!r}; known: {', '.join(VARIANTS)}")

@@ -2,7 +2,7 @@
 
 from .app import create_app, create_relay_app, setup, setup_openai_compatible
 from .config import Config, load_config
-from .events import Delta, Done, Error, Event, Usage
+from .events import Delta, Done, Error, Event, Reasoning, Refusal, ToolCallDelta, Usage
 from .framing import NDJSONFraming, SSEFraming, encode_sse, encode_sse_comment
 
 __all__ = [
@@ -12,7 +12,10 @@ __all__ = [
     "Error",
     "Event",
     "NDJSONFraming",
+    "Reasoning",
+    "Refusal",
     "SSEFraming",
+    "ToolCallDelta",
     "Usage",
     "create_app",
     "create_relay_app",

@@ -8,13 +8,14 @@ notices disconnects on its own.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp_cors
 from aiohttp import web
 
 from .admission import Limiter, NoLimits
+from .budget_backends import KeyBudget, TokenBudgets, build_budgets
 from .chat_request import RequestRules
 from .client_key import ClientIdentifier
 from .config import DEMO_MODEL, Config
@@ -24,6 +25,7 @@ from .intake import expect_handler
 from .limiter import build_limiter as build_backend_limiter
 from .openai_api import OPENAI_PREFIX, create_openai_app
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
+from .providers.demo import DEMO_REASONER_MODEL
 from .reader import ReaderSettings
 from .registry import RegistrySettings, StreamRegistry
 from .request_origin import OriginPolicy
@@ -80,7 +82,11 @@ def build_limiter(config: Config) -> Limiter:
 
 
 def build_identify(config: Config) -> Callable[[web.Request], str]:
-    if not config.limits_enabled and not config.api_keys_file:
+    if (
+        not config.limits_enabled
+        and not config.api_keys_file
+        and not (config.tokens_per_minute or config.tokens_per_day)
+    ):
         # The client key is only an admission key: without limits or API keys, reading and parsing the peer's
         # address on every request would buy nothing.
         return _anyone
@@ -89,6 +95,12 @@ def build_identify(config: Config) -> Callable[[web.Request], str]:
 
 def _anyone(request: web.Request) -> str:
     return "anyone"
+
+
+def _key_budgets(identify: Callable[[web.Request], str]) -> Mapping[str, KeyBudget]:
+    """The API keys' own token budgets from the keys file, by client key."""
+    api_keys = identify.api_keys if isinstance(identify, ClientIdentifier) else None
+    return api_keys.budgets if api_keys is not None else {}
 
 
 def _generation_settings(config: Config) -> GenerationSettings:
@@ -109,6 +121,7 @@ def _reader_settings(config: Config) -> ReaderSettings:
         flush_window=config.flush_window,
         flush_bytes=config.flush_bytes,
         reconnect_hint_ms=config.reconnect_hint_ms,
+        compression=config.compression,
     )
 
 
@@ -126,12 +139,14 @@ def _rules(config: Config) -> RequestRules:
     model = config.resolved_model
     allowed = {model, *config.allowed_models}
     if config.resolved_provider == "demo":
-        allowed.add(DEMO_MODEL)
+        allowed.update((DEMO_MODEL, DEMO_REASONER_MODEL))
     return RequestRules(
         default_model=model,
         allowed_models=frozenset(allowed),
         max_messages=config.max_messages,
         max_message_chars=config.max_message_chars,
+        content_part_types=frozenset(config.content_part_types) - {"text"},
+        system_prompt=config.system_prompt or None,
     )
 
 
@@ -140,14 +155,16 @@ def create_relay_app(
     *,
     provider: Provider | None = None,
     limiter: Limiter | None = None,
+    budgets: TokenBudgets | None = None,
 ) -> web.Application:
     """The streaming API as a sub-application: ``GET|POST /chat``, ``GET|DELETE /streams/{id}``, ``GET /healthz``,
     and the AI SDK's ``POST /ui-chat`` and ``GET /ui-chat/{chat_id}/stream`` (docs/ai-sdk.md).
 
-    `provider` and `limiter` default to what `config` describes; pass your own to reuse a client.
+    `provider`, `limiter` and `budgets` default to what `config` describes; pass your own to reuse a client.
     """
     origin_policy = OriginPolicy.from_settings(config.public_origins, config.cors_origins)
     api = web.Application(middlewares=[json_errors], client_max_size=config.max_body_bytes)
+    identify = build_identify(config)
     state = RelayState(
         config=config,
         provider=provider or build_provider(config),
@@ -155,9 +172,10 @@ def create_relay_app(
         generation_settings=_generation_settings(config),
         reader_settings=_reader_settings(config),
         limiter=limiter or build_limiter(config),
-        identify=build_identify(config),
+        identify=identify,
         origin_policy=origin_policy,
         streams=_registry(config),
+        budgets=budgets or build_budgets(config, _key_budgets(identify)),
     )
     api[RELAY] = state
     chat_resource = api.router.add_resource("/chat", name="chat")
@@ -201,6 +219,8 @@ async def _lifecycle(api: web.Application) -> AsyncIterator[None]:
     await state.streams.shutdown(state.config.shutdown_grace)
     state.streams.close()
     await state.limiter.aclose()
+    if state.budgets is not None:
+        await state.budgets.aclose()
     await state.provider.aclose()
 
 

@@ -20,12 +20,13 @@ import hmac
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from aiohttp import hdrs, web
 
 from .auth_failures import AuthFailurePolicy, AuthFailures
+from .budget_backends import KeyBudget
 from .config import Config, ConfigError
 from .errors import TooManyAuthFailures, Unauthorized
 from .limits import parse_rate
@@ -109,16 +110,27 @@ def _digest(key: str) -> bytes:
 class APIKeys:
     """The accepted client keys, held as SHA-256 digests and compared in constant time."""
 
-    __slots__ = ("_digests",)
+    __slots__ = ("_budgets", "_digests")
 
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str], budgets: Mapping[str, KeyBudget] | None = None) -> None:
         self._digests = tuple(dict.fromkeys(_digest(key) for key in keys))
         if not self._digests:
             raise ValueError("no API keys given")
+        # Per-key token budgets, by client key (never by the key itself).
+        self._budgets = {_client_key(_digest(key)): budget for key, budget in (budgets or {}).items()}
+
+    @property
+    def budgets(self) -> Mapping[str, KeyBudget]:
+        """Each key's own token budget values from the keys file, by client key (``key:...``)."""
+        return self._budgets
 
     @classmethod
     def from_file(cls, path: str | Path) -> APIKeys:
         """One key per line; blank lines and lines starting with ``#`` are skipped, spaces around a key too.
+
+        A key may be followed by its own token budget: ``<key> tokens_per_minute=20000 tokens_per_day=1000000``
+        (either or both; they replace ``--tokens-per-minute`` and ``--tokens-per-day`` for that key, and 0 turns
+        one off). A bearer token never holds a space (RFC 6750 §2.1), so the first word is always the key.
 
         A file that cannot be read or holds no key is a `ConfigError`: the relay must not start open to everyone.
         """
@@ -128,10 +140,18 @@ class APIKeys:
             raise ConfigError(f"--api-keys-file {path}: {exc.strerror or 'cannot be read'}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"--api-keys-file {path}: not UTF-8 text") from None
-        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        keys: list[str] = []
+        budgets: dict[str, KeyBudget] = {}
+        for number, line in enumerate(lines, 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            keys.append(words[0])
+            if len(words) > 1:
+                budgets[words[0]] = _key_budget(words[1:], f"--api-keys-file {path}, line {number}")
         if not keys:
             raise ConfigError(f"--api-keys-file {path}: the file holds no keys")
-        return cls(keys)
+        return cls(keys, budgets)
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -157,7 +177,27 @@ class APIKeys:
                 "this API key is not valid",
                 headers={hdrs.WWW_AUTHENTICATE: f'{_CHALLENGE}, error="invalid_token"'},
             )
-        return f"key:{presented.hex()[:_KEY_ID_HEX]}"
+        return _client_key(presented)
+
+
+def _client_key(digest: bytes) -> str:
+    return f"key:{digest.hex()[:_KEY_ID_HEX]}"
+
+
+_KEY_BUDGET_FIELDS = ("tokens_per_minute", "tokens_per_day")
+
+
+def _key_budget(words: Sequence[str], where: str) -> KeyBudget:
+    """``name=value`` words after a key. The message names the line, never the key on it."""
+    values: dict[str, int] = {}
+    for word in words:
+        name, sep, value = word.partition("=")
+        if not sep or name not in _KEY_BUDGET_FIELDS:
+            raise ConfigError(f"{where}: expected tokens_per_minute=N or tokens_per_day=N after the key")
+        if not value.isdigit():
+            raise ConfigError(f"{where}: {name} must be a whole number of tokens")
+        values[name] = int(value)
+    return KeyBudget(**values)
 
 
 class ClientIdentifier:

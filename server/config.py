@@ -4,7 +4,8 @@ Every option has an environment variable (``LLM_RELAY_`` + the option's name in 
 the upstream's own conventional ones are read too: ``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``OPENAI_MODEL``.
 The command line wins over the environment, which wins over the defaults.
 
-A setting the relay cannot start with is a `ConfigError`; ``python -m server`` prints every startup error (a bad
+A setting the relay cannot start with is a `ConfigError`; ``llm-relay`` (or ``python -m server``, the same
+program) prints every startup error (a bad
 option value, a missing ``--api-keys-file``, a bad ``--redis-url``, a port in use) as one line on stderr and exits
 with status 2, as argparse does for a bad option: `startup_error`.
 """
@@ -19,8 +20,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from .compression import parse_codings
+
 DEMO_MODEL = "llm-relay-demo"
-PROG = "python -m server"
+# The console script's name (setup.cfg); ``python -m server`` runs the same program.
+PROG = "llm-relay"
 
 
 class ConfigError(ValueError):
@@ -28,7 +32,7 @@ class ConfigError(ValueError):
 
 
 def startup_error(message: str) -> NoReturn:
-    """Print `message` as one line (``python -m server: error: ...``) and exit with status 2."""
+    """Print `message` as one line (``llm-relay: error: ...``) and exit with status 2."""
     sys.stderr.write(f"{PROG}: error: {' '.join(message.split())}\n")
     raise SystemExit(2)
 
@@ -63,6 +67,8 @@ class Config:
     # (seconds) has passed since the first held one or the held bytes reach flush_bytes.
     flush_window: float = 0.0
     flush_bytes: int = 0
+    # Content codings a stream may be compressed with, in order of preference (server/compression.py); () = off.
+    compression: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     # The origins (scheme://name[:port]) browsers reach the relay by. Besides these names, only IP addresses and
     # localhost are answered (request_origin.py: a Host the requester chose may be a DNS-rebinding name).
@@ -74,6 +80,10 @@ class Config:
     request_body_timeout: float = 30.0
     max_messages: int = 200
     max_message_chars: int = 32_000
+    # Put before every conversation as a system message (chat_request.py).
+    system_prompt: str | None = None
+    # Content part types besides text that a user message may carry, passed on as sent (e.g. image_url).
+    content_part_types: tuple[str, ...] = ()
     shutdown_grace: float = 5.0
     # Resumable streams (see server/registry.py): how long an opted-in generation outlives its last reader, how
     # long an ended one stays readable, and the bounds of the logs.
@@ -102,6 +112,10 @@ class Config:
     auth_failure_rate: str = "6/m"
     limits_enabled: bool = True
     max_tracked_clients: int = 100_000
+    # Token budgets (server/budget.py): per client, 0 = off; an API key's own values come from the keys file.
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    token_ceiling: int = 4096
 
     @property
     def resolved_provider(self) -> str:
@@ -215,6 +229,16 @@ def _base_url(text: str) -> str:
 _base_url.__name__ = "URL"
 
 
+def _codings(text: str) -> tuple[str, ...]:
+    try:
+        return parse_codings(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_codings.__name__ = "codings"
+
+
 def _list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -298,6 +322,12 @@ _OPTIONS: tuple[_Option, ...] = (
         _non_negative(int),
     ),
     _Option(
+        "compression",
+        "compress streams for clients that accept it, e.g. gzip,deflate (off = never); every batch of frames is "
+        "flushed, so tokens are not delayed",
+        _codings,
+    ),
+    _Option(
         "cors-origin",
         "an origin allowed to call the API from a browser (repeatable; default none)",
         repeatable=True,
@@ -324,6 +354,14 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("max-messages", "most messages in one request", _non_negative(int)),
     _Option("max-message-chars", "longest message, in characters", _non_negative(int)),
+    _Option("system-prompt", "a system message put before every conversation (default none)"),
+    _Option(
+        "content-part-type",
+        "a content part type besides text that user messages may carry, passed on to the upstream as sent, e.g. "
+        "image_url (repeatable; default none)",
+        repeatable=True,
+        field="content_part_types",
+    ),
     _Option("shutdown-grace", "seconds open streams get to finish on shutdown", _non_negative(float)),
     _Option(
         "resume-grace",
@@ -367,7 +405,59 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("auth-failure-rate", "how fast failed authentications are forgiven, e.g. 6/m (0/m = no limit)"),
     _Option("limits", "admission control on or off", _bool, field="limits_enabled"),
+    _Option(
+        "tokens-per-minute",
+        "tokens (prompt and reply) a client may use per minute, reserved up front and reconciled with the "
+        "upstream's usage (0 = no budget; a key's own value in --api-keys-file wins)",
+        _non_negative(int),
+    ),
+    _Option(
+        "tokens-per-day",
+        "tokens a client may use per UTC day (0 = no quota; a key's own value in --api-keys-file wins)",
+        _non_negative(int),
+    ),
+    _Option(
+        "token-ceiling",
+        "with a token budget: the reply tokens reserved for a request that sets no max_tokens",
+        _positive(int),
+    ),
 )
+
+
+_SECRETS = frozenset({"api-key", "redis-url"})
+
+
+def shown_default(value: object) -> str | None:
+    """A default as ``--help`` shows it: booleans as the words the options take, nothing for an empty value.
+
+    >>> [shown_default(v) for v in (True, 0.03, 60.0, 0, "2/s", (), None, "")]
+    ['true', '0.03', '60', '0', '2/s', None, None, None]
+    """
+    if value is None or value in ((), ""):
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def option_help(option: _Option, default: object) -> str:
+    """An option's ``--help`` text: what it does, its environment variables, and its default once (not when the
+    text already names it, nor for a secret)."""
+    envs = " or ".join(_env_names(option))
+    if option.name in _SECRETS:
+        return f"{option.help} [env {envs}; a secret: its value is never shown]"
+    shown = None if "default" in option.help else shown_default(default)
+    return f"{option.help} [env {envs}" + (f"; default {shown}]" if shown is not None else "]")
+
+
+def _metavar(option: _Option) -> str | None:
+    if option.choices:
+        return None  # argparse shows {a,b,c}
+    if option.parse is _bool:
+        return "true|false"
+    return option.name.upper().replace("-", "_")
 
 
 def _field_name(option: _Option) -> str:
@@ -387,22 +477,21 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
+        # The full usage would repeat every option once more (fifty lines) before the list that explains them.
+        usage="%(prog)s [--OPTION VALUE ...]",
         description="llm-relay: stream chat completions to browsers (SSE) and fetch clients (NDJSON).",
     )
     defaults = Config()
     for option in _OPTIONS:
-        default = getattr(defaults, _field_name(option))
-        envs = " or ".join(_env_names(option))
-        shown = "(secret)" if option.name in {"api-key", "redis-url"} else default
         parser.add_argument(
             f"--{option.name}",
             dest=_field_name(option),
             type=option.parse,
             action="append" if option.repeatable else "store",
             choices=option.choices,
-            metavar=None if option.choices else option.name.upper().replace("-", "_"),
+            metavar=_metavar(option),
             default=None,
-            help=f"{option.help} [env {envs}; default {shown}]",
+            help=option_help(option, getattr(defaults, _field_name(option))),
         )
     return parser
 

@@ -15,7 +15,9 @@
     ├── Unauthorized           401
     ├── Forbidden              403  a browser request on behalf of a page that may not start a generation
     ├── RateLimited            429  (limits)
-    │   └── TooManyAuthFailures      429  this address failed to authenticate too often
+    │   ├── TooManyAuthFailures      429  this address failed to authenticate too often
+    │   ├── TokenBudgetExhausted     429  the client's tokens per minute are spent (budget.py)
+    │   └── TokenQuotaExhausted      429  the client's daily token quota is spent
     ├── Overloaded             503  (limits: global capacity)
     │   └── OutOfDescriptors         503  the process is at its file-descriptor limit
     ├── UpstreamError          502  the model provider failed
@@ -99,6 +101,14 @@ class RateLimited(RelayError):
 
 class TooManyAuthFailures(RateLimited):
     type = "auth_rate_limited"
+
+
+class TokenBudgetExhausted(RateLimited):
+    type = "token_budget_exhausted"
+
+
+class TokenQuotaExhausted(RateLimited):
+    type = "token_quota_exhausted"
 
 
 class Overloaded(RelayError):

@@ -25,9 +25,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from .admission import Admission
+from .budget import TokenReservation, output_chars
 from .chat_request import ChatRequest
 from .errors import RelayError, StreamTimeout, UpstreamError
-from .events import Error, Event, is_terminal, text_size
+from .events import Done, Error, Event, Usage, is_terminal, text_size
 from .providers.base import Provider, collect_aborts, stop_collecting_aborts
 
 log = logging.getLogger("llm_relay.generation")
@@ -195,13 +196,16 @@ class Generation:
     __slots__ = (
         "_aborts",
         "_admission",
+        "_budget",
         "_chat",
         "_delivered",
         "_on_change",
         "_on_end",
         "_producer",
+        "_relayed_chars",
         "_running",
         "_task",
+        "_usage",
         "_waiters",
         "ended_at",
         "failure",
@@ -224,6 +228,7 @@ class Generation:
         resumable: bool = False,
         admission: Admission | None = None,
         stream_id: str | None = None,
+        budget: TokenReservation | None = None,
     ) -> None:
         self.id = stream_id or new_stream_id()
         self.provider = provider
@@ -240,6 +245,10 @@ class Generation:
         self.started_at = 0.0
         self.ended_at: float | None = None
         self._admission = admission
+        # A token budget's reservation, settled at the end with the upstream's usage or the output relayed.
+        self._budget = budget
+        self._relayed_chars = 0
+        self._usage: Usage | None = None
         self._aborts: list[Callable[[], None]] = []
         self._waiters: list[asyncio.Future[None]] = []
         # The furthest event any reader has written to its client, and the generation's own wait for readers.
@@ -334,6 +343,8 @@ class Generation:
 
     def _append(self, events: Sequence[Event]) -> None:
         delta = self.log.append(events)
+        if self._budget is not None:
+            self._relayed_chars += output_chars(events)
         if self._on_change is not None:
             self._on_change(self, delta)
         waiters, self._waiters = self._waiters, []
@@ -345,6 +356,8 @@ class Generation:
         """Record the end: the terminal event goes into the log, readers are woken, the registry is told."""
         self.outcome = outcome
         self.failure = failure
+        if isinstance(terminal, Done):
+            self._usage = terminal.usage
         self.ended_at = asyncio.get_running_loop().time()
         self._append([terminal])
         if self._on_end is not None:
@@ -362,6 +375,7 @@ class Generation:
         collecting = collect_aborts(self._aborts)
         try:
             if self.ended:  # cancelled before this task took its first step: no upstream request at all
+                self._usage = Usage(0, 0, 0)  # nothing consumed: a token budget charges nothing
                 return
             chat, self._chat = self._chat, None
             assert chat is not None
@@ -421,6 +435,8 @@ class Generation:
             stop_collecting_aborts(collecting)
             if self._admission is not None:
                 await self._admission.release()
+            if self._budget is not None:
+                await self._budget.settle(self._usage, self._relayed_chars)
 
     def _timeout_error(self) -> StreamTimeout:
         settings = self.settings

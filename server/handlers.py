@@ -51,12 +51,18 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return accepted
     chat_req, framing, admission = accepted.chat, accepted.framing, accepted.admission
     # The generation holds the admission (its concurrency slot) until it ends, with readers or without.
+    # It also holds the token budget's reservation, and settles it with what the stream consumed when it ends.
     generation = Generation(
-        state.provider, chat_req, state.generation_settings, resumable=chat_req.resume, admission=admission
+        state.provider,
+        chat_req,
+        state.generation_settings,
+        resumable=chat_req.resume,
+        admission=admission,
+        budget=accepted.reservation,
     )
     state.streams.start(generation)
     return await _read(
-        request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=admission.headers
+        request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=accepted.headers
     )
 
 
@@ -155,6 +161,8 @@ async def healthz(request: web.Request) -> web.Response:
             "readers": streams.readers,
             "retained_streams": streams.retained,  # running and recently ended, resumable
             "log_bytes": streams.total_bytes,
+            # Token budgets (budget_backends.BudgetStats): tokens reserved, charged, refunded; refusals.
+            **({"token_budget": state.budgets.stats.as_dict()} if state.budgets is not None else {}),
         },
         headers={"Cache-Control": "no-store"},
     )

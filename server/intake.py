@@ -7,7 +7,9 @@
 A request is identified and admitted from its head alone, so a client that is refused never has its body read
 or parsed, and never sees more than why it was refused (not, say, the list of allowed models). An admitted
 request that turns out invalid has cost its client a rate token, as a valid one does: reading and checking a
-body of up to ``--max-body-bytes`` is work, and a client should not get it for free by asking badly.
+body of up to ``--max-body-bytes`` is work, and a client should not get it for free by asking badly. With a token
+budget (`server/budget.py`), a valid request then reserves its estimate (429 when it does not fit), which needs
+the body: the prompt and ``max_tokens``.
 
 * ``Expect: 100-continue`` (RFC 9110 §10.1.1): aiohttp's default expect handler answers 100 Continue as soon as
   the route matches, inviting the body before anyone knows who sent it. `expect_handler` defers that answer, and
@@ -34,6 +36,8 @@ from aiohttp import HttpVersion11, hdrs, web
 
 from . import chat_request
 from .admission import Admission
+from .budget import merge_fields
+from .budget_backends import BudgetReservation
 from .chat_request import ChatRequest
 from .errors import (
     ExpectationFailed,
@@ -69,6 +73,15 @@ class Admitted(Generic[T]):
     taken: T
     admission: Admission
     client: str
+    # The token budget's reservation (None without one): the generation settles it at its end.
+    reservation: BudgetReservation | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admitted response's RateLimit fields: the request policies, then the token policies."""
+        if self.reservation is None:
+            return dict(self.admission.headers)
+        return merge_fields(self.admission.headers, self.reservation.headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +91,15 @@ class Accepted:
     chat: ChatRequest
     framing: Framing
     admission: Admission
+    # The token budget's reservation (None without one): the generation settles it at its end.
+    reservation: BudgetReservation | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admitted response's RateLimit fields: the request policies, then the token policies."""
+        if self.reservation is None:
+            return dict(self.admission.headers)
+        return merge_fields(self.admission.headers, self.reservation.headers)
 
 
 def check_origin(request: web.Request, policy: OriginPolicy) -> None:
@@ -194,23 +216,25 @@ async def accept_chat(request: web.Request, state: RelayState) -> Accepted | web
         framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
         return framing, await read_chat_request(request, state)
 
-    admitted = await admit_then(request, state, take)
+    admitted = await admit_then(request, state, take, lambda taken: taken[1])
     if isinstance(admitted, web.Response):
         return admitted
     framing, chat = admitted.taken
-    return Accepted(chat, framing, admitted.admission)
+    return Accepted(chat, framing, admitted.admission, admitted.reservation)
 
 
 async def admit_then(
     request: web.Request,
     state: RelayState,
     take: Callable[[web.Request], Awaitable[T]],
+    chat_of: Callable[[T], ChatRequest],
     *,
     respond: Respond = error_response,
 ) -> Admitted[T] | web.Response:
     """Check the origin, identify and admit the request from its head, then `take` the rest of it (negotiate, read
-    and validate the body). Every endpoint that starts a generation comes in here; `respond` shapes its refusals.
-    Returns what `take` returned with the client and its admission, or the refusal to send."""
+    and validate the body), and reserve the token budget of its chat (`chat_of` what was taken). Every endpoint that
+    starts a generation comes in here; `respond` shapes its refusals. Returns what `take` returned with the client,
+    its admission and its reservation, or the refusal to send."""
     try:
         check_origin(request, state.origin_policy)
         client = state.identify(request)
@@ -219,13 +243,15 @@ async def admit_then(
         return refusal(request, error, respond=respond)
     try:
         taken = await take(request)
+        # The token budget is reserved once the body is read: its estimate needs the prompt and max_tokens.
+        reservation = await state.budgets.reserve(client, chat_of(taken)) if state.budgets is not None else None
     except RelayError as error:
         await admission.release()
-        return refusal(request, error, dict(admission.headers), respond)
+        return refusal(request, error, merge_fields(admission.headers, error.headers), respond)
     except BaseException:  # cancelled (the server going down), or a bug: the slot goes back all the same
         await admission.release()
         raise
-    return Admitted(taken, admission, client)
+    return Admitted(taken, admission, client, reservation)
 
 
 __all__ = [

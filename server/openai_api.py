@@ -50,12 +50,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async def take(request: web.Request) -> OpenAIRequest:
         return parse_openai_request(await read_json_body(request, state), state.rules)
 
-    admitted = await admit_then(request, state, take, respond=openai_error_response)
+    admitted = await admit_then(request, state, take, lambda asked: asked.chat, respond=openai_error_response)
     if isinstance(admitted, web.StreamResponse):
         return admitted
-    asked, admission = admitted.taken, admitted.admission
+    asked = admitted.taken
     chat = asked.chat
-    generation = Generation(state.provider, chat, state.generation_settings, admission=admission)
+    generation = Generation(
+        state.provider, chat, state.generation_settings, admission=admitted.admission, budget=admitted.reservation
+    )
     state.streams.start(generation)
     created = int(time.time())
     framing: Framing = (
@@ -70,7 +72,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         framing,
         state.reader_settings,
         keepalive=asked.stream,
-        headers=dict(admission.headers),
+        headers=admitted.headers,
         respond=openai_error_response,
     )
     try:

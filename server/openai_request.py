@@ -1,10 +1,10 @@
 """A ``POST /v1/chat/completions`` body: what the OpenAI-compatible endpoint reads itself, and the chat it asks for.
 No IO.
 
-The endpoint itself reads ``stream``, ``stream_options`` and ``n``; everything else is the chat request, validated
-by `server/chat_request.py` with the same allowlist and messages as ``POST /api/chat`` (an unknown field is a 400
-naming it, as everywhere). ``stream_options.include_usage`` is the client's wish for a usage chunk; the relay asks
-its upstream for usage on its own (``--include-usage``).
+The endpoint itself takes ``n`` (1 only); the rest, ``stream`` and ``stream_options`` included, is the chat request
+in OpenAI's shape, validated by `server/chat_request.py` (`parse_chat_body`) with the same allowlist and messages
+as ``POST /api/chat`` (an unknown field is a 400 naming it, as everywhere). ``stream_options.include_usage`` is the
+client's wish for a usage chunk; the relay asks its upstream for usage on its own (``--include-usage``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 from . import chat_request
 from .chat_request import ChatRequest, RequestRules
 from .errors import RequestError
-from .json_wire import json_bytes
 
 __all__ = ["OpenAIRequest", "decode_json_object", "parse_openai_request"]
 
@@ -56,14 +55,6 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _flag(value: object, name: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise RequestError(f"{name} must be true or false")
-    return value
-
-
 def parse_openai_request(body: bytes, rules: RequestRules) -> OpenAIRequest:
     """The request of a ``POST /v1/chat/completions`` body, or a `RequestError` saying what to change.
 
@@ -74,20 +65,11 @@ def parse_openai_request(body: bytes, rules: RequestRules) -> OpenAIRequest:
     (True, True, 'm')
     """
     data = decode_json_object(body)
-    stream = _flag(data.pop("stream", None), "stream")
-    options = data.pop("stream_options", None)
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise RequestError("stream_options is only allowed with stream: true")
-        if not isinstance(options, dict):
-            raise RequestError("stream_options must be an object")
-        unknown = sorted(set(options) - {"include_usage"})
-        if unknown:
-            raise RequestError(f"unknown field: stream_options.{unknown[0]}")
-        include_usage = _flag(options.get("include_usage"), "stream_options.include_usage")
+    if data.get("stream_options") is not None and data.get("stream") is not True:
+        raise RequestError("stream_options is only allowed with stream: true")
     n = data.pop("n", None)
     if n is not None and (isinstance(n, bool) or n != 1):
         raise RequestError("n must be 1: the relay streams one choice")
     # chat_request.py validates the rest as it does every chat body (one allowlist for every endpoint).
-    return OpenAIRequest(chat_request.from_json_body(json_bytes(data), rules), stream, include_usage)
+    chat = chat_request.parse_chat_body(data, rules, shape="openai")
+    return OpenAIRequest(chat, chat.stream, chat.include_usage)

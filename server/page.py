@@ -1,5 +1,12 @@
 """The chat page: ``GET /`` renders ``web/templates/index.html``; ``/static/`` serves ``web/static``.
 
+The page's files are package data: the repository's top-level ``web/`` is shipped inside the package as
+``server/web`` (setup.cfg maps it with ``package_dir``) and found with `importlib.resources`, so they are there
+whatever the install layout (a venv, ``pip install --user`` or ``--target``, a zip on ``sys.path``); a source
+checkout, where the mapping has not happened, reads ``web/`` beside ``server/``. Templates are read through the
+`Traversable` itself; static files are served by aiohttp from a directory, so a zipped install copies them to a
+temporary one, removed when the app is cleaned up.
+
 The server hands its settings to the page's script as a JSON data block (``<script type="application/json">``),
 never by pasting values into JavaScript: Jinja's ``tojson`` escapes ``<``, ``>``, ``&`` and ``'``, so no value
 (a model name, an API base) can close the element or start markup. A data block is not script, so the
@@ -11,9 +18,12 @@ when the URL carries the content hash the page links with (``?v=...``): those ar
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Awaitable, Callable, Mapping
+import importlib.resources
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Final
 
@@ -29,19 +39,27 @@ from .handlers import check_host
 from .request_origin import OriginPolicy
 from .responses import error_response
 
-__all__ = ["PAGE_TEMPLATES", "STATIC_ROUTE", "WEB_DIR", "PageSettings", "content_security_policy", "setup_page"]
+__all__ = [
+    "PAGE_TEMPLATES",
+    "STATIC_ROUTE",
+    "WEB_DIR",
+    "PageSettings",
+    "content_security_policy",
+    "setup_page",
+    "web_files",
+]
 
 
-def _find_web_dir() -> Path:
-    # A source checkout (and an editable install) has web/ beside server/; a wheel installs it as data files
-    # under <prefix>/share/llm-relay/web (setup.cfg [options.data_files]).
-    beside = Path(__file__).resolve().parent.parent / "web"
-    if beside.is_dir():
-        return beside
-    return Path(sys.prefix) / "share" / "llm-relay" / "web"
+def web_files() -> Traversable:
+    """The page's files: ``server/web`` in an installed package, else the source checkout's ``web/``."""
+    packaged = importlib.resources.files(__package__ or "server") / "web"
+    if packaged.is_dir():
+        return packaged
+    # A source checkout, or an editable install of one (its finder maps modules, not this folder).
+    return Path(__file__).resolve().parent.parent / "web"
 
 
-WEB_DIR: Final = _find_web_dir()
+WEB_DIR: Final = web_files()
 # Own keys and route name, so that mounting the page into a host app never clobbers the host's Jinja environment
 # or its own "static" route.
 PAGE_TEMPLATES: Final = web.AppKey("llm_relay_templates", jinja2.Environment)
@@ -60,6 +78,8 @@ class PageSettings:
     demo: bool
     max_message_chars: int
     max_messages: int
+    # With --api-keys-file the page asks for a key and sends it in the Authorization header of every request.
+    auth_required: bool = False
 
     @classmethod
     def from_config(cls, config: Config, api_base: str = API_PREFIX) -> PageSettings:
@@ -69,6 +89,7 @@ class PageSettings:
             demo=config.resolved_provider == "demo",
             max_message_chars=config.max_message_chars,
             max_messages=config.max_messages,
+            auth_required=config.api_keys_file is not None,
         )
 
     def as_json(self) -> dict[str, object]:
@@ -78,6 +99,7 @@ class PageSettings:
             "demo": self.demo,
             "maxMessageChars": self.max_message_chars,
             "maxMessages": self.max_messages,
+            "authRequired": self.auth_required,
         }
 
 
@@ -156,8 +178,51 @@ class _StaticCacheHook:
         return current.query.get("v") == version
 
 
+class _TraversableLoader(jinja2.BaseLoader):
+    """Templates read from a `Traversable` (a folder or a zip): ``jinja2.FileSystemLoader`` needs a real path."""
+
+    def __init__(self, root: Traversable) -> None:
+        self.root = root
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str | None, Callable[[], bool]]:
+        path = self.root
+        for part in template.split("/"):
+            if part in {"", ".", ".."}:
+                raise jinja2.TemplateNotFound(template)
+            path = path / part
+        if not path.is_file():
+            raise jinja2.TemplateNotFound(template)
+        # Package data does not change under a running server: never re-read.
+        return path.read_text(encoding="utf-8"), str(path), lambda: True
+
+
+def _copy_tree(source: Traversable, target: Path) -> None:
+    target.mkdir(exist_ok=True)
+    for item in source.iterdir():
+        if item.is_dir():
+            _copy_tree(item, target / item.name)
+        else:
+            (target / item.name).write_bytes(item.read_bytes())
+
+
+def _static_dir(app: web.Application, static: Traversable) -> Path:
+    """`static` as a directory aiohttp can serve: itself when it is one, else a temporary copy (a zipped
+    install; ``importlib.resources.as_file`` takes a directory only from Python 3.12)."""
+    if isinstance(static, Path):
+        return static
+    copy = Path(tempfile.mkdtemp(prefix="llm-relay-static-"))
+    _copy_tree(static, copy)
+
+    async def remove_copy(app: web.Application) -> AsyncIterator[None]:
+        yield
+        shutil.rmtree(copy, ignore_errors=True)
+
+    app.cleanup_ctx.append(remove_copy)
+    return copy
+
+
 def setup_page(
-    app: web.Application, config: Config, *, api_base: str = API_PREFIX, web_dir: Path = WEB_DIR
+    app: web.Application, config: Config, *, api_base: str = API_PREFIX, web_dir: Traversable = WEB_DIR
 ) -> PageSettings:
     """Serve the chat page at ``/`` and its files at ``/static/``; the page talks to the API at `api_base`,
     which may be another origin (``http://api.example:8080/api``) that lists this page's origin in
@@ -165,14 +230,15 @@ def setup_page(
     settings = PageSettings.from_config(config, api_base)
     aiohttp_jinja2.setup(
         app,
-        loader=jinja2.FileSystemLoader(web_dir / "templates"),
+        loader=_TraversableLoader(web_dir / "templates"),
         app_key=PAGE_TEMPLATES,
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
     policy = OriginPolicy.from_settings(config.public_origins, config.cors_origins)
     app.router.add_get("/", _page_handler(settings, policy), name="llm_relay_page")
-    static = app.router.add_static("/static/", web_dir / "static", name=STATIC_ROUTE, append_version=True)
+    static_dir = _static_dir(app, web_dir / "static")
+    static = app.router.add_static("/static/", static_dir, name=STATIC_ROUTE, append_version=True)
     assert isinstance(static, web.StaticResource)
     app.on_response_prepare.append(_StaticCacheHook(static))
     return settings

@@ -22,8 +22,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
+from .compression import IDENTITY, StreamCompressor, choose_coding, may_compress
 from .disconnect import watch_disconnect
 from .errors import RelayError, ResumeUnavailable
 from .events import Error, Event, is_terminal
@@ -49,15 +50,17 @@ class ReaderSettings:
     flush_window: float = 0.0
     flush_bytes: int = 0
     reconnect_hint_ms: int = 3000
+    # Content codings offered to clients, in order of preference (server/compression.py); () = never compress.
+    compression: tuple[str, ...] = ()
 
 
 class Reader:
     """Relay `generation` to `request`'s client from after event `after`; `run()` returns the response."""
 
     __slots__ = (
-        "_after", "_announce", "_attached", "_gone", "_headers", "_heartbeat", "_heartbeat_due", "_keepalive",
-        "_last_write", "_loop", "_prepare_now", "_registry", "_request", "_respond", "_response", "_shutdown",
-        "_waiter", "framing", "generation", "outcome", "settings",
+        "_after", "_announce", "_attached", "_compressor", "_gone", "_headers", "_heartbeat", "_heartbeat_due",
+        "_keepalive", "_last_write", "_loop", "_prepare_now", "_registry", "_request", "_respond", "_response",
+        "_shutdown", "_waiter", "framing", "generation", "outcome", "settings",
     )  # fmt: skip
 
     def __init__(
@@ -89,6 +92,7 @@ class Reader:
         # How a failure is answered while nothing was written yet: an endpoint may speak another error dialect.
         self._respond = respond
         self._response: web.StreamResponse | None = None
+        self._compressor: StreamCompressor | None = None
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
         self._heartbeat: asyncio.TimerHandle | None = None
@@ -160,7 +164,7 @@ class Reader:
                     )
                     if not await self._write(opening):
                         return self._response or web.Response(status=499)
-                return await self._follow()
+                return await self._end_body(await self._follow())
         finally:
             if self._heartbeat is not None:
                 self._heartbeat.cancel()
@@ -246,6 +250,14 @@ class Reader:
                 continue
             await self._wait(window_end if held else None)
 
+    async def _end_body(self, response: web.StreamResponse) -> web.StreamResponse:
+        """A compressed body ends with the end of its compressed stream, which aiohttp's own final write_eof()
+        (for a response returned without one) would not write."""
+        compressor = self._compressor
+        if compressor is not None and not compressor.finished and response is self._response and not self._gone:
+            await self._write(b"", last=True)
+        return response
+
     async def _wait(self, deadline: float | None) -> None:
         """Until the generation appends or ends, a signal wakes this reader, or `deadline` (loop time) passes."""
         waiter = self._waiter = self._loop.create_future()
@@ -288,14 +300,33 @@ class Reader:
                 **self._headers,
             },
         )
+        self._negotiate_coding(response)
         if request.version < (1, 1):
             # An HTTP/1.0 body without a length ends with the connection (RFC 9112 §6.3): close it at the end
             # even if the client asked for keep-alive, or it would never see the end of the body.
             response.force_close()
-        # No enable_compression(): zlib would hold every token until the end.
+        # No enable_compression(): zlib would hold every token until the end (see _negotiate_coding).
         await response.prepare(request)
         self._response = response
         return response
+
+    def _negotiate_coding(self, response: web.StreamResponse) -> None:
+        """Compress this body if the relay offers a coding the client accepts (server/compression.py): every
+        write then goes through the compressor (`_write`), flushed, so no token waits for the next."""
+        offered = self.settings.compression
+        if not offered:
+            return
+        # RFC 9110 §12.5.5: the response depends on Accept-Encoding, whichever coding this one got.
+        response.headers[hdrs.VARY] = hdrs.ACCEPT_ENCODING
+        request = self._request
+        if not may_compress(request.method, request.version, response.headers.get(hdrs.CACHE_CONTROL, "")):
+            return
+        # A field sent on several lines is one comma-separated list (RFC 9110 §5.3).
+        fields = request.headers.getall(hdrs.ACCEPT_ENCODING, [])
+        coding = choose_coding(", ".join(fields) if fields else None, offered)
+        if coding != IDENTITY:
+            response.headers[hdrs.CONTENT_ENCODING] = coding
+            self._compressor = StreamCompressor(coding)
 
     def _cannot_wait(self, size: int) -> bool:
         """True when writing `size` more bytes cannot wait for the client, so the write needs no timer.
@@ -316,6 +347,8 @@ class Reader:
         slow (then it is dropped: a client that stopped reading must not hold a growing buffer)."""
         try:
             response = self._response or await self._prepare()
+            if self._compressor is not None:
+                data = self._compressor.finish(data) if last else self._compressor.compress(data)
             if self.settings.write_timeout and not self._cannot_wait(len(data)):
                 async with asyncio.timeout(self.settings.write_timeout):
                     await (response.write_eof(data) if last else response.write(data))

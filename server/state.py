@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .admission import Limiter
+from .budget_backends import TokenBudgets
 from .chat_request import RequestRules
 from .config import Config
 from .generation import GenerationSettings
@@ -28,6 +29,8 @@ class RelayState:
     identify: Callable[[web.Request], str]
     origin_policy: OriginPolicy
     streams: StreamRegistry
+    # Token budgets (budget_backends.py), None when no client has one.
+    budgets: TokenBudgets | None = None
 
 
 RELAY = web.AppKey("llm_relay", RelayState)

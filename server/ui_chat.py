@@ -27,7 +27,6 @@ from .errors import RelayError, ResumeUnavailable
 from .framing import UIMessageStreamFraming
 from .generation import Generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
-from .json_wire import json_bytes
 from .openai_request import decode_json_object
 from .reader import Reader
 from .responses import error_response
@@ -102,19 +101,26 @@ async def ui_chat(request: web.Request) -> web.StreamResponse:
         # Resumable unless the client says otherwise (``resume: false`` in the transport's ``body``): the resume
         # option of useChat needs the reply to outlive a reload.
         body = {"resume": True, **chat.body}
-        return chat.chat_id, chat_request.from_json_body(json_bytes(body), state.rules)
+        return chat.chat_id, chat_request.parse_chat_body(body, state.rules)
 
-    admitted = await admit_then(request, state, take)
+    admitted = await admit_then(request, state, take, lambda taken: taken[1])
     if isinstance(admitted, web.StreamResponse):
         return admitted
-    (chat_id, chat), admission, client = admitted.taken, admitted.admission, admitted.client
-    generation = Generation(state.provider, chat, state.generation_settings, resumable=chat.resume, admission=admission)
+    (chat_id, chat), client = admitted.taken, admitted.client
+    generation = Generation(
+        state.provider,
+        chat,
+        state.generation_settings,
+        resumable=chat.resume,
+        admission=admitted.admission,
+        budget=admitted.reservation,
+    )
     state.streams.start(generation)
     replaced = chats.set(client, chat_id, generation.id)
     previous = None if replaced is None else state.streams.get(replaced)
     if previous is not None:
         state.streams.stop(previous)  # a chat has one reply being written at a time
-    return await _read(request, generation, client, chat_id, headers={**admission.headers, **UI_STREAM_HEADERS})
+    return await _read(request, generation, client, chat_id, headers={**admitted.headers, **UI_STREAM_HEADERS})
 
 
 async def ui_chat_stream(request: web.Request) -> web.StreamResponse:

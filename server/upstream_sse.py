@@ -5,6 +5,21 @@ per chunk, is what keeps the relay cheap: the package still builds the request, 
 HTTP errors; we only read the body. Line handling follows WHATWG HTML §9.2.6 (CR, LF or CRLF end a line; a blank
 line dispatches; only ``data`` matters for this format, and ``error``, which older llama.cpp servers send; comments
 and other fields are skipped). What one upstream can make the decoder hold or do is bounded (see the constants).
+
+What choice 0's ``delta`` becomes, in this order within one chunk:
+
+    reasoning_content (DeepSeek, vLLM)   -> Reasoning     (vLLM's newer servers send both names with the same
+    or else reasoning (vLLM, Groq,                         text: the first one present is taken, never both)
+    OpenRouter)
+    content                              -> Delta
+    refusal (OpenAI)                     -> Refusal
+    tool_calls[] (OpenAI, vLLM, Groq,    -> ToolCallDelta (index, id, function.name, function.arguments)
+    Ollama, DeepSeek)
+
+Text, a refusal and a tool call are each a reply: a stream of only a refusal or only tool calls ends in `Done`
+(with its ``finish_reason``, ``tool_calls``, ``stop``…), never in "ended the stream without a reply". Reasoning
+alone is progress (it feeds the relay's clocks) but not a reply: after it, a ``[DONE]`` with no finish reason is
+still the protocol error, while a finish reason (``length``: the budget ran out while thinking) is a `Done`.
 """
 
 from __future__ import annotations
@@ -12,7 +27,7 @@ from __future__ import annotations
 import json
 
 from .errors import UpstreamError, UpstreamProtocolError
-from .events import Delta, Done, Event, Usage
+from .events import Delta, Done, Event, Reasoning, Refusal, ToolCallDelta, Usage
 
 # Bounds on what the decoder holds and how much work one upstream can make it do. An event of this format is one
 # JSON chunk on one ``data:`` line (a few hundred bytes); these limits are far above any real chunk and far below what
@@ -20,7 +35,11 @@ from .events import Delta, Done, Event, Usage
 MAX_EVENT_BYTES = 1 << 20  # the data of one event (or one unfinished line): one chunk larger is not a token stream
 MAX_EVENT_LINES = 1_000  # the lines of one event (data, comments, other fields): empty ``data:`` lines add no bytes
 MAX_GAP_BYTES = 4 << 20  # everything read between two events: comments, blank lines, ignored fields, the event itself
+# Tool calls one reply may make (``index`` 0 to this, less one): far above what a model makes in parallel, and a
+# bound for whoever keeps calls in a list by their index (the page, an assembled ``chat.completion``).
+MAX_TOOL_CALLS = 256
 _HTTP_STATUS = range(100, 600)
+_MALFORMED_TOOL_CALL = "the model provider sent a malformed tool call"
 _OVERSIZED = "the model provider sent an oversized stream event"
 _TOO_MUCH_WITHOUT_EVENT = "the model provider sent too much without a stream event"
 _BOM = b"\xef\xbb\xbf"
@@ -50,7 +69,7 @@ class ChunkStreamDecoder:
         self._gap_bytes = 0  # bytes of complete lines read since the last event was dispatched
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
-        self._replied = False  # some text was relayed
+        self._replied = False  # some answer (text, a refusal, a tool call) was relayed
         self._started = False
         self._failure: UpstreamError | None = None
         self.finished = False
@@ -213,10 +232,24 @@ class ChunkStreamDecoder:
             if choice is not None:
                 delta = choice.get("delta")
                 if isinstance(delta, dict):
+                    # Reasoning first: a chunk that carries both ends the thinking and starts the answer.
+                    reasoning = delta.get("reasoning_content")
+                    if reasoning is None:
+                        reasoning = delta.get("reasoning")
+                    if isinstance(reasoning, str) and reasoning:
+                        events.append(Reasoning(reasoning))
+                    before = len(events)  # reasoning is progress, but not yet a reply (see _done)
                     content = delta.get("content")
                     if isinstance(content, str) and content:
-                        self._replied = True
                         events.append(Delta(content))
+                    refusal = delta.get("refusal")
+                    if isinstance(refusal, str) and refusal:
+                        events.append(Refusal(refusal))
+                    tool_calls = delta.get("tool_calls")
+                    if tool_calls is not None:
+                        _tool_calls(tool_calls, events)
+                    if len(events) > before:
+                        self._replied = True
                 reason = choice.get("finish_reason")
                 if isinstance(reason, str):
                     self._finish_reason = reason
@@ -244,6 +277,47 @@ def _first_choice(choices: object) -> dict[str, object] | None:
         if index == 0 and found is None:
             found = choice
     return found
+
+
+def _tool_calls(value: object, events: list[Event]) -> None:
+    """The pieces of ``delta.tool_calls``, one `ToolCallDelta` each, in their order.
+
+    OpenAI, vLLM and Groq send a call's ``id`` and ``function.name`` in its first piece and its JSON arguments in
+    fragments after it, each piece naming the call by ``index``; Ollama sends each call whole, in one piece (and its
+    older versions without an ``index``: the position in the list stands in for it, as for choices). A piece that
+    carries nothing (no id, no name, no arguments) is no progress and yields nothing.
+    """
+    if not isinstance(value, list):
+        raise UpstreamProtocolError(_MALFORMED_TOOL_CALL)
+    for position, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise UpstreamProtocolError(_MALFORMED_TOOL_CALL)
+        index = item.get("index", position)
+        if type(index) is not int or not 0 <= index < MAX_TOOL_CALLS:
+            raise UpstreamProtocolError(_MALFORMED_TOOL_CALL)
+        call_id = item.get("id")
+        function = item.get("function")
+        if function is None:
+            function = {}
+        elif not isinstance(function, dict):
+            raise UpstreamProtocolError(_MALFORMED_TOOL_CALL)
+        name = function.get("name")
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = ""
+        elif type(arguments) is dict:
+            # OpenAI's arguments are JSON text; some servers send the object itself (llama.cpp's server in some
+            # versions, ggml-org/llama.cpp#20198; TGI, huggingface/text-generation-inference#2136): relayed as text.
+            arguments = json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+        if not (
+            (call_id is None or type(call_id) is str) and (name is None or type(name) is str) and type(arguments) is str
+        ):
+            raise UpstreamProtocolError(_MALFORMED_TOOL_CALL)
+        # Some servers repeat an empty id or name on every piece: empty says nothing, like absent.
+        call_id = call_id or None
+        name = name or None
+        if call_id is not None or name is not None or arguments:
+            events.append(ToolCallDelta(index, call_id, name, arguments))
 
 
 def _reported_error(value: bytes) -> UpstreamError:

@@ -56,6 +56,16 @@ class Behavior:
     choices: int = 1  # choices per content chunk, in reverse index order (n > 1 forced by an upstream or proxy)
     chaos: float = 0.0  # the share of requests that get a random fault instead (soak tests)
     keep_alive: bool = True  # False: Connection: close, so that every request needs a new connection
+    # A reasoning model's thinking, streamed before the tokens (paced by `delay` too) in `reasoning_field`:
+    # reasoning_content (DeepSeek, vLLM) or reasoning (vLLM, Groq).
+    reasoning: list[str] = field(default_factory=list)
+    reasoning_field: str = "reasoning_content"
+    # Tool calls streamed after the tokens, OpenAI's way: (id, name, argument fragments); the finish reason is then
+    # tool_calls.
+    tool_calls: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)  # refusal pieces streamed after the tokens
+    # A recorded body to send as it is instead (a real upstream's chunks, [DONE] included), after the headers.
+    raw_body: bytes | None = None
 
 
 @dataclass
@@ -84,6 +94,13 @@ def _chunk(content: str | None = None, finish: str | None = None, role: bool = F
         "model": "fake-model",
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
+
+
+def _delta_chunk(delta: dict[str, Any]) -> dict[str, Any]:
+    """A chunk whose delta is `delta` (reasoning, tool calls, a refusal)."""
+    body = _chunk()
+    body["choices"][0]["delta"] = delta
+    return body
 
 
 def _random_fault(behavior: Behavior, rng: random.Random) -> Behavior:
@@ -212,9 +229,18 @@ class FakeUpstream:
                 # this the fake, which shares the test's event loop, would be the one freezing it.
                 await asyncio.sleep(0)
 
+        if b.raw_body is not None:
+            await write(b.raw_body)
+            await response.write_eof()
+            seen.completed = True
+            return response
         await send(_chunk(content="", role=True))
         if b.first_delay:
             await asyncio.sleep(b.first_delay)
+        for index, thought in enumerate(b.reasoning):
+            if index and b.delay:
+                await asyncio.sleep(b.delay)
+            await send(_delta_chunk({b.reasoning_field: thought, "content": None}))
         for index, token in enumerate(b.tokens):
             if index == b.fault_after and b.fault in {"reset", "malformed", "stall", "error_chunk", "error_field",
                                                       "flood"}:  # fmt: skip
@@ -244,9 +270,18 @@ class FakeUpstream:
                 await asyncio.sleep(b.delay)
             await send(_chunk(content=token) if b.choices == 1 else _choices_chunk(token, b.choices))
             seen.tokens_sent += 1
+        for index, (call_id, name, fragments) in enumerate(b.tool_calls):
+            first = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+            await send(_delta_chunk({"tool_calls": [first]}))
+            for fragment in fragments:
+                if b.delay:
+                    await asyncio.sleep(b.delay)
+                await send(_delta_chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}))
+        for piece in b.refusal:
+            await send(_delta_chunk({"refusal": piece}))
         if b.fault != "no_done":
             if b.fault != "no_finish":
-                await send(_chunk(finish="stop"))
+                await send(_chunk(finish="tool_calls" if b.tool_calls else "stop"))
             if b.usage and seen.body.get("stream_options", {}).get("include_usage"):
                 n = len(b.tokens)
                 await send(

@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +33,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def start_server(port: int, *argv: str, stderr: Path) -> subprocess.Popen[bytes]:
-    """``python -m server --port PORT ARGV``, its stderr written to the file `stderr`."""
+def start_server(
+    port: int,
+    *argv: str,
+    stderr: Path,
+    command: Sequence[str] = (sys.executable, "-m", "server"),
+    cwd: Path = ROOT,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``python -m server --port PORT ARGV`` (or another `command` for the relay, in `cwd`), its stderr written to
+    the file `stderr`."""
     with stderr.open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(port), *argv],
-            cwd=ROOT,
-            env=clean_env(),
+            [*command, "--port", str(port), *argv],
+            cwd=cwd,
+            env=clean_env() if env is None else dict(env),
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
@@ -64,14 +72,24 @@ class Running:
 
 
 @asynccontextmanager
-async def running_server(tmp_path: Path, *argv: str) -> AsyncIterator[Running]:
-    """``python -m server ARGV`` on a free port, once it answers /healthz; killed at the end."""
+async def running_server(
+    tmp_path: Path,
+    *argv: str,
+    command: Sequence[str] = (sys.executable, "-m", "server"),
+    cwd: Path = ROOT,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[Running]:
+    """``python -m server ARGV`` (or `command`, in `cwd`, with `env`) on a free port, once it answers /healthz;
+    killed at the end."""
     port = free_port()
     running = Running(port, f"http://127.0.0.1:{port}", tmp_path / "stderr")
-    proc = start_server(port, *argv, stderr=running.stderr)
+    proc = start_server(port, *argv, stderr=running.stderr, command=command, cwd=cwd, env=env)
     try:
         async with aiohttp.ClientSession() as http:
-            await wait_up(running.base, http)
+            try:
+                await wait_up(running.base, http)
+            except AssertionError:
+                raise AssertionError(f"the server did not start: {running.stderr.read_text()[-2000:]}") from None
         yield running
     finally:
         proc.kill()

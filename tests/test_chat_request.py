@@ -19,9 +19,11 @@ from server.chat_request import (
     ChatRequest,
     Message,
     RequestRules,
+    ToolCall,
     check_query_encoding,
     from_json_body,
     from_query,
+    parse_chat_body,
 )
 from server.errors import RequestError
 
@@ -91,12 +93,12 @@ def assert_400(exc: BaseException, *words: str) -> None:
         (body(messages=[user("12345"), {"role": "assistant", "content": "1234567890"}, user("1234567890")]),
          ChatRequest((Message("user", "12345"), Message("assistant", "1234567890"), Message("user", "1234567890")),
                      "default-model")),
-        (body(messages=[{"role": "user", "content": "x", "name": "ignored"}]),
-         ChatRequest((Message("user", "x"),), "default-model")),
+        (body(messages=[{"role": "user", "content": "x", "name": "ann"}]),
+         ChatRequest((Message("user", "x", name="ann"),), "default-model")),
     ],
     ids=["prompt", "messages", "everything", "lower-bounds", "float-temperature", "explicit-nulls",
          "prompt-at-char-limit", "prompt-kept-verbatim", "whitespace-around-json", "unicode", "utf8-raw",
-         "total-at-limit", "extra-message-key"],
+         "total-at-limit", "message-name"],
 )  # fmt: skip
 def test_json_body_accepted(raw: bytes, expected: ChatRequest) -> None:
     request = from_json_body(raw, RULES)
@@ -148,7 +150,9 @@ def short_id(raw: bytes) -> str:
         # Shape of the object.
         (body(), ["messages", "prompt"]),
         (body(model="default-model"), ["messages", "prompt"]),
-        (body(prompt="x", stream=True), ["unknown", "stream"]),
+        (body(prompt="x", stream=False), ["stream", "true"]),
+        (body(prompt="x", stream="yes"), ["stream", "true or false"]),
+        (body(prompt="x", n=2, logprobs=True), ["unknown fields", "'logprobs', 'n'"]),
         (body(prompt="x", Prompt="x"), ["unknown", "Prompt"]),
         (body(prompt="x", messages=[user()]), ["either", "not both"]),
         # prompt.
@@ -167,7 +171,8 @@ def short_id(raw: bytes) -> str:
         (body(messages=["hi"]), ["messages[0]", "object"]),
         (body(messages=[user(), None]), ["messages[1]", "object"]),
         (body(messages=[{"content": "x"}]), ["messages[0].role"]),
-        (body(messages=[{"role": "tool", "content": "x"}]), ["messages[0].role", "assistant, system, user"]),
+        (body(messages=[{"role": "function", "content": "x"}]),
+         ["messages[0].role", "assistant, developer, system, tool, user"]),
         (body(messages=[{"role": "User", "content": "x"}]), ["messages[0].role"]),
         (body(messages=[{"role": None, "content": "x"}]), ["messages[0].role"]),
         (body(messages=[{"role": 1, "content": "x"}]), ["messages[0].role"]),
@@ -175,7 +180,8 @@ def short_id(raw: bytes) -> str:
         (body(messages=[{"role": {"user": 1}, "content": "x"}]), ["messages[0].role"]),
         (body(messages=[{"role": "user"}]), ["messages[0].content", "string"]),
         (body(messages=[user(None)]), ["messages[0].content", "string"]),
-        (body(messages=[user(["a"])]), ["messages[0].content", "string"]),
+        (body(messages=[user(["a"])]), ["messages[0].content[0]", "type"]),
+        (body(messages=[user(5)]), ["messages[0].content", "string or an array"]),
         (body(messages=[user(), user("x" * 11)]), ["messages[1].content", "10"]),
         (body(messages=[user("1234567890"), user("1234567890"), user("123456")]), ["25"]),
         (body(messages=[{"role": "system", "content": "x"}]), ["user message"]),
@@ -295,9 +301,10 @@ def test_any_json_object_gives_a_request_or_a_400(fields: dict[str, Any]) -> Non
         ({"prompt": "x", "temperature": "1e0"}, ChatRequest((Message("user", "x"),), "default-model", None, 1.0)),
         ({"prompt": "x", "temperature": ".5"}, ChatRequest((Message("user", "x"),), "default-model", None, 0.5)),
         ({"prompt": "x", "format": "ndjson"}, ChatRequest((Message("user", "x"),), "default-model")),
+        ({"prompt": "x", "resume": "1"}, ChatRequest((Message("user", "x"),), "default-model", resume=True)),
     ],
     ids=["prompt", "model", "max-tokens", "max-tokens-1", "temperature", "temperature-int", "temperature-zero",
-         "temperature-exponent", "temperature-leading-dot", "other-params-ignored"],
+         "temperature-exponent", "temperature-leading-dot", "format-is-the-handlers", "resume"],
 )  # fmt: skip
 def test_query_accepted(query: dict[str, str], expected: ChatRequest) -> None:
     request = from_query(query, RULES)
@@ -336,6 +343,9 @@ def test_query_accepted(query: dict[str, str], expected: ChatRequest) -> None:
         ({"prompt": "x", "temperature": ""}, ["temperature", "number"]),
         ({"prompt": "x", "temperature": "1" + "0" * 400}, ["temperature"]),  # an int too big for a float
         ({"prompt": "x \udc80"}, ["prompt", "surrogate"]),  # what a surrogateescape decoding would give
+        ({"prompt": "x", "n": "2"}, ["unknown query parameter", "'n'"]),
+        ({"prompt": "x", "stop": "END", "top_p": "1"}, ["unknown query parameters", "'stop', 'top_p'"]),
+        ({"Prompt": "x"}, ["unknown query parameter", "'Prompt'"]),
     ],
     ids=lambda value: ascii(value)[:60],
 )
@@ -392,3 +402,272 @@ def test_docstring_examples_run() -> None:
     failures, tried = doctest.testmod(server.chat_request)
     assert tried
     assert not failures
+
+
+# --- what an OpenAI-compatible client sends -------------------------------------------------------------------------
+
+WIDE = RequestRules(
+    default_model="default-model",
+    allowed_models=frozenset({"default-model"}),
+    max_tokens_cap=100,
+    content_part_types=frozenset({"image_url"}),
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "strict": True,
+    },
+}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+ROUND_TRIP = [
+    {"role": "developer", "content": "Use the tools."},
+    {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+]
+
+
+def test_a_tool_round_trip_with_every_field() -> None:
+    request = parse_chat_body(
+        {
+            "model": "default-model",
+            "messages": ROUND_TRIP,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_completion_tokens": 50,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "seed": -(2**63),
+            "stop": ["\n\n", "END"],
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": False,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {}, "strict": True}},
+            "reasoning_effort": "low",
+        },
+        WIDE,
+        shape="openai",
+    )
+    assert request.messages == (
+        Message("developer", "Use the tools."),
+        Message("user", "Weather in Paris?"),  # only text parts: one string, as every upstream takes it
+        Message("assistant", "", tool_calls=(ToolCall("call_1", "get_weather", '{"city":"Paris"}'),)),
+        Message("tool", "18 C, sunny", tool_call_id="call_1"),
+    )
+    assert request.include_usage
+    assert request.stream
+    assert request.token_limit == 50
+    # What goes upstream: the messages as OpenAI takes them, and every optional field that was set.
+    assert [m.as_openai() for m in request.messages] == [
+        ROUND_TRIP[0],
+        {"role": "user", "content": "Weather in Paris?"},
+        *ROUND_TRIP[2:],
+    ]
+    assert request.upstream_fields() == {
+        "max_completion_tokens": 50,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "seed": -(2**63),
+        "stop": ["\n\n", "END"],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {}, "strict": True}},
+        "reasoning_effort": "low",
+    }
+
+
+def test_a_plain_request_sets_no_optional_upstream_field() -> None:
+    request = parse_chat_body({"messages": [user()]}, WIDE)
+    assert request.upstream_fields() == {}
+    assert [m.as_openai() for m in request.messages] == [user()]
+
+
+@pytest.mark.parametrize(
+    ("shape", "data", "stream"),
+    [("openai", {}, False), ("openai", {"stream": True}, True), ("relay", {}, True), ("relay", {"stream": True}, True)],
+    ids=["openai-default", "openai-true", "relay-default", "relay-true"],
+)
+def test_stream_flag(shape: Any, data: dict[str, Any], stream: bool) -> None:
+    assert parse_chat_body({"messages": [user()], **data}, WIDE, shape=shape).stream is stream
+
+
+def test_the_openai_shape_has_no_prompt_or_resume() -> None:
+    for extra in ({"prompt": "x"}, {"resume": True}):
+        with pytest.raises(RequestError) as info:
+            parse_chat_body({"messages": [user()], **extra}, WIDE, shape="openai")
+        assert_400(info.value, "unknown field", next(iter(extra)))
+
+
+def test_a_configured_part_type_is_passed_on_as_sent_with_the_text_parts() -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
+    request = parse_chat_body({"messages": [user([image])]}, WIDE)
+    assert request.messages[0].as_openai() == user([image])
+    assert request.last_user_text == ""
+    both = [{"type": "text", "text": "What is this?"}, image]
+    request = parse_chat_body({"messages": [user(both)]}, WIDE)
+    assert request.messages[0].as_openai() == user(both)
+    assert request.last_user_text == "What is this?"
+
+
+def test_the_system_prompt_comes_first() -> None:
+    rules = RequestRules(default_model="m", allowed_models=frozenset({"m"}), system_prompt="You are terse.")
+    assert from_json_body(body(messages=[{"role": "system", "content": "x"}, user()]), rules).messages == (
+        Message("system", "You are terse."),
+        Message("system", "x"),
+        Message("user", "hi"),
+    )
+    assert from_query({"prompt": "q"}, rules).messages == (Message("system", "You are terse."), Message("user", "q"))
+
+
+def _tool_reply(call_id: str = "call_1") -> list[dict[str, Any]]:
+    return [
+        user(),
+        {"role": "assistant", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": call_id, "content": "x"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        # Messages of the new roles.
+        ({"messages": [{"role": "user", "content": "x", "refusal": None}]},
+         ["messages[0]", "unknown field", "refusal"]),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, ["messages[0]", "tool_calls"]),
+        ({"messages": [user(), {"role": "tool", "content": "x"}]}, ["messages[1].tool_call_id"]),
+        ({"messages": _tool_reply("call_2")}, ["messages[2].tool_call_id", "no tool call"]),
+        ({"messages": [user(), {"role": "tool", "tool_call_id": "call_1", "content": "x"},
+                       {"role": "assistant", "tool_calls": [CALL]}]}, ["messages[1].tool_call_id", "earlier"]),
+        ({"messages": [user(), {"role": "assistant", "content": None}]}, ["messages[1].content"]),
+        ({"messages": [user(), {"role": "assistant", "tool_calls": []}]}, ["messages[1].tool_calls", "non-empty"]),
+        ({"messages": [user(), {"role": "assistant", "tool_calls": [{**CALL, "id": ""}]}]}, ["tool_calls[0].id"]),
+        ({"messages": [user(), {"role": "assistant", "tool_calls": [{**CALL, "type": "code"}]}]},
+         ["tool_calls[0].type"]),
+        ({"messages": [user(), {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "a b",
+                                                                                        "arguments": "{}"}}]}]},
+         ["tool_calls[0].function.name"]),
+        ({"messages": [user(), {"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f"}}]}]},
+         ["tool_calls[0].function.arguments", "string"]),
+        ({"messages": [user(), {"role": "assistant", "tool_calls": [{**CALL, "extra": 1}]}]},
+         ["tool_calls[0]", "unknown field", "extra"]),
+        # Content parts.
+        ({"messages": [user([{"type": "image_url", "image_url": {"url": "x"}}])]},
+         ["content[0].type", "'image_url'", "accepted: text"]),
+        ({"messages": [user([{"type": "text", "text": "x", "cache_control": {}}])]}, ["content[0]", "cache_control"]),
+        ({"messages": [user([{"type": "text", "text": 5}])]}, ["content[0].text", "string"]),
+        ({"messages": [user([{"text": "x"}])]}, ["content[0]", "type"]),
+        ({"messages": [user([{"type": "text", "text": "1234567890"}, {"type": "text", "text": "12345678901"}])]},
+         ["messages[0].content", "20"]),
+        ({"messages": [user([])]}, ["user message"]),
+        # Sampling and limits.
+        ({"messages": [user()], "top_p": 1.5}, ["top_p", "0 to 1"]),
+        ({"messages": [user()], "top_p": True}, ["top_p"]),
+        ({"messages": [user()], "seed": 2**63}, ["seed", "64 bits"]),
+        ({"messages": [user()], "seed": 1.0}, ["seed"]),
+        ({"messages": [user()], "stop": []}, ["stop", "1 to 4"]),
+        ({"messages": [user()], "stop": ["a", "b", "c", "d", "e"]}, ["stop", "1 to 4"]),
+        ({"messages": [user()], "stop": [""]}, ["stop", "empty"]),
+        ({"messages": [user()], "stop": 5}, ["stop"]),
+        ({"messages": [user()], "max_completion_tokens": 0}, ["max_completion_tokens", "100"]),
+        ({"messages": [user()], "max_completion_tokens": 5, "max_tokens": 5}, ["not both"]),
+        ({"messages": [user()], "reasoning_effort": "extreme"}, ["reasoning_effort", "high, low, medium"]),
+        ({"messages": [user()], "stream_options": {"include_usage": "yes"}}, ["stream_options.include_usage"]),
+        ({"messages": [user()], "stream_options": {"include_obfuscation": False}},
+         ["stream_options", "include_obfuscation"]),
+        ({"messages": [user()], "stream_options": True}, ["stream_options"]),
+        # Tools.
+        ({"messages": [user()], "tools": []}, ["tools", "1 to 128"]),
+        ({"messages": [user()], "tools": [WEATHER] * 129}, ["tools", "1 to 128"]),
+        ({"messages": [user()], "tools": [WEATHER, WEATHER]}, ["tools[1]", "twice"]),
+        ({"messages": [user()], "tools": [{"type": "web_search"}]}, ["tools[0]", "function"]),
+        ({"messages": [user()], "tools": [{"type": "function", "function": {"name": "f", "params": {}}}]},
+         ["tools[0].function", "params"]),
+        ({"messages": [user()], "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+         ["tools[0].function.parameters"]),
+        ({"messages": [user()], "tools": [{"type": "function", "function": {"name": "f" * 65}}]},
+         ["tools[0].function.name", "64"]),
+        ({"messages": [user()], "tool_choice": "required"}, ["tool_choice", "needs tools"]),
+        ({"messages": [user()], "tool_choice": "any"}, ["tool_choice"]),
+        ({"messages": [user()], "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+         ["tool_choice", "'x'", "not one of the tools"]),
+        ({"messages": [user()], "parallel_tool_calls": True}, ["parallel_tool_calls", "needs tools"]),
+        # response_format.
+        ({"messages": [user()], "response_format": {"type": "xml"}}, ["response_format"]),
+        ({"messages": [user()], "response_format": {"type": "json_schema"}}, ["response_format.json_schema"]),
+        ({"messages": [user()], "response_format": {"type": "json_object", "schema": {}}},
+         ["response_format", "schema"]),
+        ({"messages": [user()], "response_format": {"type": "json_schema", "json_schema": {"name": "w", "x": 1}}},
+         ["response_format.json_schema", "'x'"]),
+    ],
+    ids=lambda value: None if isinstance(value, list) else short_id(json.dumps(value).encode()),
+)  # fmt: skip
+def test_openai_fields_refused(data: dict[str, Any], words: list[str]) -> None:
+    small = RequestRules(default_model="m", allowed_models=frozenset({"m"}), max_message_chars=20, max_tokens_cap=100)
+    with pytest.raises(RequestError) as info:
+        parse_chat_body(data, small)
+    assert_400(info.value, *words)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.fixed_dictionaries(
+        {"messages": st.just(ROUND_TRIP)},
+        optional=dict.fromkeys(
+            ("stream", "stream_options", "max_completion_tokens", "top_p", "seed", "stop", "tools", "tool_choice",
+             "parallel_tool_calls", "response_format", "reasoning_effort"),
+            _JSON_VALUES,
+        ),
+    )
+)  # fmt: skip
+def test_any_openai_fields_give_a_request_or_a_400(fields: dict[str, Any]) -> None:
+    try:
+        request = parse_chat_body(fields, WIDE, shape="openai")
+    except RequestError as exc:
+        assert_400(exc)
+    else:
+        json.dumps(request.upstream_fields())  # whatever is accepted can be sent on
+
+
+_CALL_IDS = st.sampled_from(["c1", "c2"])
+_VALID_MESSAGES = st.one_of(
+    st.just(user()),
+    st.just({"role": "developer", "content": [{"type": "text", "text": "be brief"}]}),
+    st.just(user([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:,"}}])),
+    _CALL_IDS.map(lambda c: {"role": "assistant", "content": None, "tool_calls": [
+        {"id": c, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
+    _CALL_IDS.map(lambda c: {"role": "tool", "tool_call_id": c, "content": "result"}),
+)  # fmt: skip
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Mostly well-formed conversations (tool calls answered or not, in any order), a field now and then replaced
+    by any JSON value or an unknown field added."""
+    messages = draw(st.lists(_VALID_MESSAGES, min_size=1, max_size=5))
+    for index in draw(st.lists(st.integers(0, len(messages) - 1), max_size=2)):
+        message = dict(messages[index])
+        key = draw(st.sampled_from([*message, "name", "tool_calls", "tool_call_id", "extra"]))
+        message[key] = draw(_JSON_VALUES | _CALL_IDS)
+        messages[index] = message
+    return messages
+
+
+@settings(max_examples=400, deadline=None)
+@given(messages=_messages(), shape=st.sampled_from(["relay", "openai"]))
+def test_any_messages_of_any_role_give_a_request_or_a_400(messages: list[dict[str, Any]], shape: Any) -> None:
+    try:
+        request = parse_chat_body({"messages": messages}, WIDE, shape=shape)
+    except RequestError as exc:
+        assert_400(exc)
+    else:
+        sent = json.loads(json.dumps([m.as_openai() for m in request.messages]))
+        # What goes upstream is what was accepted: the roles in order, each tool message answering an earlier call.
+        assert [m["role"] for m in sent] == [m["role"] for m in messages]
+        called: set[str] = set()
+        for message in sent:
+            assert message["role"] != "tool" or message["tool_call_id"] in called
+            called.update(call["id"] for call in message.get("tool_calls", []))

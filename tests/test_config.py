@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import doctest
 import math
+import re
 from typing import Any
 
 import pytest
 
 import server.config
-from server.config import DEMO_MODEL, Config, build_parser, describe_source, load_config, public_url
+from server.config import (
+    DEMO_MODEL,
+    Config,
+    build_parser,
+    describe_source,
+    load_config,
+    public_url,
+    shown_default,
+)
 
 
 def exits(argv: list[str], environ: dict[str, str] | None = None) -> SystemExit:
@@ -116,6 +125,9 @@ def test_environ_none_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--max-body-bytes", "1000"], "max_body_bytes", 1000),
         (["--max-messages", "5"], "max_messages", 5),
         (["--max-message-chars", "100"], "max_message_chars", 100),
+        (["--system-prompt", "Be brief."], "system_prompt", "Be brief."),
+        (["--content-part-type", "image_url", "--content-part-type", "file"], "content_part_types",
+         ("image_url", "file")),
         (["--shutdown-grace", "0"], "shutdown_grace", 0.0),
         (["--uvloop", "no"], "use_uvloop", False),
         (["--gc-tuning", "false"], "gc_tuning", False),
@@ -346,7 +358,7 @@ def test_a_bad_option_is_one_line_on_stderr(
     captured = capsys.readouterr()
     assert captured.out == ""
     [line] = captured.err.splitlines()
-    assert line.startswith("python -m server: error: ")
+    assert line.startswith("llm-relay: error: ")
     assert line.endswith("(see --help)")
 
 
@@ -517,13 +529,48 @@ def test_help_never_prints_a_secret(capsys: pytest.CaptureFixture[str], monkeypa
     }
     text = help_text(capsys, monkeypatch, ["--api-key", "sk-live-SECRET-4", "--help"], env)
     assert "SECRET" not in text
-    assert "(secret)" in text
+    assert text.count("a secret: its value is never shown") == 2  # --api-key and --redis-url
 
 
 def test_help_shows_defaults(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     text = help_text(capsys, monkeypatch, ["--help"], {})
     assert "default 8080" in text
     assert "default 127.0.0.1" in text
+
+
+def test_help_says_the_commands_name_and_each_default_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    assert exits(["--help"], {}).code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llm-relay ")
+    text = " ".join(out.split())
+    # Each option's entry runs from its name to the next option's: one default at most, never an empty "()" or
+    # "None", booleans as the words the options take.
+    entries = re.split(r" (?=--[a-z])", text.partition("options:")[2])
+    assert len(entries) > 30
+    for entry in entries:
+        assert entry.count("default") <= 1, entry
+        assert "()" not in entry
+        assert "None" not in entry
+        assert "True" not in entry
+        assert "False" not in entry
+    assert "--include-usage true|false" in text
+    assert "default true]" in text
+    assert "default false]" in text
+    # An option whose text names its default says it once, not a second time in brackets.
+    (model,) = [entry for entry in entries if entry.startswith("--model ")]
+    assert model.count("default") == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(True, "true"), (False, "false"), (0.03, "0.03"), (10.0, "10"), (0, "0"), ("2/s", "2/s"), ((), None),
+     (None, None), ("", None)],
+)  # fmt: skip
+def test_shown_default(value: object, shown: str | None) -> None:
+    assert shown_default(value) == shown
 
 
 def test_float_options_are_finite_by_default() -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 from collections.abc import Sequence
 
-from server.chat_request import ChatRequest, Message
-from server.events import Delta, Done, Event
-from server.providers.demo import DemoProvider, _Pacer, demo_tokens
+from server.chat_request import ChatRequest, Message, ToolCall
+from server.events import Delta, Done, Event, Reasoning, ToolCallDelta
+from server.providers.demo import DEMO_REASONER_MODEL, DemoProvider, _Pacer, demo_tokens
 
 
 def _chat(prompt: str = "hello there", max_tokens: int | None = None) -> ChatRequest:
@@ -120,3 +121,67 @@ async def test_the_provider_does_not_keep_a_finished_loop_alive() -> None:
     await asyncio.to_thread(run_once)
     gc.collect()
     assert len(provider._pacers) == 0
+
+
+def _events(batches: list[tuple[float, Sequence[Event]]]) -> list[Event]:
+    return [event for _, batch in batches for event in batch]
+
+
+async def test_the_reasoner_demo_model_thinks_before_it_answers() -> None:
+    chat = ChatRequest(messages=(Message("user", "why?"),), model=DEMO_REASONER_MODEL)
+    events = _events(await _collect(DemoProvider(delay=0), chat))
+    kinds = [type(e).__name__ for e in events]
+    first_delta = kinds.index("Delta")
+    assert first_delta > 5
+    assert set(kinds[:first_delta]) == {"Reasoning"}
+    assert "“why?”" in "".join(e.content for e in events if isinstance(e, Reasoning))
+    assert "".join(e.content for e in events if isinstance(e, Delta)) == "".join(demo_tokens(chat))
+    assert isinstance(events[-1], Done)
+    assert events[-1].finish_reason == "stop"
+    assert events[-1].usage is not None
+    assert events[-1].usage.completion_tokens == len(events) - 1  # reasoning counts, as upstreams count it
+
+
+async def test_a_request_with_tools_gets_a_call_of_the_first_tool_then_an_answer_to_its_result() -> None:
+    tools = ({"type": "function", "function": {"name": "search_docs"}}, {"type": "function", "function": {"name": "x"}})
+    chat = ChatRequest(messages=(Message("user", "find “resume”"),), model="m", tools=tools)
+    events = _events(await _collect(DemoProvider(delay=0.001), chat))
+    calls = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert len(calls) == len(events) - 1
+    assert calls[0].index == 0
+    assert calls[0].name == "search_docs"
+    assert calls[0].id is not None
+    assert calls[0].id.startswith("call_demo_")
+    assert all(c.index == 0 and c.id is None and c.name is None for c in calls[1:])
+    arguments = "".join(c.arguments for c in calls)
+    assert json.loads(arguments) == {"query": "find “resume”"}
+    assert events[-1] == Done("tool_calls", events[-1].usage)  # type: ignore[union-attr]
+    # The conversation goes on with the tool's result: the demo answers in text, quoting it.
+    call = ToolCall(calls[0].id, "search_docs", arguments)
+    follow_up = ChatRequest(
+        messages=(*chat.messages, Message("assistant", "", tool_calls=(call,)),
+                  Message("tool", "see docs/streams.md", tool_call_id=call.id)),
+        model="m",
+        tools=tools,
+    )  # fmt: skip
+    answer = _events(await _collect(DemoProvider(delay=0), follow_up))
+    text = "".join(e.content for e in answer if isinstance(e, Delta))
+    assert text.startswith("The tool answered: “see docs/streams.md”.")
+    assert answer[-1] == Done("stop", answer[-1].usage)  # type: ignore[union-attr]
+
+
+async def test_tool_choice_none_gets_text() -> None:
+    tools = ({"type": "function", "function": {"name": "search_docs"}},)
+    chat = ChatRequest(messages=(Message("user", "hi"),), model="m", tools=tools, tool_choice="none")
+    events = _events(await _collect(DemoProvider(delay=0), chat))
+    assert not any(isinstance(e, ToolCallDelta) for e in events)
+    assert events[-1] == Done("stop", events[-1].usage)  # type: ignore[union-attr]
+
+
+async def test_a_named_tool_choice_is_the_tool_called() -> None:
+    tools = ({"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b"}})
+    choice = {"type": "function", "function": {"name": "b"}}
+    chat = ChatRequest(messages=(Message("user", "hi"),), model="m", tools=tools, tool_choice=choice)
+    events = _events(await _collect(DemoProvider(delay=0), chat))
+    assert isinstance(events[0], ToolCallDelta)
+    assert events[0].name == "b"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import server.framing
-from server.events import Delta, Done, Error, Event, Usage
+from server.events import Delta, Done, Error, Event, Reasoning, Refusal, ToolCallDelta, Usage
 from server.framing import (
     FRAMINGS,
     NDJSONFraming,
@@ -48,6 +49,9 @@ utf8_texts = st.lists(
 usages = st.builds(Usage, st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 2**40))
 events: st.SearchStrategy[Event] = st.one_of(
     st.builds(Delta, texts),
+    st.builds(Reasoning, texts),
+    st.builds(Refusal, texts),
+    st.builds(ToolCallDelta, st.integers(0, 255), st.none() | texts, st.none() | texts, texts),
     st.builds(Done, st.none() | texts, st.none() | usages),
     st.builds(Error, texts, texts),
 )
@@ -86,6 +90,13 @@ def expected_sse(event: Event) -> tuple[str, dict[str, Any]]:
     """(event type, JSON data) as README "SSE, byte by byte" documents them."""
     if isinstance(event, Delta):
         return "message", as_js({"content": event.content})
+    if isinstance(event, Reasoning):
+        return "reasoning", as_js({"content": event.content})
+    if isinstance(event, Refusal):
+        return "refusal", as_js({"content": event.content})
+    if isinstance(event, ToolCallDelta):
+        call = {"index": event.index, "id": event.id, "name": event.name, "arguments": event.arguments}
+        return "tool_call", as_js(call)
     if isinstance(event, Done):
         done: dict[str, Any] = {"finish_reason": event.finish_reason}
         if event.usage is not None:
@@ -98,6 +109,13 @@ def expected_ndjson(seq: int, event: Event) -> dict[str, Any]:
     """The object README "NDJSON, byte by byte" documents."""
     if isinstance(event, Delta):
         return as_js({"type": "delta", "seq": seq, "content": event.content})
+    if isinstance(event, Reasoning):
+        return as_js({"type": "reasoning", "seq": seq, "content": event.content})
+    if isinstance(event, Refusal):
+        return as_js({"type": "refusal", "seq": seq, "content": event.content})
+    if isinstance(event, ToolCallDelta):
+        call = {"index": event.index, "id": event.id, "name": event.name, "arguments": event.arguments}
+        return as_js({"type": "tool_call", "seq": seq, **call})
     if isinstance(event, Done):
         done: dict[str, Any] = {"type": "done", "seq": seq, "finish_reason": event.finish_reason}
         if event.usage is not None:
@@ -192,9 +210,20 @@ def test_sse_readme_example_byte_for_byte() -> None:
             b'id: 0123456789abcdef0123456789abcdef/4\nevent: error\ndata: {"error":{"type":"upstream_unavailable",'
             b'"message":"the connection to the model provider was lost"}}\n\n',
         ),
+        (3, Reasoning("Let me\nthink"),
+         b'id: 0123456789abcdef0123456789abcdef/3\nevent: reasoning\ndata: {"content":"Let me\\nthink"}\n\n'),
+        (4, Refusal("I can't"),
+         b'id: 0123456789abcdef0123456789abcdef/4\nevent: refusal\ndata: {"content":"I can\'t"}\n\n'),
+        (5, ToolCallDelta(0, "call_1", "get_weather"),
+         b'id: 0123456789abcdef0123456789abcdef/5\nevent: tool_call\n'
+         b'data: {"index":0,"id":"call_1","name":"get_weather","arguments":""}\n\n'),
+        (6, ToolCallDelta(0, None, None, '{"city":"\n'),
+         b'id: 0123456789abcdef0123456789abcdef/6\nevent: tool_call\n'
+         b'data: {"index":0,"id":null,"name":null,"arguments":"{\\"city\\":\\"\\n"}\n\n'),
     ],
     ids=["delta", "empty-delta", "utf8-raw", "line-breaks-escaped", "line-separator-raw", "nul-escaped",
-         "lone-surrogate-escaped", "done-usage", "done-no-usage", "done-no-reason", "error-readme"],
+         "lone-surrogate-escaped", "done-usage", "done-no-usage", "done-no-reason", "error-readme", "reasoning",
+         "refusal", "tool-call-first-piece", "tool-call-arguments"],
 )  # fmt: skip
 def test_sse_exact_bytes(seq: int, event: Event, frame: bytes) -> None:
     assert SSEFraming().encode(SID, seq, event) == frame
@@ -272,8 +301,29 @@ def test_ndjson_readme_example_byte_for_byte() -> None:
             Error("timeout", "no first token"),
             b'{"type":"error","seq":1,"error":{"type":"timeout","message":"no first token"}}\n',
         ),
+        (Reasoning("hm\n"), b'{"type":"reasoning","seq":1,"content":"hm\\n"}\n'),
+        (Refusal("No."), b'{"type":"refusal","seq":1,"content":"No."}\n'),
+        (
+            ToolCallDelta(1, "call_2", "get_time", "{}"),
+            b'{"type":"tool_call","seq":1,"index":1,"id":"call_2","name":"get_time","arguments":"{}"}\n',
+        ),
+        (
+            ToolCallDelta(1, arguments='"x"'),
+            b'{"type":"tool_call","seq":1,"index":1,"id":null,"name":null,"arguments":"\\"x\\""}\n',
+        ),
     ],
-    ids=["delta", "line-breaks", "lone-surrogate", "done-null", "done", "error"],
+    ids=[
+        "delta",
+        "line-breaks",
+        "lone-surrogate",
+        "done-null",
+        "done",
+        "error",
+        "reasoning",
+        "refusal",
+        "tool-call",
+        "tool-call-arguments",
+    ],
 )
 def test_ndjson_exact_bytes(event: Event, line: bytes) -> None:
     assert NDJSONFraming().encode(SID, 1, event) == line
@@ -486,3 +536,23 @@ def test_module_docstring_examples_run() -> None:
     result = doctest.testmod(server.framing, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3
     assert result.failed == 0
+
+
+_HTTP_API_DOC = Path(__file__).resolve().parent.parent / "docs" / "http-api.md"
+_DOC_SID = "3f0c5e1a9b7d42c68e2f1a0b9c8d7e6f"
+
+
+def test_docs_examples_of_the_other_kinds_are_what_the_framings_send() -> None:
+    # docs/http-api.md documents reasoning, tool_call and refusal byte by byte: the examples must stay true.
+    doc = _HTTP_API_DOC.read_text(encoding="utf-8")
+    sse_stream = [
+        Reasoning("The user greets me."),
+        ToolCallDelta(0, "call_1", "get_weather"),
+        ToolCallDelta(0, arguments='{"city":"Paris"}'),
+        Done("tool_calls"),
+    ]
+    sse = b"".join(SSEFraming().encode(_DOC_SID, seq, e) for seq, e in enumerate(sse_stream, start=1))
+    assert sse.decode() in doc
+    ndjson_stream = [*sse_stream[:3], Refusal("I can't help with that.")]
+    ndjson = b"".join(NDJSONFraming().encode(_DOC_SID, seq, e) for seq, e in enumerate(ndjson_stream, start=1))
+    assert ndjson.decode() in doc

@@ -138,7 +138,7 @@ async def _error(resp: aiohttp.ClientResponse) -> dict[str, str]:
          "invalid_request"),
         ("POST", "/api/chat", {"json": {"messages": [{"role": "user", "content": "x" * 32_001}]}}, 400,
          "invalid_request"),
-        ("POST", "/api/chat", {"json": {"prompt": "hi", "stream": True}}, 400, "invalid_request"),
+        ("POST", "/api/chat", {"json": {"prompt": "hi", "n": 2}}, 400, "invalid_request"),
         ("POST", "/api/chat", {"data": "hi", "headers": {"Content-Type": "text/plain"}}, 415,
          "unsupported_media_type"),
         ("POST", "/api/chat", {"data": io.BytesIO(b"{" + b" " * (1 << 20) + b"}"),

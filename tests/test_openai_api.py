@@ -18,6 +18,7 @@ from aiohttp import web
 from server.app import create_app
 from server.config import DEMO_MODEL, Config
 from server.events import Delta, Done, Error, Usage
+from server.providers.demo import DEMO_REASONER_MODEL
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import Behavior, FakeUpstream
@@ -126,7 +127,6 @@ WEATHER_TOOL: Any = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="tools and tool messages need part 1's request allowlist (chat_request.py)")
 async def test_a_tool_call_round_trip(client: openai.AsyncOpenAI) -> None:
     """The SDK sends the tool's result back as a ``tool`` message; the relay passes the conversation on."""
     messages: list[Any] = ask("tool")
@@ -210,7 +210,7 @@ async def test_refusals_are_bad_request_errors(client: openai.AsyncOpenAI, chang
 
 async def test_models(client: openai.AsyncOpenAI) -> None:
     page = await client.models.list()
-    assert [model.id for model in page.data] == [DEMO_MODEL]
+    assert [model.id for model in page.data] == [DEMO_MODEL, DEMO_REASONER_MODEL]
     model = await client.models.retrieve(DEMO_MODEL)
     assert (model.id, model.object, model.owned_by) == (DEMO_MODEL, "model", "llm-relay")
     with pytest.raises(openai.NotFoundError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import zipfile
 from collections.abc import Mapping
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,7 +18,7 @@ from markupsafe import escape
 
 from server.app import create_app, setup
 from server.config import Config
-from server.page import WEB_DIR, PageSettings, content_security_policy, setup_page
+from server.page import STATIC_ROUTE, WEB_DIR, PageSettings, content_security_policy, setup_page
 
 from .conftest import ServeApp
 from .wire import sse_events
@@ -96,6 +98,7 @@ async def test_page_renders_with_settings_and_assets(base: str, http: aiohttp.Cl
         "demo": True,
         "maxMessageChars": 32_000,
         "maxMessages": 200,
+        "authRequired": False,
     }
     modules = [attrs for attrs, _ in scripts_of(html) if attrs.get("type") == "module"]
     assert len(modules) == 1
@@ -266,6 +269,43 @@ def test_no_script_turns_model_output_into_markup() -> None:
         source = (WEB_DIR / "static" / name).read_text()
         for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
             assert sink not in source, f"{name} uses {sink}"
+
+
+def _zip_web_as_installed(archive: Path) -> None:
+    """The checkout's web/ in a zip, where a wheel has it: server/web/."""
+    web_dir = Path(str(WEB_DIR))
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in web_dir.rglob("*"):
+            if path.is_file():
+                zipped.write(path, f"server/web/{path.relative_to(web_dir).as_posix()}")
+
+
+async def test_page_files_in_a_zip_are_served_and_their_copy_removed(tmp_path: Path) -> None:
+    # A zipped install (the wheel itself on sys.path): the templates are read from the zip, the static files from
+    # a temporary copy that the app's cleanup removes. tests/test_install.py runs a real zipped install.
+    archive = tmp_path / "web.zip"
+    await asyncio.to_thread(_zip_web_as_installed, archive)
+    with zipfile.ZipFile(archive) as zipped:
+        app = web.Application()
+        setup_page(app, FAST, web_dir=zipfile.Path(zipped, "server/web/"))
+        copy = Path(app.router[STATIC_ROUTE].get_info()["directory"])
+        assert await asyncio.to_thread(copy.is_dir)
+        assert not copy.is_relative_to(tmp_path)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        try:
+            async with aiohttp.ClientSession() as http:
+                resp, html = await fetch_page(http, f"http://{host}:{port}")
+                assert resp.status == 200
+                assert settings_of(html)["apiBase"] == "/api"
+                async with http.get(f"http://{host}:{port}/static/app.js") as static:
+                    assert await static.read() == (WEB_DIR / "static" / "app.js").read_bytes()
+        finally:
+            await runner.cleanup()
+    assert not await asyncio.to_thread(copy.exists)
 
 
 def test_web_dir_is_the_repository_web_folder() -> None:

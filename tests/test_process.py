@@ -138,7 +138,7 @@ def _assert_one_line_error(done: subprocess.CompletedProcess[str], problem: str)
     assert "Traceback" not in done.stderr
     assert done.stdout == ""
     [line] = done.stderr.splitlines()
-    assert line.startswith("python -m server: error: ")
+    assert line.startswith("llm-relay: error: ")
     assert problem in line
     assert done.returncode == 2
 

@@ -51,7 +51,9 @@ async def test_shutdown_asked_twice_does_its_work_once_and_both_calls_wait_for_i
     first = asyncio.create_task(registry.shutdown(0.2))
     second = asyncio.create_task(registry.shutdown(0.2))
     await wait_until(lambda: follower.told > 0)
-    assert not first.done() and not second.done()  # the generation still runs: both wait for the grace period
+    # The generation still runs: both calls wait for the grace period.
+    assert not first.done()
+    assert not second.done()
     await asyncio.wait_for(asyncio.gather(first, second), 5)
     assert follower.told == 1
     assert generation.outcome is Outcome.SHUTDOWN

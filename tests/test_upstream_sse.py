@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.errors import RelayError, UpstreamError, UpstreamProtocolError
-from server.events import Delta, Done, Event, Usage
-from server.upstream_sse import MAX_EVENT_BYTES, MAX_EVENT_LINES, MAX_GAP_BYTES, ChunkStreamDecoder
+from server.events import Delta, Done, Event, Reasoning, Refusal, ToolCallDelta, Usage
+from server.upstream_sse import MAX_EVENT_BYTES, MAX_EVENT_LINES, MAX_GAP_BYTES, MAX_TOOL_CALLS, ChunkStreamDecoder
 
 
 def chunk(choices: list[dict[str, Any]] | None = None, usage: Any = None, **extra: Any) -> dict[str, Any]:
@@ -199,10 +199,14 @@ def test_a_bom_before_a_chunks_json_is_skipped_like_json_loads_of_bytes_does() -
 @pytest.mark.parametrize(
     "delta",
     [{}, {"content": ""}, {"content": None}, {"role": "assistant"}, {"content": 5}, {"content": ["x"]},
-     {"refusal": "no"}, {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}],
-    ids=["empty", "empty-content", "null-content", "role-only", "number", "list", "refusal", "tool-call"],
+     {"refusal": None}, {"refusal": ""}, {"reasoning_content": ""}, {"reasoning": None}, {"reasoning": 3},
+     {"tool_calls": None}, {"tool_calls": []}, {"tool_calls": [{"index": 0, "function": {"arguments": ""}}]},
+     {"tool_calls": [{"index": 0, "id": "", "type": "function", "function": {"name": ""}}]}],
+    ids=["empty", "empty-content", "null-content", "role-only", "number", "list", "null-refusal", "empty-refusal",
+         "empty-reasoning", "null-reasoning", "number-reasoning", "null-tool-calls", "no-tool-calls",
+         "tool-call-without-anything", "tool-call-with-empty-names"],
 )  # fmt: skip
-def test_no_delta_without_text(delta: dict[str, Any]) -> None:
+def test_no_event_without_progress(delta: dict[str, Any]) -> None:
     assert decode([X + data_line(chunk([choice(delta)])) + DONE]) == [Delta("x"), Done()]
 
 
@@ -685,3 +689,218 @@ def test_a_choice_without_an_index_counts_at_its_position(choices: list[dict[str
 def test_a_choice_index_that_is_not_an_integer_is_a_protocol_error(index: Any) -> None:
     with pytest.raises(UpstreamProtocolError):
         decode([data_line({"choices": [{"index": index, "delta": {"content": "x"}}]}) + DONE])
+
+
+# --- reasoning, tool calls, refusals: the chunk shapes of real upstreams ----------------------------------------------
+
+
+def _deepseek(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> bytes:
+    """A deepseek-reasoner chunk: both fields always present, the unused one null; usage in the finish chunk."""
+    body = chunk([choice({"content": None, "reasoning_content": None, **delta}, finish)], usage)
+    body["model"] = "deepseek-reasoner"
+    return data_line(body)
+
+
+DEEPSEEK_REASONER = b"".join(
+    [
+        _deepseek({"role": "assistant", "reasoning_content": ""}),
+        b": keep-alive\n\n",  # DeepSeek's comment lines while it is busy
+        _deepseek({"reasoning_content": "The user"}),
+        _deepseek({"reasoning_content": " greets me."}),
+        _deepseek({"content": "Hello"}),
+        _deepseek({"content": "!"}),
+        _deepseek(
+            {"content": ""},
+            "stop",
+            {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14,
+             "completion_tokens_details": {"reasoning_tokens": 6}, "prompt_cache_hit_tokens": 0},
+        ),
+        DONE,
+    ]
+)  # fmt: skip
+
+# vLLM leaves out null fields; its reasoning parsers fill ``reasoning_content`` (older servers) or both
+# ``reasoning`` and ``reasoning_content`` with the same text (newer ones).
+VLLM_REASONING = b"".join(
+    [
+        data_line({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "Qwen/QwQ-32B",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]}),
+        data_line({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "Qwen/QwQ-32B",
+                   "choices": [{"index": 0, "delta": {"reasoning_content": "Think"}, "logprobs": None,
+                                "finish_reason": None}]}),
+        data_line({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "Qwen/QwQ-32B",
+                   "choices": [{"index": 0, "delta": {"reasoning": "ing", "reasoning_content": "ing"},
+                                "logprobs": None, "finish_reason": None}]}),
+        data_line({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "Qwen/QwQ-32B",
+                   "choices": [{"index": 0, "delta": {"content": "42"}, "logprobs": None, "finish_reason": "stop",
+                                "stop_reason": None}]}),
+        DONE,
+    ]
+)  # fmt: skip
+
+# Groq with reasoning_format=parsed: ``reasoning``, and an x_groq object of its own on the first and last chunks.
+GROQ_REASONING = b"".join(
+    [
+        data_line({"id": "chatcmpl-g", "object": "chat.completion.chunk", "model": "qwen/qwen3-32b",
+                   "x_groq": {"id": "req_01"},
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}]}),
+        data_line({"id": "chatcmpl-g", "object": "chat.completion.chunk", "model": "qwen/qwen3-32b",
+                   "choices": [{"index": 0, "delta": {"reasoning": "Hmm"}, "logprobs": None,
+                                "finish_reason": None}]}),
+        data_line({"id": "chatcmpl-g", "object": "chat.completion.chunk", "model": "qwen/qwen3-32b",
+                   "choices": [{"index": 0, "delta": {"content": "Yes"}, "logprobs": None, "finish_reason": None}]}),
+        data_line({"id": "chatcmpl-g", "object": "chat.completion.chunk", "model": "qwen/qwen3-32b",
+                   "x_groq": {"id": "req_01", "usage": {"prompt_tokens": 3}},
+                   "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]}),
+        DONE,
+    ]
+)  # fmt: skip
+
+# OpenAI: the first piece of each call carries id, type and name with empty arguments; the arguments follow in
+# fragments; two calls in parallel interleave by index; the finish reason is tool_calls.
+OPENAI_TOOL_CALLS = b"".join(
+    [
+        data_line(chunk([choice({"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+            {"index": 0, "id": "call_DdmO9pD3", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""}}]})])),
+        data_line(chunk([choice({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]})])),
+        data_line(chunk([choice({"tool_calls": [{"index": 0, "function": {"arguments": 'ty":"Paris"}'}}]})])),
+        data_line(chunk([choice({"tool_calls": [
+            {"index": 1, "id": "call_Zx9", "type": "function", "function": {"name": "get_time", "arguments": ""}}]})])),
+        data_line(chunk([choice({"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]})])),
+        data_line(chunk([choice({}, "tool_calls")])),
+        data_line(chunk([], {"prompt_tokens": 80, "completion_tokens": 40, "total_tokens": 120})),
+        DONE,
+    ]
+)  # fmt: skip
+
+OPENAI_REFUSAL = b"".join(
+    [
+        data_line(chunk([choice({"role": "assistant", "content": None, "refusal": ""})])),
+        data_line(chunk([choice({"refusal": "I'm sorry, "})])),
+        data_line(chunk([choice({"refusal": "I can't help with that."})])),
+        data_line(chunk([choice({}, "stop")])),
+        DONE,
+    ]
+)
+
+# Ollama sends each call whole in one piece; its older versions leave out the index and say finish_reason stop.
+OLLAMA_TOOL_CALLS = b"".join(
+    [
+        data_line({"id": "chatcmpl-7", "object": "chat.completion.chunk", "created": 1, "model": "llama3.2",
+                   "system_fingerprint": "fp_ollama",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "tool_calls": [
+                       {"id": "call_a1", "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+                       {"id": "call_b2", "type": "function",
+                        "function": {"name": "get_time", "arguments": "{}"}}]}, "finish_reason": None}]}),
+        data_line({"id": "chatcmpl-7", "object": "chat.completion.chunk", "created": 1, "model": "llama3.2",
+                   "system_fingerprint": "fp_ollama",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": "stop"}]}),
+        DONE,
+    ]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("blob", "events"),
+    [
+        (DEEPSEEK_REASONER, [Reasoning("The user"), Reasoning(" greets me."), Delta("Hello"), Delta("!"),
+                             Done("stop", Usage(5, 9, 14))]),
+        (VLLM_REASONING, [Reasoning("Think"), Reasoning("ing"), Delta("42"), Done("stop")]),
+        (GROQ_REASONING, [Reasoning("Hmm"), Delta("Yes"), Done("stop")]),
+        (OPENAI_TOOL_CALLS, [ToolCallDelta(0, "call_DdmO9pD3", "get_weather"), ToolCallDelta(0, None, None, '{"ci'),
+                             ToolCallDelta(0, None, None, 'ty":"Paris"}'), ToolCallDelta(1, "call_Zx9", "get_time"),
+                             ToolCallDelta(1, None, None, "{}"), Done("tool_calls", Usage(80, 40, 120))]),
+        (OPENAI_REFUSAL, [Refusal("I'm sorry, "), Refusal("I can't help with that."), Done("stop")]),
+        (OLLAMA_TOOL_CALLS, [ToolCallDelta(0, "call_a1", "get_weather", '{"city":"Paris"}'),
+                             ToolCallDelta(1, "call_b2", "get_time", "{}"), Done("stop")]),
+    ],
+    ids=["deepseek-reasoner", "vllm-reasoning", "groq-reasoning", "openai-tool-calls", "openai-refusal",
+         "ollama-tool-calls"],
+)  # fmt: skip
+def test_real_upstream_shapes(blob: bytes, events: list[Event]) -> None:
+    assert decode([blob]) == events
+    # And one byte at a time: the decoder's chunking never changes what it makes.
+    assert decode([blob[i : i + 1] for i in range(len(blob))]) == events
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [OPENAI_REFUSAL, OLLAMA_TOOL_CALLS, OPENAI_TOOL_CALLS.replace(b'"tool_calls"}', b"null}")],
+    ids=["refusal", "tool-calls", "tool-calls-without-finish-reason"],
+)
+def test_a_reply_of_no_text_is_done_not_a_protocol_error(blob: bytes) -> None:
+    events = decode([blob])
+    assert not any(isinstance(e, Delta) for e in events)
+    assert isinstance(events[-1], Done)
+
+
+def test_only_reasoning_with_a_finish_reason_is_done() -> None:
+    # A reasoner whose token budget ran out while it was thinking: no answer, but the upstream says why.
+    blob = data_line(chunk([choice({"reasoning_content": "hm"})])) + data_line(chunk([choice({}, "length")])) + DONE
+    assert decode([blob]) == [Reasoning("hm"), Done("length")]
+
+
+def test_only_reasoning_without_a_finish_reason_is_delivered_then_a_protocol_error() -> None:
+    blob = data_line(chunk([choice({"reasoning_content": "hm"})])) + DONE
+    assert decode_until_error([blob]) == ([Reasoning("hm")], UpstreamProtocolError)
+
+
+def test_one_chunk_with_every_kind_keeps_their_order() -> None:
+    delta = {"reasoning": "r", "content": "c", "refusal": "f", "tool_calls": [{"index": 2, "id": "i"}]}
+    blob = data_line(chunk([choice(delta, "stop")])) + DONE
+    assert decode([blob]) == [Reasoning("r"), Delta("c"), Refusal("f"), ToolCallDelta(2, "i"), Done("stop")]
+
+
+def test_reasoning_content_wins_over_reasoning_when_both_are_sent() -> None:
+    blob = data_line(chunk([choice({"reasoning_content": "a", "reasoning": "b"}, "length")])) + DONE
+    assert decode([blob]) == [Reasoning("a"), Done("length")]
+
+
+def test_tool_calls_of_another_choice_are_not_relayed() -> None:
+    other = {"index": 1, "delta": {"tool_calls": [{"index": 0, "id": "x", "function": {"name": "n"}}]}}
+    blob = X + data_line(chunk([other])) + DONE
+    assert decode([blob]) == [Delta("x"), Done()]
+
+
+@pytest.mark.parametrize(
+    "tool_calls",
+    [
+        "call",
+        {"index": 0},
+        [None],
+        ["call"],
+        [{"index": -1, "id": "a"}],
+        [{"index": MAX_TOOL_CALLS, "id": "a"}],
+        [{"index": True, "id": "a"}],
+        [{"index": "0", "id": "a"}],
+        [{"index": 0.0, "id": "a"}],
+        [{"index": 0, "id": 5}],
+        [{"index": 0, "function": "get_weather"}],
+        [{"index": 0, "function": {"name": ["get_weather"]}}],
+        [{"index": 0, "function": {"arguments": ["Paris"]}}],
+    ],
+    ids=["string", "object", "null-item", "string-item", "negative-index", "index-too-large", "bool-index",
+         "string-index", "float-index", "number-id", "string-function", "list-name", "list-arguments"],
+)  # fmt: skip
+def test_malformed_tool_calls_are_a_protocol_error(tool_calls: Any) -> None:
+    blob = X + data_line(chunk([choice({"tool_calls": tool_calls})])) + DONE
+    events, error = decode_until_error([blob])
+    assert events == [Delta("x")]
+    assert error is UpstreamProtocolError
+
+
+def test_the_last_tool_call_index_is_accepted() -> None:
+    blob = data_line(chunk([choice({"tool_calls": [{"index": MAX_TOOL_CALLS - 1, "id": "a"}]})])) + DONE
+    assert decode([blob]) == [ToolCallDelta(MAX_TOOL_CALLS - 1, "a"), Done()]
+
+
+def test_tool_call_arguments_sent_as_an_object_are_relayed_as_json_text() -> None:
+    # llama.cpp's server (some versions) and TGI send the arguments object itself, where OpenAI sends JSON text.
+    call = {"index": 0, "id": "0", "type": "function", "function": {"name": "pay", "arguments": {"id": "T1", "n": 2}}}
+    blob = data_line(chunk([choice({"tool_calls": [call]}, "tool_calls")])) + DONE
+    assert decode([blob]) == [ToolCallDelta(0, "0", "pay", '{"id":"T1","n":2}'), Done("tool_calls")]

@@ -11,6 +11,9 @@ HEARTBEAT = float(os.environ.get("BENCH_HEARTBEAT", "2"))
 UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:9001/v1")
 MODEL = "fake-model"
 UVLOOP = os.environ.get("BENCH_UVLOOP", "1") == "1"
+# Every server gets the same listen backlog (our server's default), so no figure is about a default's queue:
+# the reconnect storm compares backlogs on its own.
+BACKLOG = 4096
 
 
 def tokens() -> list[str]:

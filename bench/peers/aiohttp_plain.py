@@ -9,7 +9,7 @@ import sys
 from aiohttp import web
 from openai import AsyncOpenAI
 
-from bench.peers._common import HEARTBEAT, MODEL, UPSTREAM, port_from_argv, tokens, use_uvloop
+from bench.peers._common import BACKLOG, HEARTBEAT, MODEL, UPSTREAM, port_from_argv, tokens, use_uvloop
 
 client = AsyncOpenAI(base_url=UPSTREAM, api_key="bench")
 
@@ -59,7 +59,7 @@ def main() -> None:
     app.router.add_get("/stream", stream)
     app.router.add_get("/idle", idle)
     app.router.add_get("/relay", relay)
-    web.run_app(app, host="127.0.0.1", port=port_from_argv(sys.argv[1:]), access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=port_from_argv(sys.argv[1:]), backlog=BACKLOG, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 ``--mode ceiling`` encodes each token when it is due and writes it as its own chunk: one ``transport.write`` per
 frame, streams interleaved through ``call_soon`` (``call_at`` the due time when paced), flow control respected.
 That is the floor of what any asyncio server pays per frame; a server can beat it only by writing frames that are
-already waiting together.
+already waiting together. ``&batch=K`` (zero delay only) gives it the batching a model's stream can give a server:
+K frames, each encoded on its own, in one write.
 
 ``--mode blast`` writes the whole pre-encoded response in one write: no server can be cheaper, so it measures the
 load client's own ceiling.
@@ -17,7 +18,7 @@ import json
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
-from bench.peers._common import HEARTBEAT, tokens, use_uvloop
+from bench.peers._common import BACKLOG, HEARTBEAT, tokens, use_uvloop
 
 _HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
@@ -74,6 +75,7 @@ class CeilingProtocol(_HTTPProtocol):
         self.tokens: list[str] = []
         self.index = 0
         self.delay = 0.0
+        self.batch = 1
         self.started = 0.0
         self.paused = False
         self.stalled = False
@@ -88,6 +90,7 @@ class CeilingProtocol(_HTTPProtocol):
         self.tokens = tokens()[: int(query.get("n", "0"))]
         self.index = 0
         self.delay = float(query.get("delay", "0"))
+        self.batch = 1 if self.delay else max(1, int(query.get("batch", "1")))
         self.started = self.loop.time()
         self._schedule()
 
@@ -106,6 +109,17 @@ class CeilingProtocol(_HTTPProtocol):
         if self.index == len(self.tokens):
             self.transport.write(_LAST)
             self.finished()
+            return
+        if self.batch > 1:
+            batch = self.tokens[self.index : self.index + self.batch]
+            self.index += len(batch)
+            chunks = b"".join(_chunk(f"data: {json.dumps({'content': t})}\n\n".encode()) for t in batch)
+            if self.index == len(self.tokens):
+                self.transport.write(chunks + _LAST)
+                self.finished()
+                return
+            self.transport.write(chunks)
+            self._schedule()
             return
         token = self.tokens[self.index]
         self.index += 1
@@ -159,7 +173,7 @@ class BlastProtocol(_HTTPProtocol):
 async def _serve(port: int, mode: str) -> None:
     loop = asyncio.get_running_loop()
     factory = CeilingProtocol if mode == "ceiling" else BlastProtocol
-    server = await loop.create_server(factory, "127.0.0.1", port, backlog=2048)
+    server = await loop.create_server(factory, "127.0.0.1", port, backlog=BACKLOG)
     async with server:
         await server.serve_forever()
 

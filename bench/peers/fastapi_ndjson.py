@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 from openai import AsyncOpenAI
 
-from bench.peers._common import HEARTBEAT, MODEL, UPSTREAM, UVLOOP, port_from_argv, tokens
+from bench.peers._common import BACKLOG, HEARTBEAT, MODEL, UPSTREAM, UVLOOP, port_from_argv, tokens
 
 app = FastAPI()
 client = AsyncOpenAI(base_url=UPSTREAM, api_key="bench")
@@ -57,7 +57,7 @@ async def relay(prompt: str) -> StreamingResponse:
 def main() -> None:
     port = port_from_argv(sys.argv[1:])
     loop = "uvloop" if UVLOOP else "asyncio"
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop=loop)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop=loop, backlog=BACKLOG)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
 
-from bench.peers._common import HEARTBEAT, MODEL, UPSTREAM, UVLOOP, port_from_argv, tokens
+from bench.peers._common import BACKLOG, HEARTBEAT, MODEL, UPSTREAM, UVLOOP, port_from_argv, tokens
 
 client = AsyncOpenAI(base_url=UPSTREAM, api_key="bench")
 
@@ -63,7 +63,7 @@ app = Starlette(routes=[Route("/stream", stream), Route("/idle", idle), Route("/
 def main() -> None:
     port = port_from_argv(sys.argv[1:])
     loop = "uvloop" if UVLOOP else "asyncio"
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop=loop)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop=loop, backlog=BACKLOG)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,32 @@
 """The built-in demo model: a simulated reply, streamed token by token, with no API key and no network.
 
 The reply is deterministic (the same prompt gives the same tokens), quotes the prompt so a person sees the round
-trip, and says plainly that it is simulated.
+trip, and says plainly that it is simulated. So that the page can show every kind of event without a key:
+
+- the model ``llm-relay-demo-reasoner`` (`DEMO_REASONER_MODEL`) streams a few sentences of simulated reasoning
+  before its answer;
+- a request that declares ``tools`` and ends with a user message is answered, by either demo model, with a call
+  of its first tool, or of the one ``tool_choice`` names (arguments ``{"query": <the prompt>}``, streamed in
+  fragments; finish reason ``tool_calls``); ``tool_choice: "none"`` gets text;
+  a request that ends with the tool's result is answered in text that quotes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import json
 import math
 import re
 import weakref
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from ..chat_request import ChatRequest
-from ..events import Delta, Done, Event, Usage
+from ..events import Delta, Done, Event, Reasoning, ToolCallDelta, Usage
+
+# The demo model that streams simulated reasoning before its answer, offered beside the default demo model.
+DEMO_REASONER_MODEL = "llm-relay-demo-reasoner"
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
 _QUOTE_LIMIT = 200
@@ -45,10 +57,16 @@ _BODY = (
 _BODY_TOKENS: tuple[str, ...] = tuple(_TOKEN.findall("\n\n" + _BODY))
 
 
+def _quoted(text: str) -> str:
+    text = " ".join(text.split())
+    return text[:_QUOTE_LIMIT].rstrip() + "…" if len(text) > _QUOTE_LIMIT else text
+
+
 def _opening(request: ChatRequest) -> str:
-    prompt = " ".join(request.last_user_text.split())
-    if len(prompt) > _QUOTE_LIMIT:
-        prompt = prompt[:_QUOTE_LIMIT].rstrip() + "…"
+    last = request.messages[-1] if request.messages else None
+    if last is not None and last.role == "tool":
+        return f"The tool answered: “{_quoted(last.content)}”."
+    prompt = _quoted(request.last_user_text)
     turn = sum(1 for m in request.messages if m.role == "user")
     opening = f"You asked: “{prompt}”"
     if turn > 1:
@@ -64,6 +82,40 @@ def demo_reply(request: ChatRequest) -> str:
 def demo_tokens(request: ChatRequest) -> list[str]:
     """The tokens of `demo_reply`, in order; joined, they are the reply."""
     return [*_TOKEN.findall(_opening(request)), *_BODY_TOKENS]
+
+
+def _reasoning_tokens(request: ChatRequest) -> list[str]:
+    """The simulated thinking of the reasoner demo model (it quotes the prompt, so it differs per request)."""
+    thinking = (
+        f"The user wrote “{_quoted(request.last_user_text)}”. I am the demo reasoner, so there is nothing to work "
+        "out: I will say that the reply is simulated, and stream it token by token. This reasoning travels as its "
+        "own kind of event, which the page shows apart from the answer."
+    )
+    return _TOKEN.findall(thinking)
+
+
+def _tool_call(request: ChatRequest) -> list[ToolCallDelta]:
+    """The demo's call of the tool `tool_choice` names, else of the first tool: its id and name first, then the
+    arguments in a few fragments."""
+    assert request.tools
+    choice = request.tool_choice
+    name = str(choice["function"]["name"] if isinstance(choice, dict) else request.tools[0]["function"]["name"])
+    arguments = json.dumps({"query": _quoted(request.last_user_text)}, ensure_ascii=False)
+    call_id = "call_demo_" + hashlib.sha256(arguments.encode()).hexdigest()[:16]
+    pieces = [arguments[i : i + 8] for i in range(0, len(arguments), 8)]
+    return [ToolCallDelta(0, call_id, name), *(ToolCallDelta(0, arguments=piece) for piece in pieces)]
+
+
+def demo_events(request: ChatRequest) -> tuple[list[Event], list[str], str]:
+    """What the demo model streams for `request` before its answer's tokens, those tokens, and its finish reason."""
+    before: list[Event] = []
+    if request.model == DEMO_REASONER_MODEL:
+        before.extend(Reasoning(t) for t in _reasoning_tokens(request))
+    last = request.messages[-1] if request.messages else None
+    if request.tools and request.tool_choice != "none" and last is not None and last.role == "user":
+        before.extend(_tool_call(request))
+        return before, [], "tool_calls"
+    return before, _TOKEN.findall(_opening(request)), "stop"
 
 
 class _Pacer:
@@ -129,17 +181,20 @@ class DemoProvider:
         self._pacers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pacer] = weakref.WeakKeyDictionary()
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
-        opening = _TOKEN.findall(_opening(request))
-        count = len(opening) + len(_BODY_TOKENS)
-        finish = "stop"
-        if request.max_tokens is not None and count > request.max_tokens:
-            count = request.max_tokens
+        before, opening, finish = demo_events(request)
+        body = _BODY_TOKENS if finish == "stop" else ()
+        count = len(before) + len(opening) + len(body)
+        limit = request.token_limit
+        if limit is not None and count > limit:
+            count = limit
             finish = "length"
-        tokens = itertools.islice(itertools.chain(opening, _BODY_TOKENS), count)
+        tokens: Iterator[Event] = itertools.islice(
+            itertools.chain(before, map(Delta, opening), map(Delta, body)), count
+        )
         prompt_tokens = sum(len(_TOKEN.findall(m.content)) for m in request.messages)
         done = Done(finish, Usage(prompt_tokens, count, prompt_tokens + count))
         if self.delay <= 0:
-            while batch := [Delta(t) for t in itertools.islice(tokens, _BATCH_AT_FULL_SPEED)]:
+            while batch := list(itertools.islice(tokens, _BATCH_AT_FULL_SPEED)):
                 yield batch
                 await asyncio.sleep(0)
             yield [done]
@@ -151,7 +206,7 @@ class DemoProvider:
         delay = self.delay
         due = loop.time()
         last = count - 1
-        for index, token in enumerate(tokens):
+        for index, event in enumerate(tokens):
             # Wait until the token's due time rather than for a fixed delay, so the pace does not drift when the
             # loop is busy: a late token is followed by an earlier one.
             due += delay
@@ -162,7 +217,7 @@ class DemoProvider:
                 except BaseException:
                     pacer.forget(woken, due)
                     raise
-            yield (Delta(token), done) if index == last else (Delta(token),)
+            yield (event, done) if index == last else (event,)
         if not count:
             yield [done]
 

@@ -26,8 +26,8 @@ Failure mapping (the messages never contain the API key or the upstream's own te
 
 An upstream never holds the event loop: the body is decoded at most `_TURN_BYTES` per loop turn, a compressed body
 is inflated in pieces of at most `_READ_SIZE`, and the decoder's bounds (`upstream_sse`) end a flood of lines,
-comments or newlines after a few MiB. Valid events that carry no text yield no batch, so the relay's first-token
-and idle timeouts (which only text moves) end a flood of those.
+comments or newlines after a few MiB. Valid events that carry no progress (no text, reasoning, refusal or tool
+call) yield no batch, so the relay's first-token and idle timeouts (which only progress moves) end a flood of those.
 """
 
 from __future__ import annotations
@@ -252,17 +252,17 @@ class OpenAIProvider:
         self._include_usage = include_usage
 
     def _arguments(self, request: ChatRequest) -> dict[str, Any]:
+        # The validated optional fields (tools, tool_choice, stop, top_p, seed, response_format, reasoning_effort…)
+        # go on as the client set them; the stream and its usage are the relay's to ask for, whatever the client
+        # said (an OpenAI-compatible client's stream=false is assembled from the stream by its endpoint).
         arguments: dict[str, Any] = {
             "model": request.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [m.as_openai() for m in request.messages],
             "stream": True,
+            **request.upstream_fields(),
         }
         if self._include_usage:
             arguments["stream_options"] = {"include_usage": True}
-        if request.max_tokens is not None:
-            arguments["max_tokens"] = request.max_tokens
-        if request.temperature is not None:
-            arguments["temperature"] = request.temperature
         return arguments
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:

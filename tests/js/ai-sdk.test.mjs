@@ -109,9 +109,8 @@ describe("ai npm package: Chat with DefaultChatTransport", () => {
     assert.equal(calls[0].toolName, "get_weather");
   });
 
-  // The second request carries the tool part with its output, which the relay sends on as a `tool` message:
-  // that needs the request allowlist of tools and tool messages (chat_request.py, issue 15 part 1).
-  test("a tool call round trip: the tool's output is sent back and answered", { todo: "needs tool messages" }, async () => {
+  // The second request carries the tool part with its output, which the relay sends on as a `tool` message.
+  test("a tool call round trip: the tool's output is sent back and answered", async () => {
     let chat;
     chat = newChat({
       init: {

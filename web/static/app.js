@@ -10,12 +10,18 @@
  *   `GET /api/streams/{id}?after=<last seq>` (the response's `X-Stream-Id` names the stream).
  * - Stop sends `DELETE /api/streams/{id}`, which cancels the generation (and the upstream request) at once,
  *   then closes the connection.
+ * - With API keys (`settings.authRequired`), every request carries `Authorization: Bearer <key>` (key.js), and
+ *   the SSE transport is a fetch read with sse.js instead of EventSource, which cannot send that header.
  *
  * Model output is only ever inserted as text (Text nodes, textContent), never parsed as HTML.
  * The server's settings arrive as a JSON data block (`#relay-settings`), rendered by server/page.py.
  */
 
+import { authHeaders, loadKey, saveKey } from "./key.js";
 import { NDJSONError, readNDJSON } from "./ndjson.js";
+import { SSEError, readSSEItems } from "./sse.js";
+
+import { ReplyParts, toolCallPiece } from "./reply-parts.js"; // reasoning, tool calls, refusals
 
 const settings = JSON.parse(document.getElementById("relay-settings").textContent);
 const CHAT_URL = new URL(`${settings.apiBase}/chat`, document.baseURI);
@@ -23,7 +29,9 @@ const streamURL = (id) => new URL(`${settings.apiBase}/streams/${encodeURICompon
 /** How often, and after how long, fetch mode tries to resume a stream whose connection was lost. */
 const RESUME_ATTEMPTS = 5;
 const RESUME_DELAY_MS = 500;
-const TRANSPORTS = { sse: "EventSource", ndjson: "fetch NDJSON" };
+// With API keys, SSE is read with fetch: EventSource cannot send the Authorization header (key.js, sse.js).
+const TRANSPORTS = { sse: settings.authRequired ? "SSE (fetch)" : "EventSource", ndjson: "fetch NDJSON" };
+const ACCEPT = { sse: "text/event-stream", ndjson: "application/x-ndjson" };
 
 const $ = (id) => document.getElementById(id);
 const view = {
@@ -67,11 +75,30 @@ let conversation = 0;
 //   {kind: "error", error: {type, message}}  the server reported an error (in-band, or as an HTTP refusal)
 //   {kind: "connection-error", message}      no answer from the server: network, refusal EventSource hides
 // `sink.reconnecting(bool)` says when the connection was lost and the page is resuming the stream.
+// `sink.reasoning(text)`, `sink.toolCall({index, id, name, arguments})` and `sink.refusal(text)` take the other
+// parts of a reply.
+
+/** The reply's other parts, by SSE event name / NDJSON type, from the event's parsed JSON into `sink`. */
+const PARTS = {
+  reasoning: (sink, data) => typeof data.content === "string" && sink.reasoning(data.content),
+  refusal: (sink, data) => typeof data.content === "string" && sink.refusal(data.content),
+  tool_call: (sink, data) => {
+    const piece = toolCallPiece(data);
+    if (piece) sink.toolCall(piece);
+  },
+};
+
+/** Whether `kind` is one of the reply's other parts; if so, `data` went to `sink`. */
+function forwardParts(kind, data, sink) {
+  const forward = Object.hasOwn(PARTS, kind) ? PARTS[kind] : null;
+  if (forward && data !== null && typeof data === "object") forward(sink, data);
+  return forward !== null;
+}
 
 /** Stop the stream on the server (cancels the upstream request at once); best effort. */
 function stopOnServer(streamId) {
   if (!streamId) return;
-  fetch(streamURL(streamId), { method: "DELETE" }).catch(() => {});
+  fetch(streamURL(streamId), { method: "DELETE", headers: authHeaders() }).catch(() => {});
 }
 
 function errorFrom(data) {
@@ -121,6 +148,15 @@ function viaEventSource(prompt, sink, signal) {
         finish({ kind: "error", error: { type: "protocol_error", message: "a delta event is not JSON" } });
       }
     });
+    for (const kind of Object.keys(PARTS)) {
+      source.addEventListener(kind, (event) => {
+        try {
+          forwardParts(kind, JSON.parse(event.data), sink);
+        } catch {
+          finish({ kind: "error", error: { type: "protocol_error", message: `a ${kind} event is not JSON` } });
+        }
+      });
+    }
     source.addEventListener("done", (event) => {
       let done = {};
       try {
@@ -165,12 +201,13 @@ async function refusal(response) {
   return { kind: "error", error, status: response.status };
 }
 
-async function viaFetch(messages, sink, signal) {
+/** `framing` is "ndjson", or "sse" when a key is needed (EventSource cannot send one). */
+async function viaFetch(messages, sink, signal, framing = "ndjson") {
   let response;
   try {
     response = await fetch(CHAT_URL, {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "application/x-ndjson" },
+      headers: { "Content-Type": "application/json", Accept: ACCEPT[framing], ...authHeaders() },
       body: JSON.stringify({ messages, resume: true }),
       signal,
     });
@@ -185,9 +222,10 @@ async function viaFetch(messages, sink, signal) {
   try {
     let seq = 0; // the last event received: a resume asks for what follows it
     for (let attempt = 0; ; attempt += 1) {
-      const read = await readReply(response, sink, signal, (n) => {
+      const onSeq = (n) => {
         seq = n;
-      });
+      };
+      const read = await readReply(response, sink, signal, onSeq, framing);
       if (read.kind !== "lost" || !streamId || attempt >= RESUME_ATTEMPTS) {
         return read.kind === "lost" ? { kind: "connection-error", message: read.message } : read;
       }
@@ -197,7 +235,7 @@ async function viaFetch(messages, sink, signal) {
       try {
         const url = streamURL(streamId);
         url.searchParams.set("after", String(seq));
-        response = await fetch(url, { headers: { Accept: "application/x-ndjson" }, signal });
+        response = await fetch(url, { headers: { Accept: ACCEPT[framing], ...authHeaders() }, signal });
       } catch (err) {
         if (signal.aborted) return { kind: "stopped" };
         response = null;
@@ -211,11 +249,15 @@ async function viaFetch(messages, sink, signal) {
   }
 }
 
-/** One response's NDJSON lines into `sink`; `{kind: "lost"}` when the connection broke before the end. */
-async function readReply(response, sink, signal, onSeq) {
+/**
+ * One response's NDJSON lines (or SSE events, read as the same objects) into `sink`; `{kind: "lost"}` when the
+ * connection broke before the end.
+ */
+async function readReply(response, sink, signal, onSeq, framing = "ndjson") {
   if (!response) return { kind: "lost", message: "the server could not be reached" };
   try {
-    for await (const item of readNDJSON(response.body)) {
+    const items = framing === "sse" ? readSSEItems(response.body) : readNDJSON(response.body);
+    for await (const item of items) {
       if (typeof item.seq === "number") onSeq(item.seq);
       switch (item.type) {
         case "delta":
@@ -226,12 +268,15 @@ async function readReply(response, sink, signal, onSeq) {
         case "error":
           return { kind: "error", error: errorFrom(JSON.stringify(item)) };
         default:
+          if (forwardParts(item.type, item, sink)) break;
         // "ping" keeps a quiet connection open; other types are for later versions: skip both.
       }
     }
   } catch (err) {
     if (signal.aborted) return { kind: "stopped" };
-    if (err instanceof NDJSONError) return { kind: "error", error: { type: "protocol_error", message: err.message } };
+    if (err instanceof NDJSONError || err instanceof SSEError) {
+      return { kind: "error", error: { type: "protocol_error", message: err.message } };
+    }
     return { kind: "lost", message: `the connection was lost: ${err.message}` };
   }
   return { kind: "lost", message: "the stream ended before its done line" };
@@ -263,6 +308,7 @@ class Turn {
     this.body.append(this.textNode);
     this.answer.append(who, this.body);
     this.node.append(question, this.answer);
+    this.parts = new ReplyParts(this.answer, this.body);
   }
 
   append(text) {
@@ -272,6 +318,7 @@ class Turn {
 
   end(state) {
     this.answer.dataset.state = state;
+    this.parts.end();
   }
 
   /** A problem shown in the reply: `kind` is "error" (the server said so) or "connection-error" (it said nothing). */
@@ -372,20 +419,27 @@ async function send(typed) {
     },
     delta(text) {
       if (typeof text !== "string") return;
-      const atEnd = scrolledToEnd();
-      if (meter.first === null) showState("streaming", "streaming…");
-      meter.token();
-      turn.append(text);
-      showStats(meter);
-      keepAtEnd(atEnd);
+      progress(() => turn.append(text));
     },
+    reasoning: (text) => progress(() => turn.parts.reasoning(text)),
+    toolCall: (piece) => progress(() => turn.parts.toolCall(piece)),
+    refusal: (text) => progress(() => turn.parts.refusal(text)),
   };
+  /** Any part of the reply is progress: the first one ends the wait, each counts as a token. */
+  function progress(show) {
+    const atEnd = scrolledToEnd();
+    if (meter.first === null) showState("streaming", "streaming…");
+    meter.token();
+    show();
+    showStats(meter);
+    keepAtEnd(atEnd);
+  }
   // The server caps the number of messages; the newest ones matter most.
   const messages = [...history, { role: "user", content: prompt }].slice(-settings.maxMessages);
   const outcome =
-    transport === "sse"
+    transport === "sse" && !settings.authRequired
       ? await viaEventSource(prompt, sink, controller.signal)
-      : await viaFetch(messages, sink, controller.signal);
+      : await viaFetch(messages, sink, controller.signal, transport);
 
   active = null;
   showStats(meter);
@@ -450,6 +504,25 @@ view.form.addEventListener("change", (event) => {
   if (event.target.name === "transport" && !active) view.transport.textContent = TRANSPORTS[selectedTransport()];
 });
 
+/** The API key field (only on a relay with --api-keys-file): kept for this tab's session as it is typed. */
+function setupKeyField() {
+  const input = $("api-key");
+  if (!input) return;
+  input.value = loadKey();
+  input.addEventListener("input", () => saveKey(input.value.trim()));
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault(); // Enter in the field: nothing to submit, the key is already kept
+    view.prompt.focus();
+  });
+  $("forget-key").addEventListener("click", () => {
+    input.value = "";
+    saveKey("");
+    input.focus();
+  });
+  if (!input.value) input.focus();
+}
+
+setupKeyField();
 view.prompt.maxLength = settings.maxMessageChars;
 view.transport.textContent = TRANSPORTS[selectedTransport()];
 document.documentElement.dataset.ready = "true";
