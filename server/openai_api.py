@@ -23,7 +23,7 @@ from aiohttp import hdrs, web
 
 from .errors import MethodNotAllowed, NotFound, RelayError
 from .framing import Framing, OpenAIChunkFraming, OpenAICompletionFraming
-from .generation import Generation
+from .handlers import start_generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
 from .openai_chunks import openai_error_body
 from .openai_request import OpenAIRequest, parse_openai_request
@@ -55,10 +55,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return admitted
     asked = admitted.taken
     chat = asked.chat
-    generation = Generation(
-        state.provider, chat, state.generation_settings, admission=admitted.admission, budget=admitted.reservation
-    )
-    state.streams.start(generation)
+    generation = await start_generation(state, chat, admitted.admission, admitted.reservation, resumable=False)
     created = int(time.time())
     framing: Framing = (
         OpenAIChunkFraming(chat.model, created, include_usage=asked.include_usage)

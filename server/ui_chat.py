@@ -26,6 +26,7 @@ from .chat_request import ChatRequest
 from .errors import RelayError, ResumeUnavailable
 from .framing import UIMessageStreamFraming
 from .generation import Generation
+from .handlers import start_generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
 from .openai_request import decode_json_object
 from .reader import Reader
@@ -107,15 +108,7 @@ async def ui_chat(request: web.Request) -> web.StreamResponse:
     if isinstance(admitted, web.StreamResponse):
         return admitted
     (chat_id, chat), client = admitted.taken, admitted.client
-    generation = Generation(
-        state.provider,
-        chat,
-        state.generation_settings,
-        resumable=chat.resume,
-        admission=admitted.admission,
-        budget=admitted.reservation,
-    )
-    state.streams.start(generation)
+    generation = await start_generation(state, chat, admitted.admission, admitted.reservation)
     replaced = chats.set(client, chat_id, generation.id)
     previous = None if replaced is None else state.streams.get(replaced)
     if previous is not None:

@@ -127,14 +127,21 @@ WEATHER_TOOL: Any = {
 }
 
 
-async def test_a_tool_call_round_trip(client: openai.AsyncOpenAI) -> None:
-    """The SDK sends the tool's result back as a ``tool`` message; the relay passes the conversation on."""
+@pytest.mark.parametrize("echo", ["as-returned", "dumped-with-nulls", "dumped-without-nulls"])
+async def test_a_tool_call_round_trip(client: openai.AsyncOpenAI, echo: str) -> None:
+    """The SDK sends the tool's result back as a ``tool`` message after the assistant's message as it came (the
+    usual ``messages.append(reply.choices[0].message)``, with its ``refusal: null`` and the rest); the relay passes
+    the conversation on."""
     messages: list[Any] = ask("tool")
     first = await client.chat.completions.create(model=DEMO_MODEL, messages=messages, tools=[WEATHER_TOOL])
     message = first.choices[0].message
     (call,) = message.tool_calls or []
     messages += [
-        message.model_dump(exclude_none=True),
+        {
+            "as-returned": message,
+            "dumped-with-nulls": message.model_dump(),
+            "dumped-without-nulls": message.model_dump(exclude_none=True),
+        }[echo],
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"sky": "sunny"})},
     ]
     stream = await client.chat.completions.create(
