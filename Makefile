@@ -40,8 +40,12 @@ typecheck: setup
 unit: setup system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-js-test: system-deps
-	node --test tests/js/
+# The JS clients (openai, ai) are pinned by tests/js/package-lock.json; npm ci runs again when the lock changes.
+tests/js/node_modules/.package-lock.json: tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund
+
+js-test: setup system-deps tests/js/node_modules/.package-lock.json
+	PYTHON=$(abspath $(PY)) node --test tests/js/
 
 test: lint typecheck unit js-test
 

@@ -7,6 +7,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)
 # make runs the README's two commands; curl runs the docs' shell snippets (tests/test_docs.py).
 command -v make >/dev/null 2>&1 || missing+=(make)

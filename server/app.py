@@ -26,6 +26,7 @@ from .intake import check_host, expect_handler
 from .limiter import build_limiter as build_backend_limiter
 from .logs import FailureLog, access_middleware, add_request_id, remember_client
 from .observe import Observers, StreamObserver
+from .openai_api import OPENAI_PREFIX, create_openai_app
 from .providers import DemoProvider, OpenAIProvider, Provider, make_openai_client
 from .providers.demo import DEMO_REASONER_MODEL
 from .reader import ReaderSettings
@@ -33,6 +34,7 @@ from .registry import RegistrySettings, StreamRegistry
 from .request_origin import OriginPolicy
 from .responses import error_response
 from .state import RELAY, RelayState
+from .ui_chat import add_ui_chat_routes
 
 if TYPE_CHECKING:
     from .metrics import RelayMetrics
@@ -164,7 +166,8 @@ def create_relay_app(
     budgets: TokenBudgets | None = None,
     metrics: RelayMetrics | None = None,
 ) -> web.Application:
-    """The streaming API as a sub-application: ``GET|POST /chat``, ``GET|DELETE /streams/{id}``, ``GET /healthz``.
+    """The streaming API as a sub-application: ``GET|POST /chat``, ``GET|DELETE /streams/{id}``, ``GET /healthz``,
+    and the AI SDK's ``POST /ui-chat`` and ``GET /ui-chat/{chat_id}/stream`` (docs/ai-sdk.md).
 
     `provider`, `limiter` and `budgets` default to what `config` describes; pass your own to reuse a client.
     `metrics` (`server.metrics.RelayMetrics`) is off unless given: an embedding application asks for it and serves
@@ -206,6 +209,7 @@ def create_relay_app(
         stream_resource.add_route("DELETE", stop),
     ]
     api.router.add_get("/healthz", healthz, allow_head=False)
+    routes += add_ui_chat_routes(api)
     if config.cors_origins:
         _setup_cors(api, config.cors_origins, routes)
     api.cleanup_ctx.append(_lifecycle)
@@ -287,12 +291,28 @@ def _metrics(app: web.Application, config: Config) -> RelayMetrics | None:
     return metrics
 
 
+def setup_openai_compatible(
+    app: web.Application, relay_api: web.Application, *, prefix: str = OPENAI_PREFIX
+) -> web.Application:
+    """Mount the OpenAI-compatible routes (``POST {prefix}/chat/completions``, ``GET {prefix}/models``) into `app`,
+    sharing the state (streams, limits, provider) of `relay_api`, the sub-application `setup` returned; returns
+    the new sub-application (docs/openai-compatible.md)."""
+    v1, routes = create_openai_app(relay_api)
+    origins = relay_api[RELAY].config.cors_origins
+    if origins:
+        _setup_cors(v1, origins, routes)
+    app.add_subapp(prefix, v1)
+    return v1
+
+
 def create_app(config: Config | None = None) -> web.Application:
-    """The standalone server: the chat page at ``/``, static files, ``/healthz`` and the API under ``/api``."""
+    """The standalone server: the chat page at ``/``, static files, ``/healthz``, the API under ``/api`` and the
+    OpenAI-compatible routes under ``/v1``."""
     config = config or Config()
     app = web.Application(client_max_size=config.max_body_bytes)
     metrics = _metrics(app, config)
     api = setup(app, config, metrics=metrics)
+    setup_openai_compatible(app, api)
     app[RELAY] = api[RELAY]
     app.router.add_get("/healthz", healthz, allow_head=False)
     from .page import setup_page

@@ -71,7 +71,11 @@ _MESSAGE_KEYS: Mapping[str, frozenset[str]] = {
     "system": frozenset({"role", "content", "name"}),
     "developer": frozenset({"role", "content", "name"}),
     "user": frozenset({"role", "content", "name"}),
-    "assistant": frozenset({"role", "content", "name", "tool_calls"}),
+    # Besides its content and tool calls, an assistant message may come back as the SDKs return it (with
+    # ``refusal``, ``annotations``, ``audio``, ``function_call`` and DeepSeek's ``reasoning_content``): accepted so
+    # that ``messages.append(reply.choices[0].message)`` works, and not sent upstream (see _echoed_assistant_fields).
+    "assistant": frozenset({"role", "content", "name", "tool_calls"})
+    | {"refusal", "annotations", "audio", "function_call", "reasoning_content"},
     "tool": frozenset({"role", "content", "tool_call_id"}),
 }
 
@@ -252,6 +256,24 @@ def _prompt_messages(prompt: object, rules: RequestRules) -> tuple[Message, ...]
     return (Message("user", text),)
 
 
+def _echoed_assistant_fields(item: JSONObject, where: str) -> str | None:
+    """Check the fields an SDK's own assistant message carries besides content and tool calls; returns its
+    refusal. They describe an earlier reply and are not sent upstream: DeepSeek refuses ``reasoning_content`` in
+    input messages, and a refusal or annotations change nothing the model needs."""
+    refusal = item.get("refusal")
+    if refusal is not None and not isinstance(refusal, str):
+        raise RequestError(f"{where}.refusal must be a string or null")
+    if item.get("annotations") is not None and not isinstance(item.get("annotations"), list):
+        raise RequestError(f"{where}.annotations must be a list or null")
+    for key in ("audio", "function_call"):
+        if item.get(key) is not None:
+            raise RequestError(f"{where}.{key} is not supported; send null or leave it out")
+    reasoning = item.get("reasoning_content")
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise RequestError(f"{where}.reasoning_content must be a string or null")
+    return refusal
+
+
 def _messages(value: object, rules: RequestRules) -> tuple[Message, ...]:
     if not isinstance(value, list):
         raise RequestError("messages must be a list of {role, content} objects")
@@ -271,9 +293,11 @@ def _messages(value: object, rules: RequestRules) -> tuple[Message, ...]:
             raise RequestError(f"{where}.role must be one of: {', '.join(sorted(ROLES))}")
         _refuse_unknown(item, _MESSAGE_KEYS[role], where)
         tool_calls = _message_tool_calls(item.get("tool_calls"), where, rules) if role == "assistant" else ()
+        refusal = _echoed_assistant_fields(item, where) if role == "assistant" else None
         raw_content = item.get("content")
-        if raw_content is None and tool_calls:
-            content, parts = "", None  # OpenAI: an assistant's content is optional when it has tool_calls
+        if raw_content is None and (tool_calls or refusal):
+            # OpenAI: an assistant's content is optional when it has tool calls or is a refusal.
+            content, parts = "", None
         else:
             content, parts = _content(raw_content, f"{where}.content", role, rules)
         name = _optional_text(item.get("name"), f"{where}.name", rules)

@@ -9,6 +9,9 @@ opening frame and a reconnection hint.
   are ``event: error`` with ``{"error": {...}}``.
 * `NDJSONFraming`, ``application/x-ndjson``: one compact JSON object per line, ``{"type": "delta" | "done" |
   "error", "seq": n, ...}``; the stream's id is the response's ``X-Stream-Id``.
+* The framings that keep state per response, made per reader by their endpoints: `OpenAIChunkFraming` and
+  `OpenAICompletionFraming` (`server/openai_chunks.py`, ``/v1/chat/completions``) and `UIMessageStreamFraming`
+  (`server/ui_stream.py`, ``/api/ui-chat``), re-exported here.
 
 The general SSE encoder `encode_sse` refuses input that would change the framing (a line break in an event name or
 id, a NUL in an id, a ``retry`` that is not a non-negative integer) instead of silently altering it: a caller that
@@ -18,49 +21,30 @@ several ``data:`` lines, which a spec decoder joins back with LF.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Final, Protocol
 
 from .events import Delta, Done, Error, Event, Reasoning, Refusal, ToolCallDelta
+from .json_wire import json_bytes
+from .json_wire import json_str as _json_str
+
+# The framings that keep state per response live in modules of their own; this module is still the one to import
+# framings from. A handler makes one of these per reader (they are not in FRAMINGS, which holds shared instances).
+from .openai_chunks import OpenAIChunkFraming, OpenAICompletionFraming
+from .ui_stream import UIMessageStreamFraming
 
 __all__ = [
     "FRAMINGS",
     "NDJSONFraming",
+    "OpenAIChunkFraming",
+    "OpenAICompletionFraming",
     "SSEFieldError",
     "SSEFraming",
+    "UIMessageStreamFraming",
     "encode_sse",
     "encode_sse_comment",
     "json_bytes",
 ]
-
-# Built once: json.dumps with any non-default option builds a new JSONEncoder on every call.
-_dumps_utf8: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_dumps_ascii: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
-# The encoders json.dumps itself uses for a str (C when available), called directly on the hot path of every
-# delta: JSONEncoder.encode would add a Python-level call per token.
-_encode_str_utf8 = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
-_encode_str_ascii = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.py_encode_basestring_ascii
-
-
-def json_bytes(value: object) -> bytes:
-    """Compact JSON as UTF-8 bytes, valid even when strings hold lone surrogates.
-
-    Upstream JSON may decode to lone surrogates (``"\\ud800"``); UTF-8 cannot carry them, so in that case the
-    text is re-encoded with ``\\u`` escapes, which JSON readers turn back into the very same string.
-    """
-    try:
-        return _dumps_utf8(value).encode()
-    except UnicodeEncodeError:
-        return _dumps_ascii(value).encode()
-
-
-def _json_str(text: str) -> bytes:
-    """A JSON string literal as bytes (the hot path of every delta)."""
-    try:
-        return _encode_str_utf8(text).encode()
-    except UnicodeEncodeError:
-        return _encode_str_ascii(text).encode()
 
 
 class SSEFieldError(ValueError):

@@ -12,6 +12,9 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import hdrs, web
 
+from .admission import Admission
+from .budget_backends import BudgetReservation
+from .chat_request import ChatRequest
 from .errors import (
     MethodNotAllowed,
     NotFound,
@@ -28,7 +31,7 @@ from .reader import Reader
 from .registry import StreamRegistry
 from .responses import error_response
 from .resume import is_stream_id, parse_after, parse_last_event_id
-from .state import RELAY
+from .state import RELAY, RelayState
 
 log = logging.getLogger("llm_relay.handlers")
 
@@ -51,24 +54,43 @@ async def chat(request: web.Request) -> web.StreamResponse:
     accepted = await accept_chat(request, state)  # identified and admitted before the body is read
     if isinstance(accepted, web.StreamResponse):
         return accepted
-    chat_req, framing, admission = accepted.chat, accepted.framing, accepted.admission
-    # The generation holds the admission (its concurrency slot) until it ends, with readers or without.
-    # It also holds the token budget's reservation, and settles it with what the stream consumed when it ends.
-    generation = Generation(
-        state.provider,
-        chat_req,
-        state.generation_settings,
-        resumable=chat_req.resume,
-        admission=admission,
-        budget=accepted.reservation,
+    chat_req, framing = accepted.chat, accepted.framing
+    generation = await start_generation(
+        state, chat_req, accepted.admission, accepted.reservation, framing=accepted.framing.name
     )
-    state.streams.start(generation, framing=framing.name)
-    if state.shared_streams is not None:
-        # Findable on every instance before its id goes out (X-Stream-Id, the opening event).
-        await state.shared_streams.announce(generation)
     return await _read(
         request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=accepted.headers
     )
+
+
+async def start_generation(
+    state: RelayState,
+    chat: ChatRequest,
+    admission: Admission,
+    reservation: BudgetReservation | None,
+    *,
+    resumable: bool | None = None,
+    framing: str = "unknown",
+) -> Generation:
+    """Start the generation of an admitted request (every endpoint's one way in); resumable as the request asked
+    unless `resumable` says otherwise.
+
+    The generation holds the admission (its concurrency slot) until it ends, with readers or without, and the token
+    budget's reservation, which it settles with what the stream consumed when it ends.
+    """
+    generation = Generation(
+        state.provider,
+        chat,
+        state.generation_settings,
+        resumable=chat.resume if resumable is None else resumable,
+        admission=admission,
+        budget=reservation,
+    )
+    state.streams.start(generation, framing=framing)  # (the framing of the request that started it, for metrics)
+    if state.shared_streams is not None:
+        # Findable on every instance before its id goes out (X-Stream-Id, the opening event).
+        await state.shared_streams.announce(generation)
+    return generation
 
 
 async def stream(request: web.Request) -> web.StreamResponse:

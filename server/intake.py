@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from aiohttp import HttpVersion11, hdrs, web
 
@@ -58,6 +59,29 @@ log = logging.getLogger("llm_relay.intake")
 
 _JSON_TYPES = frozenset({"application/json", "text/json"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+T = TypeVar("T")
+# How an endpoint turns a refusal into its response: the relay's error body, or another dialect (OpenAI's).
+Respond = Callable[[RelayError, dict[str, str] | None], web.Response]
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted(Generic[T]):
+    """What `admit_then` took of an admitted request, who the client is, and its admission (the caller owns it from
+    here and must release it, usually by handing it to a generation)."""
+
+    taken: T
+    admission: Admission
+    client: str
+    # The token budget's reservation (None without one): the generation settles it at its end.
+    reservation: BudgetReservation | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admitted response's RateLimit fields: the request policies, then the token policies."""
+        if self.reservation is None:
+            return dict(self.admission.headers)
+        return merge_fields(self.admission.headers, self.reservation.headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +139,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def expect_handler(request: web.Request) -> web.StreamResponse | None:
-    """The chat route's ``Expect`` handler: meets 100-continue later (`send_continue`), refuses anything else.
+async def expect_handler(request: web.Request, respond: Respond = error_response) -> web.StreamResponse | None:
+    """The chat route's ``Expect`` handler: meets 100-continue later (`send_continue`), refuses anything else
+    (`respond` shapes the refusal: ``functools.partial`` it for another error dialect).
 
     RFC 9110 §10.1.1: an HTTP/1.0 request's expectation is ignored; an expectation other than 100-continue gets
     417. aiohttp calls this before the handler, and answers 100 Continue itself if the route has no handler of
@@ -126,7 +151,7 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
         return None
     if request.headers.get(hdrs.EXPECT, "").strip().lower() == "100-continue":
         return None
-    return refusal(request, ExpectationFailed("the only expectation this server meets is 100-continue"))
+    return refusal(request, ExpectationFailed("the only expectation this server meets is 100-continue"), None, respond)
 
 
 async def send_continue(request: web.Request) -> None:
@@ -142,9 +167,15 @@ async def send_continue(request: web.Request) -> None:
     request.writer.output_size = 0
 
 
-def refusal(request: web.Request, error: RelayError, headers: dict[str, str] | None = None) -> web.Response:
-    """The response for a refused request; it closes the connection if the body was not read to its end."""
-    response = error_response(error, headers)
+def refusal(
+    request: web.Request,
+    error: RelayError,
+    headers: dict[str, str] | None = None,
+    respond: Respond = error_response,
+) -> web.Response:
+    """The response for a refused request (made by `respond`: an endpoint may speak another error dialect); it
+    closes the connection if the body was not read to its end."""
+    response = respond(error, headers)
     if request.body_exists and not request.content.is_eof():
         response.force_close()
     return response
@@ -155,6 +186,12 @@ async def read_chat_request(request: web.Request, state: RelayState) -> ChatRequ
     if request.method == hdrs.METH_GET:
         chat_request.check_query_encoding(request.rel_url.raw_query_string)
         return chat_request.from_query(request.query, state.rules)
+    return chat_request.from_json_body(await read_json_body(request, state), state.rules)
+
+
+async def read_json_body(request: web.Request, state: RelayState) -> bytes:
+    """A JSON request's body (415 for another media type), invited (100-continue) and read within the body timeout
+    (408) and size (413)."""
     if request.content_type not in _JSON_TYPES:
         raise UnsupportedMediaType("send the body as application/json")
     limit = state.config.max_body_bytes
@@ -169,39 +206,65 @@ async def read_chat_request(request: web.Request, state: RelayState) -> ChatRequ
         if not clock.expired():
             raise
         raise RequestTimeout(f"the body did not arrive within {timeout:g} s") from None
-    return chat_request.from_json_body(body, state.rules)
+    return body
 
 
 async def accept_chat(request: web.Request, state: RelayState) -> Accepted | web.Response:
     """Identify, admit, then negotiate and validate the request; a refusal is returned as the response to send."""
+
+    async def take(request: web.Request) -> tuple[Framing, ChatRequest]:
+        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
+        return framing, await read_chat_request(request, state)
+
+    admitted = await admit_then(request, state, take, lambda taken: taken[1])
+    if isinstance(admitted, web.Response):
+        return admitted
+    framing, chat = admitted.taken
+    return Accepted(chat, framing, admitted.admission, admitted.reservation)
+
+
+async def admit_then(
+    request: web.Request,
+    state: RelayState,
+    take: Callable[[web.Request], Awaitable[T]],
+    chat_of: Callable[[T], ChatRequest],
+    *,
+    respond: Respond = error_response,
+) -> Admitted[T] | web.Response:
+    """Check the origin, identify and admit the request from its head, then `take` the rest of it (negotiate, read
+    and validate the body), and reserve the token budget of its chat (`chat_of` what was taken). Every endpoint that
+    starts a generation comes in here; `respond` shapes its refusals. Returns what `take` returned with the client,
+    its admission and its reservation, or the refusal to send."""
     try:
         check_origin(request, state.origin_policy)
         client = state.identify(request)
         admission = await state.limiter.admit(client)
     except RelayError as error:
-        return refusal(request, error)
+        return refusal(request, error, respond=respond)
     try:
-        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
-        chat = await read_chat_request(request, state)
+        taken = await take(request)
         # The token budget is reserved once the body is read: its estimate needs the prompt and max_tokens.
-        reservation = await state.budgets.reserve(client, chat) if state.budgets is not None else None
+        reservation = await state.budgets.reserve(client, chat_of(taken)) if state.budgets is not None else None
     except RelayError as error:
         await admission.release()
-        return refusal(request, error, merge_fields(admission.headers, error.headers))
+        return refusal(request, error, merge_fields(admission.headers, error.headers), respond)
     except BaseException:  # cancelled (the server going down), or a bug: the slot goes back all the same
         await admission.release()
         raise
-    return Accepted(chat, framing, admission, reservation)
+    return Admitted(taken, admission, client, reservation)
 
 
 __all__ = [
     "Accepted",
+    "Admitted",
     "accept_chat",
+    "admit_then",
     "check_host",
     "check_origin",
     "expect_handler",
     "read_body",
     "read_chat_request",
+    "read_json_body",
     "refusal",
     "send_continue",
 ]

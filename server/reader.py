@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
@@ -58,8 +59,8 @@ class Reader:
 
     __slots__ = (
         "_after", "_announce", "_attached", "_compressor", "_gone", "_headers", "_heartbeat", "_heartbeat_due",
-        "_keepalive", "_last_write", "_loop", "_prepare_now", "_registry", "_request", "_response", "_shutdown",
-        "_waiter", "after", "bytes_written", "framing", "generation", "outcome", "position", "settings",
+        "_keepalive", "_last_write", "_loop", "_prepare_now", "_registry", "_request", "_respond", "_response",
+        "_shutdown", "_waiter", "after", "bytes_written", "framing", "generation", "outcome", "position", "settings",
     )  # fmt: skip
 
     def __init__(
@@ -75,6 +76,7 @@ class Reader:
         announce: bool = False,
         keepalive: bool = True,
         headers: dict[str, str] | None = None,
+        respond: Callable[[RelayError], web.Response] = error_response,
     ) -> None:
         self.generation = generation
         self.framing = framing
@@ -92,6 +94,8 @@ class Reader:
         self._announce = announce
         self._keepalive = keepalive and settings.keepalive_interval > 0
         self._headers = headers or {}
+        # How a failure is answered while nothing was written yet: an endpoint may speak another error dialect.
+        self._respond = respond
         self._response: web.StreamResponse | None = None
         self._compressor: StreamCompressor | None = None
         self._loop = asyncio.get_running_loop()
@@ -198,7 +202,7 @@ class Reader:
                 if self._response is None and not held and pos == 0 and isinstance(events[0], Error):
                     # The generation failed before anything was sent: a status and a JSON body.
                     self.outcome = "error"
-                    return error_response(generation.failure or RelayError(events[0].message))
+                    return self._respond(generation.failure or RelayError(events[0].message))
                 if not held:
                     held_since = self._loop.time()
                 for event in events:
@@ -220,6 +224,15 @@ class Reader:
                 data = held[0] if len(held) == 1 else b"".join(held)
                 held.clear()
                 held_size = 0
+                if not data and self._response is None and not self._gone:
+                    # A framing that writes nothing until the end (a whole JSON reply) gave nothing yet: the
+                    # response stays unprepared, so a failure can still be answered with a status.
+                    if isinstance(terminal, Error):
+                        self.outcome = "error"
+                        return self._respond(generation.failure or RelayError(terminal.message))
+                    if terminal is None:
+                        generation.delivered(pos)
+                        continue
                 if not await self._write(data, last=terminal is not None):
                     return self._response or web.Response(status=499)
                 generation.delivered(pos)
@@ -266,7 +279,7 @@ class Reader:
     async def _fail(self, error: RelayError, pos: int) -> web.StreamResponse:
         """End this reader with `error`: a JSON error response if nothing was sent yet, else in band."""
         if self._response is None:
-            return error_response(error)
+            return self._respond(error)
         data = self.framing.encode(self.generation.id, pos, error.to_event())
         if isinstance(error, ServerShuttingDown):
             # WHATWG HTML §9.2.6 retry: how long the browser waits before it reconnects. Jittered per stream, so

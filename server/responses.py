@@ -28,8 +28,11 @@ def retry_after_field(seconds: float) -> str:
     return str(min(MAX_RETRY_AFTER, math.ceil(seconds)) if math.isfinite(seconds) else MAX_RETRY_AFTER)
 
 
-def error_response(error: RelayError, extra_headers: dict[str, str] | None = None) -> web.Response:
-    """The JSON error response for `error` ({"error": {"type", "message"}}), with its status and headers."""
+def error_response(
+    error: RelayError, extra_headers: dict[str, str] | None = None, *, body: object | None = None
+) -> web.Response:
+    """The JSON error response for `error` ({"error": {"type", "message"}}, or `body` for an endpoint that speaks
+    another error dialect: the OpenAI-compatible one), with its status and headers."""
     headers = dict(error.headers)
     if extra_headers:
         headers.update(extra_headers)
@@ -37,7 +40,7 @@ def error_response(error: RelayError, extra_headers: dict[str, str] | None = Non
         headers["Retry-After"] = retry_after_field(error.retry_after)
     response = web.Response(
         status=error.status,
-        body=json_bytes(error.body()),
+        body=json_bytes(error.body() if body is None else body),
         content_type="application/json",
         headers=headers,
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from server.app import create_relay_app
+from server.app import create_relay_app, setup_openai_compatible
 from server.chat_request import ChatRequest
 from server.config import Config
 from server.events import Event
@@ -53,12 +53,15 @@ class ScriptedProvider:
 
 
 def relay_host(
-    config: Config, provider: object, *, middlewares: Sequence[Any] = ()
+    config: Config, provider: object, *, middlewares: Sequence[Any] = (), openai_prefix: str | None = None
 ) -> tuple[web.Application, web.Application]:
-    """The relay mounted under /api of a host app (as an embedding service does); returns (host, api)."""
+    """The relay mounted under /api of a host app (as an embedding service does), and its OpenAI-compatible routes
+    under `openai_prefix` if given; returns (host, api)."""
     host = web.Application(middlewares=list(middlewares))
     api = create_relay_app(config, provider=provider)  # type: ignore[arg-type]
     host.add_subapp("/api", api)
+    if openai_prefix is not None:
+        setup_openai_compatible(host, api, prefix=openai_prefix)
     return host, api
 
 
