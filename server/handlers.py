@@ -195,13 +195,19 @@ async def _read(
         keepalive=framing.name == "sse" or state.config.ndjson_keepalive,
         headers=dict(headers or {}),
     )
+    return await run_reader(request, reader, resumed=resumed)
+
+
+async def run_reader(request: web.Request, reader: Reader, *, resumed: bool = False) -> web.StreamResponse:
+    """Run `reader` for `request`, seen by the access line and the observer (every endpoint's readers go here)."""
+    observer = request.app[RELAY].observer
     request[READING] = ReadingRequest(reader, resumed)  # for the access line (server/logs.py)
-    state.observer.reader_started(reader, resumed)
+    observer.reader_started(reader, resumed)
     try:
         return await reader.run()
     finally:
-        state.observer.reader_ended(reader, resumed)
-        log.debug("stream %s: a reader ended (%s)", generation.id, reader.outcome)
+        observer.reader_ended(reader, resumed)
+        log.debug("stream %s: a %s reader ended (%s)", reader.generation.id, reader.framing.name, reader.outcome)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -23,8 +23,9 @@ from aiohttp import hdrs, web
 
 from .errors import MethodNotAllowed, NotFound, RelayError
 from .framing import Framing, OpenAIChunkFraming, OpenAICompletionFraming
-from .handlers import start_generation
+from .handlers import run_reader, start_generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
+from .logs import access_middleware, add_request_id
 from .openai_chunks import openai_error_body
 from .openai_request import OpenAIRequest, parse_openai_request
 from .reader import Reader
@@ -74,10 +75,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers=admitted.headers,
         respond=openai_error_response,
     )
-    try:
-        return await reader.run()
-    finally:
-        log.debug("stream %s: an OpenAI-compatible reader ended (%s)", generation.id, reader.outcome)
+    return await run_reader(request, reader)
 
 
 def _model(name: str) -> dict[str, object]:
@@ -124,8 +122,12 @@ def create_openai_app(relay_api: web.Application) -> tuple[web.Application, list
     """The OpenAI-compatible sub-application, sharing `relay_api`'s state (`server.app.create_relay_app`);
     returns it and its routes (for CORS)."""
     state = relay_api[RELAY]
-    v1 = web.Application(middlewares=[openai_errors], client_max_size=state.config.max_body_bytes)
+    # The same access line, request id and refusal counts as the relay's own API (server/logs.py).
+    v1 = web.Application(
+        middlewares=[access_middleware(state.observer), openai_errors], client_max_size=state.config.max_body_bytes
+    )
     v1[RELAY] = state
+    v1.on_response_prepare.append(add_request_id)
     routes = [
         v1.router.add_post(
             "/chat/completions", chat_completions, expect_handler=partial(expect_handler, respond=openai_error_response)

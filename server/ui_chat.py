@@ -26,7 +26,7 @@ from .chat_request import ChatRequest
 from .errors import RelayError, ResumeUnavailable
 from .framing import UIMessageStreamFraming
 from .generation import Generation
-from .handlers import start_generation
+from .handlers import run_reader, start_generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
 from .openai_request import decode_json_object
 from .reader import Reader
@@ -156,11 +156,10 @@ async def _read(
         headers=headers,
     )
     try:
-        return await reader.run()
+        return await run_reader(request, reader)
     finally:
         if generation.ended:
             request.app[UI_CHATS].drop(client, chat_id, generation.id)
-        log.debug("stream %s: a UI message stream reader ended (%s)", generation.id, reader.outcome)
 
 
 def add_ui_chat_routes(api: web.Application) -> list[web.ResourceRoute]:

@@ -303,3 +303,33 @@ def test_docstring_examples() -> None:
 
     failures, tried = doctest.testmod(server.logs)
     assert (failures, tried > 0) == (0, True)
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/api/ui-chat"])
+async def test_the_openai_and_ui_stream_endpoints_have_access_lines_and_request_ids(
+    relay: Callable[..., Awaitable[str]],
+    fake_upstream: FakeUpstream,
+    http: aiohttp.ClientSession,
+    logs: pytest.LogCaptureFixture,
+    endpoint: str,
+) -> None:
+    base = await relay()
+    body: dict[str, Any] = (
+        {"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        if endpoint.startswith("/v1")
+        else {"id": "chat-1", "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "x"}]}]}
+    )
+    async with http.post(f"{base}{endpoint}", json=body, headers={"X-Request-Id": "trace-1"}) as response:
+        assert response.status == 200
+        sent = await response.read()
+        assert response.headers["X-Request-Id"] == "trace-1"
+    await wait_for(lambda: access_lines(logs))
+    [line] = access_lines(logs)
+    assert (line["request_id"], line["endpoint"], line["status"], line["outcome"]) == ("trace-1", endpoint, 200, "done")
+    assert line["bytes"] == len(sent)
+    assert sent_upstream(fake_upstream) == "trace-1"
+    # A refusal of these endpoints is a line too.
+    async with http.post(f"{base}{endpoint}", json={"messages": "nope"}) as refused:
+        assert refused.status == 400
+    await wait_for(lambda: len(access_lines(logs)) == 2)
+    assert access_lines(logs)[1]["status"] == 400
