@@ -15,7 +15,7 @@ the request bucket each client has a **tokens-per-minute** bucket, and optionall
 up, plus `MESSAGE_OVERHEAD_TOKENS` per message for the role and delimiters and `REPLY_OVERHEAD_TOKENS` for the
 reply's priming (OpenAI's cookbook counts 3-4 and 3). Any tokenizer would be exact for one model family only, and
 the estimate is reconciled with the upstream's own count at the end anyway. The reply is reserved at its
-``max_tokens``, or at the configured ceiling when the request sets none.
+``max_completion_tokens`` or ``max_tokens``, or at the configured ceiling when the request sets neither.
 
 **The charge**: the upstream's reported ``usage.total_tokens`` when it sent one (the relay asks for it with
 ``stream_options.include_usage``); otherwise the prompt's estimate plus the relayed output's characters / 4,
@@ -89,18 +89,24 @@ class Estimate:
 
 
 def estimate(chat: ChatRequest, ceiling: int) -> Estimate:
-    """The reservation for `chat`: prompt estimate plus its ``max_tokens``, or `ceiling` when it sets none.
+    """The reservation for `chat`: prompt estimate (text and earlier tool calls) plus its ``max_completion_tokens``
+    or ``max_tokens``, or `ceiling` when it sets neither.
 
     >>> from server.chat_request import Message
     >>> estimate(ChatRequest((Message("user", "Hello there!"),), "m"), ceiling=100)
     Estimate(prompt_tokens=10, reply_tokens=100)
     >>> estimate(ChatRequest((Message("system", "Be brief."), Message("user", "Hi")), "m", max_tokens=5), 100)
     Estimate(prompt_tokens=15, reply_tokens=5)
+    >>> estimate(ChatRequest((Message("user", "Hi"),), "m", max_tokens=50, max_completion_tokens=7), 100)
+    Estimate(prompt_tokens=8, reply_tokens=7)
     """
     prompt = REPLY_OVERHEAD_TOKENS + sum(
-        MESSAGE_OVERHEAD_TOKENS + tokens_for_chars(len(message.content)) for message in chat.messages
+        MESSAGE_OVERHEAD_TOKENS
+        + tokens_for_chars(len(message.content) + sum(len(c.name) + len(c.arguments) for c in message.tool_calls))
+        for message in chat.messages
     )
-    return Estimate(prompt, chat.max_tokens if chat.max_tokens is not None else ceiling)
+    limit = chat.token_limit
+    return Estimate(prompt, limit if limit is not None else ceiling)
 
 
 def charge(estimated: Estimate, usage: Usage | None, relayed_chars: int) -> int:
