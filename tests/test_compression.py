@@ -8,6 +8,7 @@ import asyncio
 import base64
 import doctest
 import gc
+import json
 import random
 import shutil
 import tracemalloc
@@ -548,3 +549,63 @@ async def test_a_reader_with_nothing_left_to_write_still_ends_its_compressed_bod
     ) as late:
         assert late.headers["Content-Encoding"] == "gzip"
         assert decompress_whole(await late.read(), "gzip") == b""  # an empty body, but a whole gzip stream
+
+
+async def _inflate_until_text(resp: aiohttp.ClientResponse, inflater: zlib._Decompress, text: bytes) -> bytes:
+    """Read the raw body until `text` has come out of the decompressor; fails if it never does."""
+    out = b""
+    async with asyncio.timeout(5.0):
+        while text not in out:
+            chunk = await resp.content.readany()
+            assert chunk, f"the body ended with {out!r}"
+            out += inflater.decompress(chunk)
+    return out
+
+
+@pytest.mark.parametrize("endpoint", ["openai-stream", "ui-stream"])
+async def test_the_openai_and_ui_stream_outputs_compress_token_by_token(
+    serve: ServeApp, http: aiohttp.ClientSession, endpoint: str
+) -> None:
+    provider = ScriptedProvider()
+    host, _ = relay_host(COMPRESSED, provider, openai_prefix="/v1")
+    base = await serve(host)
+    url, body = (
+        (
+            f"{base}/v1/chat/completions",
+            {"model": "llm-relay-demo", "messages": [{"role": "user", "content": "x"}], "stream": True},
+        )
+        if endpoint == "openai-stream"
+        else (
+            f"{base}/api/ui-chat",
+            {"id": "c1", "messages": [{"id": "m", "role": "user", "parts": [{"type": "text", "text": "x"}]}]},
+        )
+    )
+    request = asyncio.create_task(http.post(url, json=body, headers={"Accept-Encoding": "gzip"}, auto_decompress=False))
+    await provider.started.wait()
+    provider.put([Delta("first-token")])
+    resp = await request
+    assert resp.headers["Content-Encoding"] == "gzip"
+    inflater = zlib.decompressobj(DECODER_WBITS["gzip"])
+    # The provider has produced nothing more, yet the token already decodes on the client's side.
+    seen = await _inflate_until_text(resp, inflater, b"first-token")
+    provider.put([Delta("second-token")])
+    seen += await _inflate_until_text(resp, inflater, b"second-token")
+    provider.put([Done("stop")])
+    seen += inflater.decompress(await resp.read())
+    assert inflater.eof  # the end of the body finished the compressed stream
+    assert seen.rstrip().endswith(b"data: [DONE]")
+    resp.release()
+
+
+async def test_a_whole_openai_completion_is_compressed(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    provider = ScriptedProvider()
+    host, _ = relay_host(COMPRESSED, provider, openai_prefix="/v1")
+    base = await serve(host)
+    provider.put([Delta("Hello")], [Delta(" there")], [Done("stop")], None)
+    body = {"model": "llm-relay-demo", "messages": [{"role": "user", "content": "x"}]}
+    async with http.post(
+        f"{base}/v1/chat/completions", json=body, headers={"Accept-Encoding": "deflate"}, auto_decompress=False
+    ) as resp:
+        assert resp.headers["Content-Encoding"] == "deflate"
+        completion = json.loads(decompress_whole(await resp.read(), "deflate"))
+    assert completion["choices"][0]["message"]["content"] == "Hello there"
