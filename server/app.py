@@ -215,6 +215,8 @@ def create_relay_app(
     api.cleanup_ctx.append(_lifecycle)
     if metrics is not None:
         metrics.watch(state.streams)
+        if state.budgets is not None:
+            metrics.watch_budgets(state.budgets.stats)
         api.cleanup_ctx.append(metrics.sampling)
     api.on_shutdown.append(_end_streams)
     return api

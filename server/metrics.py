@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from .budget_backends import BudgetStats
 from .errors import UpstreamError
 from .generation import Outcome
 from .observe import StreamObserver, reported_usage
@@ -78,6 +80,8 @@ class RelayMetrics(StreamObserver):
     def __init__(self, registry: CollectorRegistry | None = None, *, namespace: str = "llm_relay") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._streams: StreamRegistry | None = None
+        self._budgets: BudgetStats | None = None
+        self._budgets_seen = BudgetStats()  # what the budget counters were last sampled at
         # The framing of the request that started each running generation: its end is counted under it.
         self._framings: dict[str, str] = {}
         ns, reg = namespace, self.registry
@@ -147,6 +151,15 @@ class RelayMetrics(StreamObserver):
             "streams_retained", "Streams whose log is kept for resuming (running and recently ended)",
             namespace=ns, registry=reg, multiprocess_mode="livesum",
         )  # fmt: skip
+        self.budget_tokens = Counter(
+            "budget_tokens", "Tokens of the token budgets (--tokens-per-minute/-day): reserved at admission, charged "
+            "at the end, refunded (reserved beyond the charge), overrun (charged beyond the reservation)", ["kind"],
+            namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.budget_exhausted = Counter(
+            "budget_exhausted", "Requests refused because a token budget was spent, by budget (minute, day)",
+            ["budget"], namespace=ns, registry=reg,
+        )  # fmt: skip
 
     # -- the observer -------------------------------------------------------------------------------------------
 
@@ -202,11 +215,28 @@ class RelayMetrics(StreamObserver):
         """Sample `streams` (the memory of its logs, the streams it retains) for the gauges."""
         self._streams = streams
 
+    def watch_budgets(self, stats: BudgetStats) -> None:
+        """Count the token budgets' `stats` (counters kept by server/budget_backends.py) at every sample."""
+        self._budgets = stats
+
     def sample(self) -> None:
         streams = self._streams
         if streams is not None:
             self.log_bytes.set(streams.total_bytes)
             self.retained.set(streams.retained)
+        budgets = self._budgets
+        if budgets is not None:
+            # The budget keeps plain counters (no prometheus call on its path): added here by what they grew.
+            seen = self._budgets_seen
+            for kind in ("reserved", "charged", "refunded", "overrun"):
+                grown = getattr(budgets, kind) - getattr(seen, kind)
+                if grown > 0:
+                    self.budget_tokens.labels(kind).inc(grown)
+            for budget, field in (("minute", "budget_exhausted"), ("day", "quota_exhausted")):
+                grown = getattr(budgets, field) - getattr(seen, field)
+                if grown > 0:
+                    self.budget_exhausted.labels(budget).inc(grown)
+            self._budgets_seen = dataclasses.replace(budgets)
 
     def exposition(self) -> bytes:
         """The text exposition of every process's metrics (multiprocess mode) or of this registry's."""

@@ -487,3 +487,27 @@ def test_a_metrics_port_in_use_is_a_startup_error_that_names_it() -> None:
         f"llm-relay: error: cannot listen on 127.0.0.1:{port} (--metrics-port): Address already in use"
     )
     assert "Traceback" not in done.stderr
+
+
+async def test_token_budgets_reserved_charged_refunded_and_exhausted(
+    relay: Callable[..., Awaitable[str]], http: aiohttp.ClientSession
+) -> None:
+    base = await relay(tokens_per_minute=30)
+    ask = {"prompt": "x", "max_tokens": 20}  # reserves its prompt's estimate and 20 for the reply: fits 30 once
+    async with http.post(f"{base}/api/chat", json=ask, headers=NDJSON) as response:
+        assert response.status == 200
+        await response.read()
+    async with http.post(f"{base}/api/chat", json=ask, headers=NDJSON) as refused:
+        assert refused.status == 429  # 30 less the 11 charged, refilled at half a token a second: too little
+    samples = await scrape_until(
+        http, f"{base}/metrics", lambda s: value(s, "llm_relay_budget_tokens_total", kind="charged")
+    )
+    reserved = value(samples, "llm_relay_budget_tokens_total", kind="reserved")
+    charged = value(samples, "llm_relay_budget_tokens_total", kind="charged")
+    refunded = value(samples, "llm_relay_budget_tokens_total", kind="refunded")
+    assert charged == 11  # the usage the fake upstream reports: 7 prompt tokens and 4 completion tokens
+    assert reserved > charged
+    assert refunded == reserved - charged
+    assert value(samples, "llm_relay_budget_tokens_total", kind="overrun") == 0
+    assert value(samples, "llm_relay_budget_exhausted_total", budget="minute") == 1
+    assert value(samples, "llm_relay_budget_exhausted_total", budget="day") == 0
