@@ -48,10 +48,11 @@ from .budget import (
     settle_tat,
 )
 from .chat_request import ChatRequest
-from .config import Config, ConfigError
+from .config import Config
 from .errors import Overloaded, RequestError, TokenBudgetExhausted, TokenQuotaExhausted
 from .events import Usage
 from .limits import BucketTable, float_up, service_limit
+from .redis_client import redis_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -396,19 +397,7 @@ class RedisBudgets:
     @classmethod
     def from_url(cls, url: str, policy_for: PolicyFor, **kwargs: Any) -> RedisBudgets:
         """Budgets on a new connection pool for `url` (no connection is made until the first request)."""
-        try:
-            from redis.asyncio import Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-        except ImportError:  # pragma: no cover - depends on the installation
-            raise ConfigError("--redis-url needs the redis package: pip install 'llm-relay[redis]'") from None
-        timeout = kwargs.get("timeout", REDIS_TIMEOUT)
-        try:
-            redis = Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
-            )
-        except ValueError:
-            raise ConfigError("--redis-url is not a Redis URL") from None  # never quote it: it may hold a password
+        redis = redis_client(url, timeout=kwargs.get("timeout", REDIS_TIMEOUT), needed_by="--redis-url")
         return cls(policy_for, redis, **kwargs)
 
     @property

@@ -40,9 +40,10 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from .admission import Admission, Limiter
-from .config import Config, ConfigError
+from .config import Config
 from .errors import Overloaded, RateLimited
 from .limits import BucketTable, LimitPolicy, TokenBucket, exact_rate, float_up, parse_rate, service_limit
+from .redis_client import redis_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -352,28 +353,7 @@ class RedisLimiter:
     @classmethod
     def from_url(cls, url: str, policy: LimitPolicy, **kwargs: Any) -> RedisLimiter:
         """A limiter on a new connection pool for `url` (no connection is made until the first request)."""
-        try:
-            from redis.asyncio import Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-        except ImportError:  # pragma: no cover - depends on the installation
-            raise ConfigError("--redis-url needs the redis package: pip install 'llm-relay[redis]'") from None
-
-        timeout = kwargs.get("timeout", REDIS_TIMEOUT)
-        try:
-            # No retries inside the client: a retry would spend the request's time; the fallback decides instead.
-            redis = Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
-        except ValueError:
-            # redis-py's message can quote part of the URL, and a password that is not percent-encoded with it.
-            raise ConfigError(
-                "--redis-url is not a Redis URL: expected redis://[[user]:password@]host[:port][/db], rediss://... "
-                "or unix:///path, with '@', ':' and '/' in a password percent-encoded"
-            ) from None
+        redis = redis_client(url, timeout=kwargs.get("timeout", REDIS_TIMEOUT), needed_by="--redis-url")
         return cls(policy, redis, **kwargs)
 
     @property

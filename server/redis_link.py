@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError
+from .redis_client import redis_client
 from .stream_store import GenerationLost, encode_batch, instance_key
 
 if TYPE_CHECKING:
@@ -176,28 +176,12 @@ class RedisLink:
 
     @classmethod
     def from_url(cls, url: str) -> RedisLink:
-        try:
-            from redis.asyncio import Redis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-        except ImportError:  # pragma: no cover - depends on the installation
-            raise ConfigError("--stream-store redis needs the redis package: pip install 'llm-relay[redis]'") from None
-        try:
-            # No retries inside the client: the store decides what an outage means (see the module's doc).
-            redis = Redis.from_url(
-                url, socket_timeout=FLUSH_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 0)
-            )
-            blocking = Redis.from_url(
-                url,
-                socket_timeout=FOLLOW_BLOCK_MS / 1000 + 2 * REDIS_TIMEOUT,
-                socket_connect_timeout=REDIS_TIMEOUT,
-                retry=Retry(NoBackoff(), 0),
-            )
-        except ValueError:
-            raise ConfigError(
-                "--redis-url is not a Redis URL: expected redis://[[user]:password@]host[:port][/db], rediss://... "
-                "or unix:///path, with '@', ':' and '/' in a password percent-encoded"
-            ) from None
+        # The store decides what an outage means (see the module's doc); the follower's client waits out a block.
+        needed_by = "--stream-store redis"
+        redis = redis_client(url, timeout=FLUSH_TIMEOUT, connect_timeout=REDIS_TIMEOUT, needed_by=needed_by)
+        blocking = redis_client(
+            url, timeout=FOLLOW_BLOCK_MS / 1000 + 2 * REDIS_TIMEOUT, connect_timeout=REDIS_TIMEOUT, needed_by=needed_by
+        )
         return cls(redis, blocking)
 
     @property
