@@ -8,9 +8,10 @@ is a proper status with a JSON body ``{"error": {"type", "message"}}``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
 
 from .admission import Admission
 from .budget_backends import BudgetReservation
@@ -230,22 +231,28 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp's own 404 and 405 become JSON errors like every other refusal of the API."""
-    try:
-        return await handler(request)
-    except web.HTTPMethodNotAllowed as exc:
-        allow = exc.headers.get(hdrs.ALLOW, "")
-        return error_response(
-            MethodNotAllowed(f"use one of: {allow}" if allow else "method not allowed"), {hdrs.ALLOW: allow}
-        )
-    except web.HTTPNotFound:
-        return error_response(NotFound("no such endpoint"))
-    except RelayError as error:
-        return error_response(error)
+def refusals_as(respond: Callable[[RelayError, dict[str, str] | None], web.Response]) -> Middleware:
+    """A middleware answering aiohttp's own 404 and 405, and any `RelayError` a handler raises, with `respond`
+    (the API's JSON errors, or OpenAI's error shape under ``/v1``) like every other refusal of its application."""
+
+    @web.middleware
+    async def refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as exc:
+            allow = exc.headers.get(hdrs.ALLOW, "")
+            return respond(
+                MethodNotAllowed(f"use one of: {allow}" if allow else "method not allowed"), {hdrs.ALLOW: allow}
+            )
+        except web.HTTPNotFound:
+            return respond(NotFound("no such endpoint"), None)
+        except RelayError as error:
+            return respond(error, None)
+
+    return refusals
+
+
+json_errors = refusals_as(error_response)
 
 
 __all__ = ["chat", "check_host", "check_origin", "healthz", "json_errors", "read_body", "stop", "stream"]

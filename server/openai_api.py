@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from functools import partial
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
-from .errors import MethodNotAllowed, NotFound, RelayError
+from .errors import NotFound, RelayError
 from .framing import Framing, OpenAIChunkFraming, OpenAICompletionFraming
-from .handlers import run_reader, start_generation
+from .handlers import refusals_as, run_reader, start_generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
 from .logs import access_middleware, add_request_id
 from .openai_chunks import openai_error_body
@@ -100,22 +99,7 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data}, headers={"Cache-Control": "no-store"})
 
 
-@web.middleware
-async def openai_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp's own 404 and 405 in OpenAI's error shape, like every other refusal of this sub-application."""
-    try:
-        return await handler(request)
-    except web.HTTPMethodNotAllowed as exc:
-        allow = exc.headers.get(hdrs.ALLOW, "")
-        return openai_error_response(
-            MethodNotAllowed(f"use one of: {allow}" if allow else "method not allowed"), {hdrs.ALLOW: allow}
-        )
-    except web.HTTPNotFound:
-        return openai_error_response(NotFound("no such endpoint"))
-    except RelayError as error:
-        return openai_error_response(error)
+openai_errors = refusals_as(openai_error_response)
 
 
 def create_openai_app(relay_api: web.Application) -> tuple[web.Application, list[web.AbstractRoute]]:
