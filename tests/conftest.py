@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from redis.asyncio import Redis
 
 from server.app import create_app, runner_settings
 from server.config import Config
 
 from .fake_upstream import FakeUpstream
+from .redis_server import RedisServer
 
 ServeApp = Callable[[web.Application], Awaitable[str]]
 
@@ -87,3 +90,20 @@ def upstream_config(upstream: FakeUpstream, **changes: object) -> Config:
     }
     base.update(changes)
     return Config(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of the test's own, stopped at the end."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A client of `redis_server`, to look at what the relay wrote."""
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()

@@ -4,8 +4,7 @@ the daily quota kept in Redis, and Redis going away (fail open, fail closed)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -23,21 +22,6 @@ from .redis_server import RedisServer
 MakeBudgets = Callable[..., RedisBudgets]
 CHAT = ChatRequest((Message("user", "x"),), "m", max_tokens=92)  # 8 + 92 = 100 tokens reserved
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
