@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compression, report, runner, scenarios
+from bench import compression, report, runner, scenarios, stream_store
 
-SCENARIOS = ("client", "relay", "storm", "idle", "resume", "compression", "throughput", "paced")
+SCENARIOS = ("client", "relay", "storm", "idle", "resume", "stream-store", "compression", "throughput", "paced")
 # Realistic first (issue 17); the demo model's paced streams (issue 6) only when asked for.
-DEFAULT_SCENARIOS = ("client", "relay", "storm", "idle", "resume", "compression", "throughput")
+DEFAULT_SCENARIOS = ("client", "relay", "storm", "idle", "resume", "stream-store", "compression", "throughput")
 RESULTS = runner.ROOT / "bench" / "results"
 _VERSIONS = ("aiohttp", "uvloop", "openai", "aiohttp-sse", "sse-starlette", "uvicorn", "fastapi", "flask", "gunicorn")
 
@@ -46,7 +46,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(SCENARIOS)} (default {','.join(DEFAULT_SCENARIOS)}; relay = "
         "paced relay, request setup, zero-delay relay and disconnects against LiteLLM, the lean and tutorial relays "
         "and the floors; storm = every client connecting at once after a restart; resume = replays of ended streams "
-        "and their memory; compression = wire bytes and CPU per token, gzip against identity; paced = the demo "
+        "and their memory; stream-store = the Redis stream store against memory (needs redis-server); "
+        "compression = wire bytes and CPU per token, gzip against identity; paced = the demo "
         "model's paced streams, no upstream)",
     )
     parser.add_argument(
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "relay": lambda: scenarios.relay(plan, tokens, log),
         "storm": lambda: scenarios.storm(plan, log),
         "resume": lambda: scenarios.resume(plan, log),
+        "stream-store": lambda: stream_store.scenario(plan, log),
         "compression": lambda: compression.scenario(plan, log),
     }
     for name in SCENARIOS:

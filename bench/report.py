@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import compression
+from bench import compression, stream_store
 from bench import targets as t
 
 Row = dict[str, Any]
@@ -519,6 +519,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
             )
         lines += _table(["streams", "frames/s the client can count", "client CPU"], body)
 
+    lines += stream_store.section(rows)
     lines += compression.section(rows)
     lines.append("")
     return "\n".join(lines)

@@ -87,19 +87,17 @@ def healthz(port: int) -> dict[str, Any]:
         return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.stream_store", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", type=int, default=500, help="paced relayed streams at once")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    args = parser.parse_args(argv)
-    prepare()
-    plan = dataclasses.replace(scenarios.Plan(), relay_paced_streams=args.streams, repeats=args.repeats, what_if=False)
-    lines: list[str] = []
+SCENARIO = "stream-store"
+# Commands the relay's scripts run inside Redis (the rest of INFO commandstats is what the relay itself sent).
+_INSIDE = frozenset({"xadd", "hset", "hmget", "pexpire", "exists", "zadd", "zremrangebyscore", "zcard", "time"})
 
-    def log(text: str) -> None:
-        print(text, flush=True)
 
+def scenario(plan: scenarios.Plan, log: scenarios.Log) -> list[dict[str, Any]]:
+    """The paced relay through two of our servers, memory store and Redis store, interleaved per repeat."""
+    if shutil.which("redis-server") is None:
+        log("stream-store: skipped, redis-server is not installed (make system-deps)")
+        return []
+    streams = plan.relay_paced_streams
     rows: list[dict[str, Any]] = []
     with redis_server() as redis_port, scenarios.fake_upstream(plan) as (_, upstream):
         memory = t.Target("memory store", "ours", "bench.ours")
@@ -109,42 +107,65 @@ def main(argv: list[str] | None = None) -> None:
             "bench.ours",
             options=("--stream-store", "redis", "--redis-url", f"redis://127.0.0.1:{redis_port}/0"),
         )
-        with scenarios.servers([memory, shared], "relay", plan, upstream=upstream, threads=args.streams) as running:
+        with scenarios.servers([memory, shared], "relay", plan, upstream=upstream, threads=streams) as running:
             for repeat in range(plan.repeats):
                 for target in (memory, shared):
                     server = running[target.name]
                     calls_before = command_calls(redis_port)
                     health_before = healthz(server.port)
-                    row = scenarios._relay_paced(plan, target, server, args.streams, repeat, log)
-                    # The last flushes of the run's streams.
-                    time.sleep(0.5)
+                    row = scenarios._relay_paced(plan, target, server, streams, repeat, log)
+                    time.sleep(0.5)  # the last flushes of the run's streams
                     calls = {
                         name: count - calls_before.get(name, 0)
                         for name, count in command_calls(redis_port).items()
                         if count - calls_before.get(name, 0) > 0
                     }
+                    row.update(scenario=SCENARIO, level=streams)
                     store = healthz(server.port).get("stream_store")
                     if store is not None:
-                        events = store["events_written"] - health_before["stream_store"]["events_written"]
-                        batches = store["batches_written"] - health_before["stream_store"]["batches_written"]
-                        flushes = store["flushes"] - health_before["stream_store"]["flushes"]
-                        row.update(events_written=events, batches_written=batches, flushes=flushes, calls=calls)
+                        before = health_before["stream_store"]
+                        row.update(
+                            events_written=store["events_written"] - before["events_written"],
+                            batches_written=store["batches_written"] - before["batches_written"],
+                            flushes=store["flushes"] - before["flushes"],
+                            calls=calls,
+                        )
                     rows.append(row)
+    return rows
 
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines += [
-        "# Stream store: Redis against memory",
+
+def ratio_and_writes(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """The median per-repeat CPU-per-token ratio (Redis over memory), and the most flushes the relay sent per
+    entry (batch of one stream's events) Redis appended: at most 1 means at most one write per batch."""
+    mine = [r for r in rows if r.get("scenario") == SCENARIO]
+    ratios = []
+    for repeat in sorted({r["repeat"] for r in mine}):
+        pair = {r["target"]: r.get("server_cpu_us_per_frame") for r in mine if r["repeat"] == repeat}
+        if pair.get("memory store") and pair.get("redis store"):
+            ratios.append(pair["redis store"] / pair["memory store"])
+    writes = [r["flushes"] / max(1, r["batches_written"]) for r in mine if "calls" in r and r["batches_written"]]
+    ratio = sorted(ratios)[len(ratios) // 2] if ratios else None
+    return ratio, (max(writes) if writes else None)
+
+
+def section(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's section: per repeat, CPU per token of each store, and what Redis ran per token."""
+    mine = [r for r in rows if r.get("scenario") == SCENARIO]
+    if not mine:
+        return []
+    streams = mine[0]["level"]
+    lines = [
         "",
-        f"`python -m bench.stream_store --streams {args.streams} --repeats {args.repeats}`, {when}. "
-        f"{args.streams} paced streams of {plan.relay_paced_tokens} tokens every {1000 * plan.paced_delay:g} ms "
-        "through the fake upstream and the openai client, all started at once (the full relay's paced scenario); "
-        "the relay pinned to its core, the load client and redis-server to the other.",
+        f"## Stream store: Redis against memory, {streams} paced relayed streams (issue 14)",
         "",
-        "| repeat | store | CPU-µs/token | ratio | CPU % | other load on the relay's core % | ttft p99 ms |",
+        "Two of our servers relay the same paced streams, one with the memory store, one with `--stream-store redis` "
+        "on a redis-server pinned to the client's core; interleaved per repeat.",
+        "",
+        "| repeat | store | CPU-µs/token | ratio | CPU % | other load on the relay's core % | first token p99 ms |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for repeat in range(args.repeats):
-        pair = [r for r in rows if r["repeat"] == repeat]
+    for repeat in sorted({r["repeat"] for r in mine}):
+        pair = [r for r in mine if r["repeat"] == repeat]
         base = pair[0].get("server_cpu_us_per_frame") or 0.0
         for row in pair:
             us = row.get("server_cpu_us_per_frame") or 0.0
@@ -155,26 +176,56 @@ def main(argv: list[str] | None = None) -> None:
             )
     lines += [
         "",
-        "Redis, per token written (whole run, `INFO commandstats` against the relay's `events_written`):",
+        "Redis, per token written (`INFO commandstats` against the relay's `events_written`):",
         "",
         "| repeat | events | entries (XADD) | events per entry | flushes | sent by the relay per token "
         "| run inside Redis per token |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in rows:
+    for row in mine:
         if "calls" not in row:
             continue
         seen: dict[str, int] = row["calls"]
         events = max(1, row["events_written"])
-        inside = {"xadd", "hset", "hmget", "pexpire", "exists", "zadd", "zremrangebyscore", "zcard", "time"}
-        sent = sum(v for k, v in seen.items() if k not in inside and k != "info")
-        ran = sum(v for k, v in seen.items() if k in inside)
+        sent = sum(v for k, v in seen.items() if k not in _INSIDE and k != "info")
+        ran = sum(v for k, v in seen.items() if k in _INSIDE)
         lines.append(
             f"| {row['repeat'] + 1} | {row['events_written']} | {row['batches_written']} "
             f"| {row['events_written'] / max(1, row['batches_written']):.2f} | {row['flushes']} "
             f"| {sent / events:.3f} | {ran / events:.3f} |"
         )
-    lines += ["", "Commands seen (last repeat): " + ", ".join(f"{k} {v}" for k, v in sorted(rows[-1]["calls"].items()))]
+    ratio, writes = ratio_and_writes(rows)
+    if ratio is not None:
+        verdict = "pass" if ratio <= 1.3 else "MISS"
+        lines += [
+            "",
+            f"Redis store over memory store, median of the repeats: {ratio:.2f}x CPU per token "
+            f"(target <= 1.3x: {verdict}).",
+        ]
+    if writes is not None:
+        verdict = "pass" if writes <= 1 else "MISS"
+        lines += [f"Relay writes per entry appended: at most {writes:.3f} (target <= 1 write per batch: {verdict})."]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.stream_store", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=500, help="paced relayed streams at once")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args(argv)
+    prepare()
+    plan = dataclasses.replace(scenarios.Plan(), relay_paced_streams=args.streams, repeats=args.repeats, what_if=False)
+    if shutil.which("redis-server") is None:
+        raise SystemExit("bench.stream_store needs redis-server (make system-deps)")
+    rows = scenario(plan, lambda text: print(text, flush=True))
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Stream store: Redis against memory",
+        "",
+        f"`python -m bench.stream_store --streams {args.streams} --repeats {args.repeats}`, {when}.",
+        *section(rows),
+    ]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
