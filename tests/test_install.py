@@ -157,8 +157,9 @@ async def test_zipped_serves(wheel: Path, tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
     def commands(target: str) -> str:
-        # -n prints what the target would run, -B as if nothing were installed yet.
-        return _run("make", "-n", "-B", target, f"VENV={tmp_path / 'venv'}", cwd=ROOT)
+        # -n prints what the target would run, -B as if nothing were installed yet; no directory lines when this
+        # runs under make itself (make test).
+        return _run("make", "--no-print-directory", "-n", "-B", target, f"VENV={tmp_path / 'venv'}", cwd=ROOT)
 
     run = commands("run")
     assert "pip install -q -e .\n" in run
