@@ -8,6 +8,7 @@ python -m bench --scenarios storm       # the reconnect storm alone (about a min
 python -m bench --scenarios relay,resume --baseline 00c4d06 --targets none --no-what-if   # A/B of our own code
 python -m bench --targets aiohttp,starlette --no-uvloop
 python -m bench --scenarios compression # gzip against identity at 500 paced streams (also: python -m bench.compression)
+python -m bench --scenarios framings    # CPU per token in SSE, NDJSON, OpenAI chunks and the UI stream at 500 streams
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import compression, report, runner, scenarios, stream_store
+from bench import compression, framings, report, runner, scenarios, stream_store
 
-SCENARIOS = ("client", "relay", "storm", "idle", "resume", "stream-store", "compression", "throughput", "paced")
+SCENARIOS = (
+    "client", "relay", "storm", "idle", "resume", "stream-store", "compression", "framings", "throughput", "paced",
+)  # fmt: skip
 # Realistic first (issue 17); the demo model's paced streams (issue 6) only when asked for.
-DEFAULT_SCENARIOS = ("client", "relay", "storm", "idle", "resume", "stream-store", "compression", "throughput")
+DEFAULT_SCENARIOS = (
+    "client",
+    "relay",
+    "storm",
+    "idle",
+    "resume",
+    "stream-store",
+    "compression",
+    "framings",
+    "throughput",
+)
 RESULTS = runner.ROOT / "bench" / "results"
 _VERSIONS = ("aiohttp", "uvloop", "openai", "aiohttp-sse", "sse-starlette", "uvicorn", "fastapi", "flask", "gunicorn")
 
@@ -47,7 +60,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "paced relay, request setup, zero-delay relay and disconnects against LiteLLM, the lean and tutorial relays "
         "and the floors; storm = every client connecting at once after a restart; resume = replays of ended streams "
         "and their memory; stream-store = the Redis stream store against memory (needs redis-server); "
-        "compression = wire bytes and CPU per token, gzip against identity; paced = the demo "
+        "compression = wire bytes and CPU per token, gzip against identity; framings = CPU per "
+        "token in each output framing (SSE, NDJSON, OpenAI chunks, UI stream) against SSE's; paced = the demo "
         "model's paced streams, no upstream)",
     )
     parser.add_argument(
@@ -180,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "resume": lambda: scenarios.resume(plan, log),
         "stream-store": lambda: stream_store.scenario(plan, log),
         "compression": lambda: compression.scenario(plan, log),
+        "framings": lambda: framings.scenario(plan, log),
     }
     for name in SCENARIOS:
         if name in chosen:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import compression, stream_store
+from bench import compression, framings, stream_store
 from bench import targets as t
 
 Row = dict[str, Any]
@@ -241,7 +241,26 @@ def checks(rows: list[Row], plan: dict[str, Any]) -> list[Check]:
         out += _baseline_checks(rows, t.baseline_name(plan["baseline"]), level)
     if _select(rows, "resume"):
         out += _resume_checks(rows, max(plan["resume_tokens"]))
+    if _select(rows, "framings"):
+        out += _framing_checks(rows)
     return out
+
+
+def _framing_checks(rows: list[Row]) -> list[Check]:
+    """Issue 15: each output framing's CPU per relayed token within `FRAMING_LIMIT` of SSE's, in the same run."""
+    level = _select(rows, "framings")[0]["level"]
+    cpu = "server_cpu_us_per_frame"
+    sse = stat(rows, "framings", cpu, framing="sse").median
+    return [
+        _ratio_check(
+            f"{level} relayed streams: CPU per token in {framing} ≤ {t.FRAMING_LIMIT:.1f}x SSE",
+            stat(rows, "framings", cpu, framing=framing).median,
+            sse,
+            t.FRAMING_LIMIT,
+        )
+        for framing in framings.FRAMINGS
+        if framing != "sse"
+    ]
 
 
 def _baseline_checks(rows: list[Row], base: str, level: int) -> list[Check]:
@@ -521,6 +540,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 
     lines += stream_store.section(rows)
     lines += compression.section(rows)
+    lines += framings.section(rows)
     lines.append("")
     return "\n".join(lines)
 

@@ -20,6 +20,8 @@ from bench.peers import litellm_proxy
 SSE = "\n\n"
 SSE_CRLF = "\r\n\r\n"  # aiohttp-sse and sse-starlette end lines with CRLF, which the SSE spec allows
 NDJSON = "\n"
+# Issue 15: CPU per relayed token in each of our output framings (bench.framings) at most this many times SSE's.
+FRAMING_LIMIT = 1.2
 
 
 @dataclass(frozen=True)

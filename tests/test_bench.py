@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench import runner, scenarios
+from bench import framings, runner, scenarios
 from bench import targets as t
 from bench.client import Spec, run_spec
 
@@ -80,3 +80,33 @@ def test_a_client_that_leaves_closes_the_relays_upstream_request(target: t.Targe
         deadline=30.0,
     )
     assert (result["left"], result["closed"], result["ran_to_end"]) == (STREAMS, STREAMS, 0), result
+
+
+@pytest.mark.parametrize("framing", framings.FRAMINGS)
+def test_every_output_framing_carries_the_stamps(framing: str) -> None:
+    """bench.framings counts tokens by their stamps in every framing, the POST ones (/v1, /api/ui-chat) included."""
+    plan = scenarios.Plan.quick()
+    runner.prepare()
+    path, body, accept = framings.request(framing, f"n={TOKENS} d=0.02 f=0 s=1")
+    with (
+        scenarios.fake_upstream(plan) as (_, url),
+        scenarios.servers([t.OURS], "relay", plan, upstream=url) as running,
+    ):
+        spec = Spec(
+            port=running[t.OURS.name].port,
+            path=path,
+            body=body,
+            accept=accept,
+            mode="paced",
+            stamps=True,
+            one_wave=True,
+            connections=STREAMS,
+            tokens=TOKENS,
+            delay=0.02,
+            ramp=0.0,
+            duration=TOKENS * 0.02,
+            deadline=30.0,
+        )
+        result = asyncio.run(run_spec(spec))
+    assert (result["measured_streams"], result["short_streams"], result["bad_status"]) == (STREAMS, 0, 0), result
+    assert result["relay_lag_samples"] == STREAMS * TOKENS
