@@ -85,7 +85,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--what-if",
         default="",
         help="comma-separated bench/whatif.py variants to measure beside ours in the relay scenario, e.g. "
-        "no-write-fast-path,plain-json-framing (default: aiohttp-provider)",
+        "plain-json-framing (default: aiohttp-provider)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where latest.md and latest.json go")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite latest.md from a latest.json")

@@ -7,11 +7,11 @@
   openai client on aiohttp, ``openai.DefaultAioHttpClient``; this goes one step further). A prototype: it maps only
   the errors the bench can produce, so it shows what the hot path would cost, not a finished provider.
 
-Two more take a micro-optimisation of server/ back out, to re-measure on the paced relay what a zero-delay or
-micro-benchmark figure justified (issue 17): if ours is no slower without it there, it does not pay.
+One more takes a micro-optimisation of server/ back out, to re-measure on the paced relay what a zero-delay or
+micro-benchmark figure justified (issue 17): if ours is no slower without it there, it does not pay. (A second,
+``no-write-fast-path``, measured the reader's skipping of the write timer: 54.6 vs 54.0 CPU-µs per token at 500
+paced streams, bench/results/micro-ab/, so the fast path was removed from server/reader.py.)
 
-* ``no-write-fast-path``: every token's write waits under the reader's ``asyncio.timeout`` (server/reader.py's
-  ``Reader._cannot_wait``, which skips the timer when a write cannot wait, is made to answer False).
 * ``plain-json-framing``: a delta's text is encoded by the framing's general ``json_bytes`` instead of calling
   the C string encoder directly (server/framing.py's ``_json_str``).
 """
@@ -22,7 +22,7 @@ import json
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-VARIANTS = ("aiohttp-provider", "no-write-fast-path", "plain-json-framing")
+VARIANTS = ("aiohttp-provider", "plain-json-framing")
 
 
 class AiohttpProvider:
@@ -87,10 +87,6 @@ def apply(name: str) -> None:
             return original(config)
 
         server.app.build_provider = build_provider
-    elif name == "no-write-fast-path":
-        import server.reader
-
-        server.reader.Reader._cannot_wait = lambda self, size: False  # type: ignore[method-assign]
     elif name == "plain-json-framing":
         import server.framing
 
