@@ -35,6 +35,7 @@ from .responses import error_response
 
 log = logging.getLogger("llm_relay.reader")
 
+
 @dataclass(frozen=True, slots=True)
 class ReaderSettings:
     """A reader's clocks, in seconds (0 turns one off), and its connection's settings."""
