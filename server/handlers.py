@@ -24,7 +24,7 @@ from .errors import (
     ResumeUnavailable,
 )
 from .framing import FRAMINGS, Framing
-from .generation import Generation
+from .generation import Generation, Outcome
 from .intake import accept_chat, check_host, check_origin, read_body
 from .logs import READING, ReadingRequest
 from .negotiation import choose_framing
@@ -90,7 +90,13 @@ async def start_generation(
     state.streams.start(generation, framing=framing)  # (the framing of the request that started it, for metrics)
     if state.shared_streams is not None:
         # Findable on every instance before its id goes out (X-Stream-Id, the opening event).
-        await state.shared_streams.announce(generation)
+        try:
+            await state.shared_streams.announce(generation)
+        except BaseException:
+            # No reader will ever attach (a host with handler_cancellation cancelled this handler, or a bug):
+            # nothing else would end it, and it holds a concurrency slot and a budget reservation.
+            generation.cancel(Outcome.ABANDONED)
+            raise
     return generation
 
 

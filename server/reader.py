@@ -72,7 +72,7 @@ class Reader:
         announce: bool = False,
         keepalive: bool = True,
         headers: dict[str, str] | None = None,
-        respond: Callable[[RelayError], web.Response] = error_response,
+        respond: Callable[[RelayError, dict[str, str] | None], web.Response] = error_response,
     ) -> None:
         self.generation = generation
         self.framing = framing
@@ -198,7 +198,7 @@ class Reader:
                 if self._response is None and not held and pos == 0 and isinstance(events[0], Error):
                     # The generation failed before anything was sent: a status and a JSON body.
                     self.outcome = "error"
-                    return self._respond(generation.failure or RelayError(events[0].message))
+                    return self._respond(generation.failure or RelayError(events[0].message), self._headers or None)
                 if not held:
                     held_since = self._loop.time()
                 for event in events:
@@ -225,7 +225,7 @@ class Reader:
                     # response stays unprepared, so a failure can still be answered with a status.
                     if isinstance(terminal, Error):
                         self.outcome = "error"
-                        return self._respond(generation.failure or RelayError(terminal.message))
+                        return self._respond(generation.failure or RelayError(terminal.message), self._headers or None)
                     if terminal is None:
                         generation.delivered(pos)
                         continue
@@ -275,7 +275,7 @@ class Reader:
     async def _fail(self, error: RelayError, pos: int) -> web.StreamResponse:
         """End this reader with `error`: a JSON error response if nothing was sent yet, else in band."""
         if self._response is None:
-            return self._respond(error)
+            return self._respond(error, self._headers or None)
         data = self.framing.encode(self.generation.id, pos, error.to_event())
         if isinstance(error, ServerShuttingDown):
             # WHATWG HTML §9.2.6 retry: how long the browser waits before it reconnects. Jittered per stream, so

@@ -221,7 +221,14 @@ class RedisStreamStore:
         await asyncio.shield(done)
 
     async def _open_announced(self) -> None:
-        await asyncio.sleep(0)  # the rest of this loop turn's announcements
+        assert self._opening is not None
+        done = self._opening[1]
+        try:
+            await asyncio.sleep(0)  # the rest of this loop turn's announcements
+        except BaseException:
+            self._opening = None
+            done.set_result(None)  # torn down before its turn: whoever awaits the announcement goes on
+            raise
         assert self._opening is not None
         (mirrors, done), self._opening = self._opening, None
         try:

@@ -133,7 +133,9 @@ async def ui_chat_stream(request: web.Request) -> web.StreamResponse:
             raise ResumeUnavailable("the start of this chat's reply is no longer kept")
     except RelayError as error:
         return error_response(error)
-    return await _read(request, generation, client, chat_id, headers=dict(UI_STREAM_HEADERS), prepare_now=True)
+    return await _read(
+        request, generation, client, chat_id, headers=dict(UI_STREAM_HEADERS), prepare_now=True, resumed=True
+    )
 
 
 async def _read(
@@ -144,6 +146,7 @@ async def _read(
     *,
     headers: dict[str, str],
     prepare_now: bool = False,
+    resumed: bool = False,
 ) -> web.StreamResponse:
     state = request.app[RELAY]
     reader = Reader(
@@ -156,7 +159,7 @@ async def _read(
         headers=headers,
     )
     try:
-        return await run_reader(request, reader)
+        return await run_reader(request, reader, resumed=resumed)
     finally:
         if generation.ended:
             request.app[UI_CHATS].drop(client, chat_id, generation.id)

@@ -452,3 +452,25 @@ async def test_the_relay_s_timeouts_apply(serve: ServeApp, stream: bool) -> None
     assert caught.value.message.endswith("the model did not start answering in time")
     async with asyncio.timeout(5):
         await provider.closed.wait()
+
+
+@pytest.mark.parametrize("endpoint", ["/openai/v1/chat/completions", "/api/chat", "/api/ui-chat"])
+async def test_a_failure_before_any_token_keeps_the_admitted_rate_limit_fields(
+    serve: ServeApp, http: aiohttp.ClientSession, endpoint: str
+) -> None:
+    """The status that replaces a 200 when the upstream fails first still says what the client has left."""
+    provider = ScriptedProvider()
+    base = await serve(_host_with_scripted(provider, BASE.with_changes(limits_enabled=True, rate="10/m", burst=5)))
+    provider.put([Error("upstream_error", "the model provider failed")])
+    body: dict[str, Any] = {
+        "/openai/v1/chat/completions": {"model": DEMO_MODEL, "messages": USER, "stream": True},
+        "/api/chat": {"prompt": "x"},
+        "/api/ui-chat": {
+            "id": "c",
+            "messages": [{"id": "m", "role": "user", "parts": [{"type": "text", "text": "x"}]}],
+        },
+    }[endpoint]
+    async with http.post(f"{base}{endpoint}", json=body, headers={"Accept": "application/x-ndjson"}) as response:
+        assert response.status == 502
+        assert response.headers["RateLimit"].startswith('"rate";r=4')
+        assert "RateLimit-Policy" in response.headers
