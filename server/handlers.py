@@ -55,10 +55,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     accepted = await accept_chat(request, state)  # identified and admitted before the body is read
     if isinstance(accepted, web.StreamResponse):
         return accepted
-    chat_req, framing = accepted.chat, accepted.framing
-    generation = await start_generation(
-        state, chat_req, accepted.admission, accepted.reservation, framing=accepted.framing.name
-    )
+    framing, chat_req = accepted.taken
+    generation = await start_generation(state, chat_req, accepted.admission, accepted.reservation, framing=framing.name)
     return await _read(
         request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=accepted.headers
     )

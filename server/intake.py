@@ -84,24 +84,6 @@ class Admitted(Generic[T]):
         return merge_fields(self.admission.headers, self.reservation.headers)
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """An admitted, valid request. The handler owns `admission` from here and must release it."""
-
-    chat: ChatRequest
-    framing: Framing
-    admission: Admission
-    # The token budget's reservation (None without one): the generation settles it at its end.
-    reservation: BudgetReservation | None = None
-
-    @property
-    def headers(self) -> dict[str, str]:
-        """The admitted response's RateLimit fields: the request policies, then the token policies."""
-        if self.reservation is None:
-            return dict(self.admission.headers)
-        return merge_fields(self.admission.headers, self.reservation.headers)
-
-
 def check_origin(request: web.Request, policy: OriginPolicy) -> None:
     """Refuse a request that must not start a generation (request_origin.py): sent to a host name the relay does
     not answer for (DNS rebinding), or made by a browser for a page of another site, or as a page or resource load.
@@ -209,18 +191,15 @@ async def read_json_body(request: web.Request, state: RelayState) -> bytes:
     return body
 
 
-async def accept_chat(request: web.Request, state: RelayState) -> Accepted | web.Response:
-    """Identify, admit, then negotiate and validate the request; a refusal is returned as the response to send."""
+async def accept_chat(request: web.Request, state: RelayState) -> Admitted[tuple[Framing, ChatRequest]] | web.Response:
+    """Identify, admit, then negotiate and validate a chat request (its framing and its chat); a refusal is
+    returned as the response to send."""
 
     async def take(request: web.Request) -> tuple[Framing, ChatRequest]:
         framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
         return framing, await read_chat_request(request, state)
 
-    admitted = await admit_then(request, state, take, lambda taken: taken[1])
-    if isinstance(admitted, web.Response):
-        return admitted
-    framing, chat = admitted.taken
-    return Accepted(chat, framing, admitted.admission, admitted.reservation)
+    return await admit_then(request, state, take, lambda taken: taken[1])
 
 
 async def admit_then(
@@ -255,7 +234,6 @@ async def admit_then(
 
 
 __all__ = [
-    "Accepted",
     "Admitted",
     "accept_chat",
     "admit_then",
