@@ -52,7 +52,7 @@ from .config import Config
 from .errors import Overloaded, RequestError, TokenBudgetExhausted, TokenQuotaExhausted
 from .events import Usage
 from .limits import BucketTable, float_up, service_limit
-from .redis_client import redis_client
+from .redis_client import RedisOutage, redis_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -391,7 +391,10 @@ class RedisBudgets:
         self._clock = clock
         self._reserve = redis.register_script(_RESERVE_LUA)
         self._settle = redis.register_script(_SETTLE_LUA)
-        self._down_until = -math.inf
+        what = "this process's own budgets apply" if fallback else "requests are refused (503)"
+        self._outage = RedisOutage(
+            clock, retry_interval, log, f"for token budgets: {what}", "token budgets are shared again"
+        )
         self._closed = False
 
     @classmethod
@@ -402,7 +405,7 @@ class RedisBudgets:
 
     @property
     def available(self) -> bool:
-        return self._clock() >= self._down_until
+        return self._outage.available
 
     def key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -428,9 +431,9 @@ class RedisBudgets:
             async with asyncio.timeout(self._timeout):
                 reply = await self._reserve(keys=keys, args=args)
         except self._failures as exc:
-            self._went_down(exc)
+            self._outage.went_down(exc)
             return self._degraded(client, policy, estimated)
-        self._came_back()
+        self._outage.came_back()
         code, start, end, now, day, used = (int(value) for value in reply)
         resets_at = (day + 1) * 86_400
         quota_wait = float_up(Fraction(resets_at * _US - now, _US))
@@ -476,7 +479,7 @@ class RedisBudgets:
             async with asyncio.timeout(self._timeout):
                 await self._settle(keys=keys, args=args)
         except self._failures as exc:
-            self._went_down(exc)
+            self._outage.went_down(exc)
 
     def _degraded(self, client: str, policy: TokenBudgetPolicy, estimated: Estimate) -> BudgetReservation:
         if self.fallback is not None:
@@ -484,17 +487,6 @@ class RedisBudgets:
         raise Overloaded(
             "token budgets are unavailable; try again in a moment", retry_after=max(1.0, self._retry_interval)
         )
-
-    def _went_down(self, exc: BaseException) -> None:
-        if self.available:
-            what = "this process's own budgets apply" if self.fallback else "requests are refused (503)"
-            log.warning("Redis is unreachable for token budgets (%s: %s): %s", type(exc).__name__, exc, what)
-        self._down_until = self._clock() + self._retry_interval
-
-    def _came_back(self) -> None:
-        if self._down_until != -math.inf:
-            log.warning("Redis answers again: token budgets are shared again")
-            self._down_until = -math.inf
 
     async def aclose(self) -> None:
         if self._closed:

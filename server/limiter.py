@@ -43,7 +43,7 @@ from .admission import Admission, Limiter
 from .config import Config
 from .errors import Overloaded, RateLimited
 from .limits import BucketTable, LimitPolicy, TokenBucket, exact_rate, float_up, parse_rate, service_limit
-from .redis_client import redis_client
+from .redis_client import RedisOutage, redis_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -347,7 +347,10 @@ class RedisLimiter:
         self._sequence = itertools.count()
         self._leases: dict[str, str] = {}  # this process's live leases: lease id → the client's lease set key
         self._refresher: asyncio.Task[None] | None = None
-        self._down_until = -math.inf
+        what = "admitting by this process's own limits" if fallback else "refusing requests (503)"
+        self._outage = RedisOutage(
+            clock, retry_interval, log, f"{what} until it answers again", "limits are shared again"
+        )
         self._closed = False
 
     @classmethod
@@ -359,7 +362,7 @@ class RedisLimiter:
     @property
     def available(self) -> bool:
         """False while Redis is considered down (after a failure, for `retry_interval`)."""
-        return self._clock() >= self._down_until
+        return self._outage.available
 
     @property
     def leases(self) -> int:
@@ -391,9 +394,9 @@ class RedisLimiter:
                 reply = await self._admit(keys=keys, args=args)
         except self._failures as exc:
             # If the script ran but its answer was lost, its token is spent and its lease expires on its own.
-            self._went_down(exc)
+            self._outage.went_down(exc)
             return self._degraded(client)
-        self._came_back()
+        self._outage.came_back()
         code, debt_us, retry_us, held = (int(value) for value in reply)
         remaining: int | None = None
         reset: float | None = None
@@ -417,7 +420,7 @@ class RedisLimiter:
             async with asyncio.timeout(self._timeout):
                 await self._release(keys=[client_key, self.key("streams")], args=[lease])
         except self._failures as exc:
-            self._went_down(exc)
+            self._outage.went_down(exc)
 
     async def refresh_leases(self) -> int:
         """Renew the leases of this process's open streams; the number renewed."""
@@ -455,17 +458,6 @@ class RedisLimiter:
             headers={"RateLimit-Policy": policy_field} if policy_field else None,
         )
 
-    def _went_down(self, exc: BaseException) -> None:
-        if self.available:
-            what = "admitting by this process's own limits" if self.fallback else "refusing requests (503)"
-            log.warning("Redis is unreachable (%s: %s): %s until it answers again", type(exc).__name__, exc, what)
-        self._down_until = self._clock() + self._retry_interval
-
-    def _came_back(self) -> None:
-        if self._down_until != -math.inf:
-            log.warning("Redis answers again: limits are shared again")
-            self._down_until = -math.inf
-
     def _start_refresher(self) -> None:
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.get_running_loop().create_task(
@@ -482,7 +474,7 @@ class RedisLimiter:
             try:
                 await self.refresh_leases()
             except self._failures as exc:
-                self._went_down(exc)
+                self._outage.went_down(exc)
 
 
 def policy_from_config(config: Config) -> LimitPolicy:

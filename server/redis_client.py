@@ -7,6 +7,9 @@ fallback decides what an outage means), bounded socket waits, and a startup erro
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .config import ConfigError
@@ -38,3 +41,32 @@ def redis_client(url: str, *, timeout: float, connect_timeout: float | None = No
         )
     except ValueError:
         raise ConfigError(BAD_URL) from None
+
+
+class RedisOutage:
+    """Whether a Redis user considers Redis down: from a failure for `retry_interval` seconds (its fallback decides
+    meanwhile), with one warning when an outage starts and one when Redis answers again."""
+
+    def __init__(
+        self, clock: Callable[[], float], retry_interval: float, log: logging.Logger, down: str, back: str
+    ) -> None:
+        self._clock = clock
+        self._retry_interval = retry_interval
+        self._log = log
+        self._down = down  # what happens meanwhile, e.g. "refusing requests (503) until it answers again"
+        self._back = back
+        self._down_until = -math.inf
+
+    @property
+    def available(self) -> bool:
+        return self._clock() >= self._down_until
+
+    def went_down(self, exc: BaseException) -> None:
+        if self.available:
+            self._log.warning("Redis is unreachable (%s: %s): %s", type(exc).__name__, exc, self._down)
+        self._down_until = self._clock() + self._retry_interval
+
+    def came_back(self) -> None:
+        if self._down_until != -math.inf:
+            self._log.warning("Redis answers again: %s", self._back)
+            self._down_until = -math.inf
