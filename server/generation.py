@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import enum
 import logging
 import math
@@ -209,6 +208,7 @@ class Generation:
         "_chat",
         "_delivered",
         "_on_change",
+        "_on_closed",
         "_on_end",
         "_producer",
         "_relayed_chars",
@@ -276,6 +276,7 @@ class Generation:
         # Set by the registry: told of every change in retained bytes, and of the end.
         self._on_change: Callable[[Generation, int], None] | None = None
         self._on_end: Callable[[Generation], None] | None = None
+        self._on_closed: Callable[[Generation], None] | None = None
 
     @property
     def ended(self) -> bool:
@@ -293,9 +294,10 @@ class Generation:
         self._on_end = on_end
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
-        self._task = loop.create_task(self._run(), name=f"llm-relay generation {self.id}")
-        if on_closed is not None:
-            self._task.add_done_callback(lambda _: on_closed(self))
+        self._on_closed = on_closed
+        # One name for every generation's task (the stream id is in every log line): a name per task would be a
+        # string per open stream.
+        self._task = loop.create_task(self._run(), name="llm-relay generation")
 
     def add_waiter(self, waiter: asyncio.Future[None]) -> None:
         """Resolve `waiter` at the next append or at the end (at once if already ended)."""
@@ -388,16 +390,18 @@ class Generation:
         slack = min(1.0, settings.idle_timeout / 10)
         # The idle clock's deadline as last set (inf: none; -inf: not set yet, the first-token clock runs).
         deadline = -math.inf
-        # The provider runs in this task: its on_abort() callbacks land in this generation's list.
-        collecting = collect_aborts(self._aborts)
-        reporting = collect_upstream_report(self.upstream)
+        # The provider runs in this task: its on_abort() callbacks land in this generation's list. (Set in the
+        # task's own context, which ends with it: no reset token is kept for the life of the stream.)
+        collect_aborts(self._aborts)
+        collect_upstream_report(self.upstream)
         try:
             if self.ended:  # cancelled before this task took its first step: no upstream request at all
                 self._usage = Usage(0, 0, 0)  # nothing consumed: a token budget charges nothing
                 return
             chat, self._chat = self._chat, None
             assert chat is not None
-            async with contextlib.aclosing(self.provider.stream(chat)) as batches:
+            batches = self.provider.stream(chat)
+            try:  # (what contextlib.aclosing does, without its object and bound method per open stream)
                 try:
                     async with asyncio.timeout_at(
                         _earliest(total_deadline, self.started_at, settings.first_token_timeout)
@@ -440,6 +444,8 @@ class Generation:
                     self._fail(InternalError("the reply ended without finishing"), Outcome.ERROR)
                     return
                 await self._read_to_end(batches)
+            finally:
+                await batches.aclose()
         except asyncio.CancelledError:
             if not self.ended:  # not one of ours (the loop is closing): record it, and let it go on
                 self._fail(InternalError("the relay stopped"), Outcome.ERROR)
@@ -450,12 +456,17 @@ class Generation:
             log.exception("generation %s: the provider failed", self.id)
             self._fail(InternalError("the relay failed while generating the reply"), Outcome.ERROR)
         finally:
-            stop_collecting_upstream_report(reporting)
-            stop_collecting_aborts(collecting)
-            if self._admission is not None:
-                await self._admission.release()
-            if self._budget is not None:
-                await self._budget.settle(self._usage, self._relayed_chars)
+            stop_collecting_upstream_report()
+            stop_collecting_aborts()
+            try:
+                if self._admission is not None:
+                    await self._admission.release()
+                if self._budget is not None:
+                    await self._budget.settle(self._usage, self._relayed_chars)
+            finally:
+                # The task's last step (rather than a done callback: a closure and a context copy per stream).
+                if self._on_closed is not None:
+                    self._on_closed(self)
 
     def _timeout_error(self) -> StreamTimeout:
         settings = self.settings
@@ -472,7 +483,7 @@ class Generation:
 
     async def _read_to_end(self, batches: AsyncIterator[Sequence[Event]]) -> None:
         """After the terminal event, let the provider read the upstream body to its end so its connection is
-        reused; at most PROVIDER_DRAIN_GRACE, then `aclosing` closes it."""
+        reused; at most PROVIDER_DRAIN_GRACE, then `_run` closes it."""
         try:
             async with asyncio.timeout(PROVIDER_DRAIN_GRACE):
                 async for _ in batches:

@@ -53,6 +53,31 @@ async def test_streams_due_in_the_same_tick_share_one_timer_and_all_wake() -> No
     assert pacer._waiting == {}
 
 
+def test_the_tick_is_a_millisecond_or_a_thousandth_of_a_slower_pace() -> None:
+    assert [_Pacer.tick_for(d) for d in (0, 0.001, 0.02, 1.0, 2.5, 3600)] == [1, 1, 1, 1, 2, 3600]
+
+
+async def test_slow_streams_started_within_a_second_share_a_timer_and_none_wakes_early() -> None:
+    # The idle bench's streams wait an hour for their first token: a timer (and its table entries) each would be
+    # most of what such a stream costs while it waits.
+    loop = asyncio.get_running_loop()
+    pacer = _Pacer()
+    tick = _Pacer.tick_for(3.0)  # 3 ms: short enough to wait for here
+    start = loop.time() + 0.05
+    dues = [start + i * 0.0001 for i in range(20)]  # 20 streams due within 2 ms
+    waiters = [pacer.wake_at(loop, due, tick) for due in dues]
+    assert len(pacer._timers) <= 2
+    woke = await asyncio.wait_for(asyncio.gather(*(_woken_at(w) for w in waiters)), 2)
+    assert all(at >= due for at, due in zip(woke, dues, strict=True))
+    assert pacer._timers == {}
+    assert pacer._waiting == {}
+
+
+async def _woken_at(woken: asyncio.Future[None]) -> float:
+    await woken
+    return asyncio.get_running_loop().time()
+
+
 async def test_a_cancelled_wait_leaves_nothing_behind_and_spares_the_others_of_its_tick() -> None:
     loop = asyncio.get_running_loop()
     pacer = _Pacer()

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Sequence
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from typing import Protocol
 
 from ..chat_request import ChatRequest
@@ -37,14 +37,15 @@ def on_abort(callback: Callable[[], None]) -> None:
         callbacks.append(callback)
 
 
-def collect_aborts(callbacks: list[Callable[[], None]]) -> Token[list[Callable[[], None]] | None]:
-    """Make `callbacks` the list `on_abort` appends to, in the current context, until `stop_collecting_aborts`."""
-    return _abort_callbacks.set(callbacks)
+def collect_aborts(callbacks: list[Callable[[], None]]) -> None:
+    """Make `callbacks` the list `on_abort` appends to, in the current context (a stream's own task, whose
+    context ends with it), until `stop_collecting_aborts`."""
+    _abort_callbacks.set(callbacks)
 
 
-def stop_collecting_aborts(token: Token[list[Callable[[], None]] | None]) -> None:
-    """The stream is over: `on_abort` in the rest of the task (the host's code) registers nothing."""
-    _abort_callbacks.reset(token)
+def stop_collecting_aborts() -> None:
+    """The stream is over: `on_abort` in the rest of the task registers nothing."""
+    _abort_callbacks.set(None)
 
 
 class UpstreamReport:
@@ -67,10 +68,11 @@ def report_upstream_status(status: int) -> None:
         report.status = status
 
 
-def collect_upstream_report(report: UpstreamReport) -> Token[UpstreamReport | None]:
-    """Make `report` the one `report_upstream_status` fills, in the current context, until it is reset."""
-    return _upstream_report.set(report)
+def collect_upstream_report(report: UpstreamReport) -> None:
+    """Make `report` the one `report_upstream_status` fills, in the current context (a stream's own task),
+    until `stop_collecting_upstream_report`."""
+    _upstream_report.set(report)
 
 
-def stop_collecting_upstream_report(token: Token[UpstreamReport | None]) -> None:
-    _upstream_report.reset(token)
+def stop_collecting_upstream_report() -> None:
+    _upstream_report.set(None)
