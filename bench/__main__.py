@@ -68,13 +68,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--baseline",
         metavar="REV",
         default="",
-        help="also run ours from REV's server/ package (target ours@<commit>) in the full relay, beside ours",
+        help="also run ours from REV's server/ package (target ours@<commit>) in the full relay and idle, beside ours",
     )
     parser.add_argument("--targets", default="", help="comma-separated name fragments of peers to run (ours always)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per measurement")
     parser.add_argument("--throughput-streams", type=_levels, help="e.g. 1,100,1000")
     parser.add_argument("--paced-streams", type=_levels, help="e.g. 1000,5000")
     parser.add_argument("--idle-streams", type=int, help="e.g. 10000")
+    parser.add_argument("--idle-repeats", type=int, help="interleaved repeats of the idle scenario (default 1)")
     parser.add_argument("--storm-connections", type=int, help="clients of the reconnect storm, e.g. 1000")
     parser.add_argument("--relay-paced-streams", type=int, help="the paced relay level the targets judge, e.g. 500")
     parser.add_argument("--relay-levels", type=_levels, help="paced relay levels, e.g. 10,100,500,1000")
@@ -112,6 +113,7 @@ def _plan(args: argparse.Namespace) -> scenarios.Plan:
         ("throughput_streams", "throughput_levels"),
         ("paced_streams", "paced_levels"),
         ("idle_streams", "idle_connections"),
+        ("idle_repeats", "idle_repeats"),
         ("storm_connections", "storm_connections"),
         ("relay_paced_streams", "relay_paced_streams"),
         ("relay_levels", "relay_paced_levels"),

@@ -301,6 +301,9 @@ def paced(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
 
 def capacity(plan: Plan, log: Log) -> list[Row]:
     chosen = [c for c in plan.selected(t.ALL) if c.idles]
+    # --baseline: ours from another revision right after ours, so the A/B's two sides run back to back.
+    baselines = [t.baseline(plan.baseline, plan.baseline_root)] if plan.baseline else []
+    chosen = [*chosen[:1], *baselines, *chosen[1:]]
     rows: list[Row] = []
     count = plan.idle_connections
     for repeat in range(plan.idle_repeats):

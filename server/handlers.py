@@ -8,7 +8,8 @@ is a proper status with a JSON body ``{"error": {"type", "message"}}``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
@@ -172,7 +173,7 @@ async def _resume(request: web.Request, stream_id: str, after: int, framing: Fra
     return await _read(request, generation, framing, after=after, prepare_now=True, resumed=True, registry=registry)
 
 
-async def _read(
+def _read(
     request: web.Request,
     generation: Generation,
     framing: Framing,
@@ -183,9 +184,10 @@ async def _read(
     headers: Mapping[str, str] | None = None,
     resumed: bool = False,
     registry: StreamRegistry | None = None,
-) -> web.StreamResponse:
-    """Run a `Reader` of `generation` for this request (see `Reader` for the options); `resumed`: it joins an
-    existing generation."""
+) -> Coroutine[Any, Any, web.StreamResponse]:
+    """A `Reader` of `generation` for this request (see `Reader` for the options), run by the coroutine returned;
+    `resumed`: it joins an existing generation. (Not a coroutine itself: its frame would stay suspended, a few
+    hundred bytes, for as long as the stream is open.)"""
     state = request.app[RELAY]
     reader = Reader(
         request,
@@ -198,9 +200,9 @@ async def _read(
         announce=announce,
         # Heartbeats on SSE always (proxies, half-open peers); on NDJSON only when asked for.
         keepalive=framing.name == "sse" or state.config.ndjson_keepalive,
-        headers=dict(headers or {}),
+        headers=dict(headers) if headers else None,
     )
-    return await run_reader(request, reader, resumed=resumed)
+    return run_reader(request, reader, resumed=resumed)
 
 
 async def run_reader(request: web.Request, reader: Reader, *, resumed: bool = False) -> web.StreamResponse:
