@@ -22,7 +22,7 @@ from .client_key import ClientIdentifier
 from .config import DEMO_MODEL, Config
 from .errors import RelayError
 from .generation import GenerationSettings
-from .handlers import chat, healthz, json_errors, stop, stream
+from .handlers import chat, healthz, stop, stream
 from .intake import check_host, expect_handler
 from .limiter import build_limiter as build_backend_limiter
 from .logs import FailureLog, access_middleware, add_request_id, remember_client
@@ -190,8 +190,10 @@ def create_relay_app(
         budgets=budgets or build_budgets(config, _key_budgets(identify)),
         observer=observer,
     )
-    # The access line's middleware is the outermost: it sees every response, json_errors' ones included.
-    api = web.Application(middlewares=[access_middleware(observer), json_errors], client_max_size=config.max_body_bytes)
+    # One middleware: the access line, and refusals answered as JSON errors (it sees every response).
+    api = web.Application(
+        middlewares=[access_middleware(observer, error_response)], client_max_size=config.max_body_bytes
+    )
     api.on_response_prepare.append(add_request_id)
     if config.stream_store == "redis":
         from .redis_streams import build_stream_store

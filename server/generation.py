@@ -22,6 +22,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from .admission import Admission
 from .budget import TokenReservation, output_chars
@@ -194,6 +195,20 @@ class EventLog:
             self._first_seq += drop
 
 
+class GenerationListener(Protocol):
+    """Told of a generation's changes (the registry): one object rather than a callback each, which would be
+    bound methods kept per open stream."""
+
+    def generation_changed(self, generation: Generation, delta: int) -> None:
+        """Its retained bytes changed by `delta` (an append, or a trim)."""
+
+    def generation_ended(self, generation: Generation) -> None:
+        """It ended: its terminal event is in the log."""
+
+    def generation_closed(self, generation: Generation) -> None:
+        """Its task has ended: the provider and the upstream are closed."""
+
+
 class Generation:
     """One provider call for one chat request: its id, its log, its task and how it ended.
 
@@ -207,9 +222,7 @@ class Generation:
         "_budget",
         "_chat",
         "_delivered",
-        "_on_change",
-        "_on_closed",
-        "_on_end",
+        "_listener",
         "_producer",
         "_relayed_chars",
         "_running",
@@ -274,9 +287,7 @@ class Generation:
         # `finally`, which gives the admission back), so cancel() only records the end and lets the body see it.
         self._running = False
         # Set by the registry: told of every change in retained bytes, and of the end.
-        self._on_change: Callable[[Generation, int], None] | None = None
-        self._on_end: Callable[[Generation], None] | None = None
-        self._on_closed: Callable[[Generation], None] | None = None
+        self._listener: GenerationListener | None = None
 
     @property
     def ended(self) -> bool:
@@ -284,17 +295,13 @@ class Generation:
 
     def start(
         self,
-        on_change: Callable[[Generation, int], None] | None = None,
-        on_end: Callable[[Generation], None] | None = None,
-        on_closed: Callable[[Generation], None] | None = None,
+        listener: GenerationListener | None = None,
     ) -> None:
         if self._task is not None:
             raise RuntimeError("a generation is started once")
-        self._on_change = on_change
-        self._on_end = on_end
+        self._listener = listener
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
-        self._on_closed = on_closed
         # One name for every generation's task (the stream id is in every log line): a name per task would be a
         # string per open stream.
         self._task = loop.create_task(self._run(), name="llm-relay generation")
@@ -364,8 +371,8 @@ class Generation:
         delta = self.log.append(events)
         if self._budget is not None:
             self._relayed_chars += output_chars(events)
-        if self._on_change is not None:
-            self._on_change(self, delta)
+        if self._listener is not None:
+            self._listener.generation_changed(self, delta)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -379,8 +386,8 @@ class Generation:
             self._usage = terminal.usage
         self.ended_at = asyncio.get_running_loop().time()
         self._append([terminal])
-        if self._on_end is not None:
-            self._on_end(self)
+        if self._listener is not None:
+            self._listener.generation_ended(self)
 
     async def _run(self) -> None:
         self._running = True
@@ -465,8 +472,8 @@ class Generation:
                     await self._budget.settle(self._usage, self._relayed_chars)
             finally:
                 # The task's last step (rather than a done callback: a closure and a context copy per stream).
-                if self._on_closed is not None:
-                    self._on_closed(self)
+                if self._listener is not None:
+                    self._listener.generation_closed(self)
 
     def _timeout_error(self) -> StreamTimeout:
         settings = self.settings

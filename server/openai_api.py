@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .errors import NotFound, RelayError
 from .framing import Framing, OpenAIChunkFraming, OpenAICompletionFraming
-from .handlers import refusals_as, run_reader, start_generation
+from .handlers import run_reader, start_generation
 from .intake import admit_then, check_origin, expect_handler, read_json_body
 from .logs import access_middleware, add_request_id
 from .openai_chunks import openai_error_body
@@ -99,16 +99,15 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data}, headers={"Cache-Control": "no-store"})
 
 
-openai_errors = refusals_as(openai_error_response)
-
-
 def create_openai_app(relay_api: web.Application) -> tuple[web.Application, list[web.AbstractRoute]]:
     """The OpenAI-compatible sub-application, sharing `relay_api`'s state (`server.app.create_relay_app`);
     returns it and its routes (for CORS)."""
     state = relay_api[RELAY]
-    # The same access line, request id and refusal counts as the relay's own API (server/logs.py).
+    # The same access line, request id and refusal counts as the relay's own API (server/logs.py), its refusals
+    # in OpenAI's error shape.
     v1 = web.Application(
-        middlewares=[access_middleware(state.observer), openai_errors], client_max_size=state.config.max_body_bytes
+        middlewares=[access_middleware(state.observer, openai_error_response)],
+        client_max_size=state.config.max_body_bytes,
     )
     v1[RELAY] = state
     v1.on_response_prepare.append(add_request_id)

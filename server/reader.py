@@ -30,6 +30,7 @@ from .errors import RelayError, ResumeUnavailable
 from .events import Error, Event, is_terminal
 from .framing import Framing
 from .generation import Generation, ServerShuttingDown
+from .observe import StreamObserver
 from .registry import StreamRegistry
 from .responses import error_response
 
@@ -145,14 +146,17 @@ class Reader:
 
     # -- the reading loop -------------------------------------------------------------------------------------
 
-    async def run(self) -> web.StreamResponse:
-        """Replay, then follow, until the end, the client leaving, or shutdown; returns the response.
+    async def run(self, observer: StreamObserver | None = None, *, resumed: bool = False) -> web.StreamResponse:
+        """Replay, then follow, until the end, the client leaving, or shutdown; returns the response. `observer`
+        is told when this reader starts and ends (`resumed`: it joined an existing generation).
 
         One coroutine for the whole reading loop, its wait included: it stays suspended for as long as the stream
         is open, and each nested coroutine would be one more suspended frame (a few hundred bytes) per open stream.
         """
         generation = self.generation
         settings = self.settings
+        if observer is not None:
+            observer.reader_started(self, resumed)
         self._registry.attach(generation, self)
         self._attached = True
         # This reader holds everything up to `after`: a generation waiting for a reader to catch up may go on.
@@ -171,7 +175,7 @@ class Reader:
                 if not await self._write(opening):
                     return self._response or web.Response(status=499)
             stream_id = generation.id
-            encode = self.framing.encode
+            framing = self.framing  # (not its bound encode: a method object per open stream)
             pos = self._after
             # Frames encoded but not written yet: a flush window holds them until it ends or flush_bytes is reached.
             held: list[bytes] = []
@@ -198,7 +202,7 @@ class Reader:
                         held_since = self._loop.time()
                     for event in events:
                         pos += 1
-                        frame = encode(stream_id, pos, event)
+                        frame = framing.encode(stream_id, pos, event)
                         held.append(frame)
                         held_size += len(frame)
                         if is_terminal(event):
@@ -262,6 +266,9 @@ class Reader:
                 self._heartbeat.cancel()
                 self._heartbeat = None
             self._leave()
+            if observer is not None:
+                observer.reader_ended(self, resumed)
+            log.debug("stream %s: a %s reader ended (%s)", generation.id, self.framing.name, self.outcome)
 
     async def _end_body(self, response: web.StreamResponse) -> web.StreamResponse:
         """A compressed body ends with the end of its compressed stream, which aiohttp's own final write_eof()

@@ -2,7 +2,7 @@
 
     owner instance (runs the generation)                  Redis                         another instance
     Generation ─append─▶ EventLog ─▶ local readers
-          └ registry._on_change ─▶ appended() ─▶ writer ─ one EVALSHA per flush ──▶ log (Stream), state (hash)
+          └ registry (changed) ──▶ appended() ─▶ writer ─ one EVALSHA per flush ──▶ log (Stream), state (hash)
              (marks it dirty: no await, no IO)   task     (an XADD per stream in it)  │ XRANGE, then XREAD BLOCK
                                                                                       ▼
     lease refresher (every LEASE_REFRESH s): the instance's liveness key,   replica Generation ─▶ EventLog ─▶ readers

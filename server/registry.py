@@ -121,7 +121,7 @@ class StreamRegistry:
         self._generations[generation.id] = generation
         self._idle.clear()
         self._unclosed.add(generation)
-        generation.start(self._on_change, self._on_end, self._on_closed)
+        generation.start(self)
         if self.shared is not None:
             self.shared.started(generation)
         if self._shutting_down:
@@ -182,7 +182,7 @@ class StreamRegistry:
                 return
         generation.cancel(Outcome.ABANDONED)
 
-    def _on_end(self, generation: Generation) -> None:
+    def generation_ended(self, generation: Generation) -> None:
         grace = self._grace.pop(generation.id, None)
         if grace is not None:
             grace.cancel()
@@ -194,7 +194,7 @@ class StreamRegistry:
             self._idle.set()
         self.observer.stream_ended(generation)
 
-    def _on_closed(self, generation: Generation) -> None:
+    def generation_closed(self, generation: Generation) -> None:
         self._unclosed.discard(generation)
         ended_at = generation.ended_at
         if ended_at is not None:
@@ -211,7 +211,7 @@ class StreamRegistry:
 
     # -- memory -----------------------------------------------------------------------------------------------
 
-    def _on_change(self, generation: Generation, delta: int) -> None:
+    def generation_changed(self, generation: Generation, delta: int) -> None:
         if self.shared is not None:
             self.shared.appended(generation)
         self.total_bytes += delta

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
-from .errors import RelayError
+from .errors import MethodNotAllowed, NotFound, RelayError
 from .framing import json_bytes
 
 # The error type of an error response, kept on it for the access log and the refusal metrics (server/logs.py).
 ERROR_TYPE = web.ResponseKey("llm_relay_error_type", str)
+
+# How an endpoint answers a refusal: `error_response`, or another error dialect (OpenAI's, under ``/v1``).
+Respond = Callable[[RelayError, dict[str, str] | None], web.Response]
 
 # A Retry-After past this is clamped: a client told to wait for years (an upstream's "1e400") would never retry.
 MAX_RETRY_AFTER = 3600
@@ -46,3 +50,16 @@ def error_response(
     )
     response[ERROR_TYPE] = error.type
     return response
+
+
+def refusal_for(exc: BaseException, respond: Respond) -> web.Response | None:
+    """aiohttp's own 404 and 405, or a `RelayError` a handler raised, answered with `respond` like every other
+    refusal of its application; None for any other exception."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allow = exc.headers.get(hdrs.ALLOW, "")
+        return respond(MethodNotAllowed(f"use one of: {allow}" if allow else "method not allowed"), {hdrs.ALLOW: allow})
+    if isinstance(exc, web.HTTPNotFound):
+        return respond(NotFound("no such endpoint"), None)
+    if isinstance(exc, RelayError):
+        return respond(exc, None)
+    return None

@@ -118,6 +118,20 @@ def demo_events(request: ChatRequest) -> tuple[list[Event], list[str], str]:
     return before, _TOKEN.findall(_opening(request)), "stop"
 
 
+def _reply(request: ChatRequest) -> tuple[Iterator[Event], int, Done]:
+    """The events the demo model streams for `request` (the token limit applied), their count, and its `Done`."""
+    before, opening, finish = demo_events(request)
+    body = _BODY_TOKENS if finish == "stop" else ()
+    count = len(before) + len(opening) + len(body)
+    limit = request.token_limit
+    if limit is not None and count > limit:
+        count = limit
+        finish = "length"
+    tokens = itertools.islice(itertools.chain(before, map(Delta, opening), map(Delta, body)), count)
+    prompt_tokens = sum(len(_TOKEN.findall(m.content)) for m in request.messages)
+    return tokens, count, Done(finish, Usage(prompt_tokens, count, prompt_tokens + count))
+
+
 class _Pacer:
     """Wakes every stream whose next token falls due in the same tick with one timer.
 
@@ -197,19 +211,8 @@ class DemoProvider:
         self._pacers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pacer] = weakref.WeakKeyDictionary()
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
-        before, opening, finish = demo_events(request)
-        body = _BODY_TOKENS if finish == "stop" else ()
-        count = len(before) + len(opening) + len(body)
-        limit = request.token_limit
-        if limit is not None and count > limit:
-            count = limit
-            finish = "length"
-        tokens: Iterator[Event] = itertools.islice(
-            itertools.chain(before, map(Delta, opening), map(Delta, body)), count
-        )
-        prompt_tokens = sum(len(_TOKEN.findall(m.content)) for m in request.messages)
-        done = Done(finish, Usage(prompt_tokens, count, prompt_tokens + count))
         if self.delay <= 0:
+            tokens, count, done = _reply(request)
             while batch := list(itertools.islice(tokens, _BATCH_AT_FULL_SPEED)):
                 yield batch
                 await asyncio.sleep(0)
@@ -221,19 +224,30 @@ class DemoProvider:
             pacer = self._pacers[loop] = _Pacer()
         delay = self.delay
         tick = _Pacer.tick_for(delay)
-        due = loop.time()
+        # Each token waits until its due time rather than for a fixed delay, so the pace does not drift when the
+        # loop is busy: a late token is followed by an earlier one.
+        due = loop.time() + delay
+        if request.token_limit != 0 and due > loop.time():
+            # The first token's wait comes before the reply is built: a stream waiting for it (an hour, in the idle
+            # bench) holds only its request meanwhile, not the reply's tokens, iterators and final event.
+            woken = pacer.wake_at(loop, due, tick)
+            try:
+                await woken
+            except BaseException:
+                pacer.forget(woken, due, tick)
+                raise
+        tokens, count, done = _reply(request)
         last = count - 1
         for index, event in enumerate(tokens):
-            # Wait until the token's due time rather than for a fixed delay, so the pace does not drift when the
-            # loop is busy: a late token is followed by an earlier one.
-            due += delay
-            if due > loop.time():
-                woken = pacer.wake_at(loop, due, tick)
-                try:
-                    await woken
-                except BaseException:
-                    pacer.forget(woken, due, tick)
-                    raise
+            if index:
+                due += delay
+                if due > loop.time():
+                    woken = pacer.wake_at(loop, due, tick)
+                    try:
+                        await woken
+                    except BaseException:
+                        pacer.forget(woken, due, tick)
+                        raise
             yield (event, done) if index == last else (event,)
         if not count:
             yield [done]
