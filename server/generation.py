@@ -312,7 +312,14 @@ class Generation:
             if not waiter.done():
                 waiter.set_result(None)
             return
-        self._waiters.append(waiter)
+        waiters = self._waiters
+        if len(waiters) >= 2 * self.readers + 2:
+            # A reader woken by something else (its heartbeat, its flush window, shutdown) leaves its resolved
+            # waiter here and adds a new one: without this, a stream waiting for its first token would keep one
+            # more future per heartbeat until the next append. Pruned when the list is twice what the readers
+            # can have pending (one each): amortised O(1) per wait.
+            waiters = self._waiters = [w for w in waiters if not w.done()]
+        waiters.append(waiter)
 
     @property
     def delivered_seq(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import weakref
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
@@ -460,3 +461,27 @@ async def test_a_reader_joining_at_the_live_edge_lets_a_waiting_generation_go_on
             got = await asyncio.wait_for(resp.content.readany(), 5)
     assert got.startswith(b'{"type":"delta","seq":%d' % (edge + 1))
     stalled.close()
+
+
+async def test_waiters_woken_by_something_else_are_not_kept_while_the_generation_waits() -> None:
+    # A reader woken by its heartbeat (not by an append) waits again with a new future: a stream waiting an hour
+    # for its first token must not keep one future per heartbeat until then.
+    generation = Generation(ScriptedProvider(), ChatRequest((Message("user", "x"),), "m"), GenerationSettings())
+    generation.readers = 2
+    loop = asyncio.get_running_loop()
+    pending = [loop.create_future() for _ in range(2)]  # the other reader's, and this one's, still waiting
+    for waiter in pending:
+        generation.add_waiter(waiter)
+    woken: list[weakref.ref[asyncio.Future[None]]] = []
+    for _ in range(100):
+        waiter = loop.create_future()
+        generation.add_waiter(waiter)
+        waiter.set_result(None)  # its heartbeat came
+        woken.append(weakref.ref(waiter))
+        del waiter
+    assert sum(ref() is not None for ref in woken) <= 2 * generation.readers + 2
+    # The ones still waiting are woken by the next append.
+    generation.start()
+    generation.cancel(Outcome.STOPPED)
+    assert all(waiter.done() for waiter in pending)
+    await asyncio.wait_for(generation.wait_closed(), 5)
