@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +51,58 @@ class ReaderSettings:
     reconnect_hint_ms: int = 3000
     # Content codings offered to clients, in order of preference (server/compression.py); () = never compress.
     compression: tuple[str, ...] = ()
+
+
+class _Heartbeats:
+    """The readers' heartbeat timers of one event loop, shared: the readers due in the same slot (an eighth of
+    their interval, in whole milliseconds) are woken by one timer. A timer per reader (its handle, the loop's own
+    timer, a context copy, a bound method) was ~0.4 KiB per open stream, most of what an idle stream costs beside
+    its connection. A heartbeat is up to an eighth of its interval late, never early: a keep-alive's job (staying
+    inside a proxy's idle timeout, detecting a dead peer) does not need it on the dot.
+    """
+
+    __slots__ = ("_readers", "_timers")
+
+    def __init__(self) -> None:
+        # By the slot's end in whole milliseconds of loop time.
+        self._readers: dict[int, set[Reader]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+
+    def add(self, reader: Reader, due: float, interval: float) -> int:
+        """Call `reader._on_heartbeat()` at the end of the slot `due` falls in; returns that slot, for `discard`."""
+        width = max(1, int(interval * 1000 / 8))
+        slot = math.ceil(due * 1000 / width) * width
+        readers = self._readers.get(slot)
+        if readers is None:
+            readers = self._readers[slot] = set()
+            self._timers[slot] = reader._loop.call_at(slot / 1000, self._fire, slot)
+        readers.add(reader)
+        return slot
+
+    def discard(self, reader: Reader, slot: int) -> None:
+        readers = self._readers.get(slot)
+        if readers is None:
+            return
+        readers.discard(reader)
+        if not readers:
+            del self._readers[slot]
+            self._timers.pop(slot).cancel()
+
+    def _fire(self, slot: int) -> None:
+        del self._timers[slot]
+        for reader in self._readers.pop(slot):
+            reader._on_heartbeat()
+
+
+# One per event loop (a reader's loop is the one it runs on); weak, so that a closed loop is not kept alive.
+_HEARTBEATS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Heartbeats] = weakref.WeakKeyDictionary()
+
+
+def _heartbeats(loop: asyncio.AbstractEventLoop) -> _Heartbeats:
+    heartbeats = _HEARTBEATS.get(loop)
+    if heartbeats is None:
+        heartbeats = _HEARTBEATS[loop] = _Heartbeats()
+    return heartbeats
 
 
 class Reader:
@@ -97,7 +151,7 @@ class Reader:
         self._compressor: StreamCompressor | None = None
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
-        self._heartbeat: asyncio.TimerHandle | None = None
+        self._heartbeat: int | None = None  # its slot in `_Heartbeats` while armed
         self._heartbeat_due = False
         self._last_write = 0.0
         self._attached = False
@@ -119,9 +173,10 @@ class Reader:
 
     def _on_heartbeat(self) -> None:
         self._heartbeat = None
-        due = self._last_write + self.settings.keepalive_interval
+        interval = self.settings.keepalive_interval
+        due = self._last_write + interval
         if self._loop.time() < due:  # something was written meanwhile: look again when the next one is due
-            self._heartbeat = self._loop.call_at(due, self._on_heartbeat)
+            self._heartbeat = _heartbeats(self._loop).add(self, due, interval)
             return
         self._heartbeat_due = True
         self._wake()
@@ -130,9 +185,8 @@ class Reader:
         """The heartbeat timer fires once per interval at most; writes only move `_last_write` (see _on_heartbeat)."""
         if self._keepalive and self._heartbeat is None:
             self._heartbeat_due = False
-            self._heartbeat = self._loop.call_at(
-                self._last_write + self.settings.keepalive_interval, self._on_heartbeat
-            )
+            interval = self.settings.keepalive_interval
+            self._heartbeat = _heartbeats(self._loop).add(self, self._last_write + interval, interval)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -263,7 +317,7 @@ class Reader:
         finally:
             watching.__exit__(None, None, None)
             if self._heartbeat is not None:
-                self._heartbeat.cancel()
+                _heartbeats(self._loop).discard(self, self._heartbeat)
                 self._heartbeat = None
             self._leave()
             if observer is not None:

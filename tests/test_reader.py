@@ -8,6 +8,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import cast
 
 import aiohttp
 import pytest
@@ -19,6 +20,7 @@ from server.chat_request import ChatRequest
 from server.config import Config
 from server.events import Delta, Done, Event
 from server.providers.base import on_abort
+from server.reader import Reader, _Heartbeats
 from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
@@ -369,3 +371,34 @@ async def test_an_http_10_keep_alive_client_sees_the_end_of_the_body(serve: Serv
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"transfer-encoding" not in head.lower()
     assert [kind for kind, _, _ in sse_events(body)] == ["message", "done"]
+
+
+class _Beating:
+    """What `_Heartbeats` calls of a reader: its loop, and `_on_heartbeat` (here: when it came)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.beat_at: float | None = None
+
+    def _on_heartbeat(self) -> None:
+        self.beat_at = self._loop.time()
+
+
+async def test_heartbeats_due_in_the_same_slot_share_one_timer_and_none_comes_early() -> None:
+    # 10,000 idle streams would otherwise hold 10,000 timers (~0.4 KiB each) to send a few bytes every interval.
+    loop = asyncio.get_running_loop()
+    heartbeats = _Heartbeats()
+    interval = 0.08  # slots of 10 ms
+    start = loop.time() + 0.02
+    readers = [_Beating(loop) for _ in range(20)]
+    dues = [start + i * 0.0004 for i in range(20)]  # all within 8 ms: one or two slots
+    slots = {heartbeats.add(cast(Reader, r), due, interval) for r, due in zip(readers, dues, strict=True)}
+    assert len(slots) <= 2
+    leaving = readers.pop()
+    heartbeats.discard(cast(Reader, leaving), heartbeats.add(cast(Reader, leaving), dues.pop(), interval))
+    async with asyncio.timeout(2):
+        while any(r.beat_at is None for r in readers):
+            await asyncio.sleep(0.005)
+    assert all(r.beat_at is not None and r.beat_at >= due for r, due in zip(readers, dues, strict=True))
+    assert all(r.beat_at is not None and r.beat_at <= due + 1.0 for r, due in zip(readers, dues, strict=True))
+    assert leaving.beat_at is None
