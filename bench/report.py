@@ -639,7 +639,8 @@ def _resume_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
 
 
 def _conditions(meta: dict[str, Any]) -> list[str]:
-    """A warning a reader cannot miss when the figures are a smoke run's or were taken on a busy machine."""
+    """A warning a reader cannot miss when the figures are a smoke run's or were taken on a busy machine; what the
+    run left out of `make bench` and why; how long each scenario took."""
     notes = []
     if meta.get("quick"):
         notes.append(
@@ -652,7 +653,13 @@ def _conditions(meta: dict[str, Any]) -> list[str]:
             "other processes shared the server's core, so every figure is noisy, absolute ones most; ratios measured "
             "in the same run are the least unreliable, and even they moved several-fold between runs."
         )
-    return [line for note in notes for line in (note, "")]
+    lines = [line for note in notes for line in (note, "")]
+    if meta.get("left_out"):
+        lines += ["Left out of this run:", "", *(f"- {note}" for note in meta["left_out"]), ""]
+    if meta.get("scenario_seconds"):
+        spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in meta["scenario_seconds"].items())
+        lines += [f"Time per scenario: {spent}.", ""]
+    return lines
 
 
 def _name(name: str) -> str:
