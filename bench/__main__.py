@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): run the scenarios and write bench/results/latest.md and latest.json.
 
 python -m bench                         # every default scenario, 3 interleaved repeats (about 15 minutes)
-python -m bench --quick                 # a smoke run with small sizes (about 2 minutes)
+python -m bench --quick                 # a smoke run with small sizes (about 100 s; docs/benchmarks.md)
 python -m bench --scenarios relay --relay-levels 100,500 --targets lean,litellm
 python -m bench --scenarios throughput,paced --repeats 5
 python -m bench --scenarios storm       # the reconnect storm alone (about a minute)
