@@ -668,6 +668,12 @@ def _name(name: str) -> str:
 
 def _relay_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
     n, delay = plan["relay_paced_tokens"], plan["paced_delay"]
+    once = [name for name in (t.LITELLM.name, *PEER_NAMES) if _select(rows, "relay-paced", target=name)]
+    peers = f"LiteLLM and the tutorial relays run once, up to {plan['relay_peer_max']:,} streams"
+    if not once:
+        peers = "LiteLLM and the tutorial relays were left out of this run"
+    elif len(once) < 1 + len(PEER_NAMES):
+        peers = f"Run once, up to {plan['relay_peer_max']:,} streams: {', '.join(once)} (the others left out)"
     lines = [
         "",
         f"## 1. Paced relay: {n} tokens per stream at {1000 * delay:.0f} ms, every client at once",
@@ -678,9 +684,8 @@ def _relay_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
         f"(request setup included). Relay-added lag: each token's receipt minus the upstream's generation stamp "
         f"(same machine, same clock), so the no-relay row is the floor. Time to first token: request sent → first "
         f"token (the upstream sends it at once). Stretch: first-to-last token time over {n - 1} × "
-        f"{1000 * delay:.0f} ms. LiteLLM and the tutorial relays run once, up to {plan['relay_peer_max']:,} "
-        f"streams; a run still unfinished {plan['relay_cut_off']:g} s after a stream's length is cut off, and its "
-        f"time figures cover only the streams that ended.",
+        f"{1000 * delay:.0f} ms. {peers}; a run still unfinished {plan['relay_cut_off']:g} s after a stream's "
+        "length is cut off, and its time figures cover only the streams that ended.",
         "",
     ]
     body = []
