@@ -109,7 +109,7 @@ class Plan:
             relay_paced_streams=100,
             relay_paced_levels=(10, 100),
             relay_paced_tokens=50,
-            relay_peer_max=100,  # LiteLLM at the level the quick targets judge (the tutorials are left out)
+            relay_peer_max=100,  # LiteLLM (when --targets names it) at the level the quick targets judge
             tutorials=False,
             litellm=False,
             relay_cut_off=8.0,
