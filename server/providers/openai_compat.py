@@ -98,7 +98,9 @@ def make_openai_client(
     """
     http_client = openai.DefaultAioHttpClient(
         timeout=httpx2.Timeout(None, connect=connect_timeout),
-        limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=100),
+        # The aiohttp transport takes only the connection limit and the keep-alive expiry from these: aiohttp keeps
+        # every idle connection until it expires, so a wave of streams reuses as many connections as it had.
+        limits=httpx2.Limits(max_connections=max_connections),
     )
     return openai.AsyncOpenAI(
         api_key=api_key or "unused",
