@@ -22,7 +22,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .admission import Admission
 from .budget import TokenReservation, output_chars
@@ -109,6 +109,10 @@ class GenerationSettings:
     reader_lead_bytes: int = 64 << 10
 
 
+# The lists of every log that has no event yet (`EventLog.append` replaces them before it appends anything).
+_NOTHING_YET: list[Any] = []
+
+
 class EventLog:
     """The append-only, bounded, sequenced events of one generation. No IO.
 
@@ -123,9 +127,11 @@ class EventLog:
     def __init__(self, max_events: int, max_bytes: int, *, first_seq: int = 1) -> None:
         """`first_seq` > 1: a copy of a log whose earlier events are no longer kept (a replica of another
         instance's generation, `server/redis_replicas.py`)."""
-        self._events: list[Event] = []
+        # Both made by the first append: until then (a stream waiting for its first token) they are one shared,
+        # never-written empty list rather than two lists per open stream.
+        self._events: list[Event] = _NOTHING_YET
         # _ends[i]: the estimated bytes appended up to and including _events[i], since the log began.
-        self._ends: list[int] = []
+        self._ends: list[int] = _NOTHING_YET
         self._base = 0  # the same total up to the last dropped event
         self._total = 0
         self._first_seq = first_seq
@@ -159,10 +165,13 @@ class EventLog:
         """Append `events`; returns the change in retained bytes (negative when the append trimmed more)."""
         before = self.bytes
         total = self._total
+        logged, ends = self._events, self._ends
+        if logged is _NOTHING_YET:
+            logged, ends = self._events, self._ends = [], []
         for event in events:
             total += EVENT_OVERHEAD_BYTES + text_size(event)
-            self._events.append(event)
-            self._ends.append(total)
+            logged.append(event)
+            ends.append(total)
         self._total = total
         if len(self._events) > self._max_events or self.bytes > self._max_bytes:
             self._trim(self._max_events * 3 // 4, self._max_bytes * 3 // 4)

@@ -485,3 +485,16 @@ async def test_waiters_woken_by_something_else_are_not_kept_while_the_generation
     generation.cancel(Outcome.STOPPED)
     assert all(waiter.done() for waiter in pending)
     await asyncio.wait_for(generation.wait_closed(), 5)
+
+
+def test_logs_without_events_yet_share_nothing_once_one_of_them_appends() -> None:
+    # A log makes its lists at its first append (an idle stream's log holds none): no other log may see it.
+    first, second = EventLog(10, 1 << 20), EventLog(10, 1 << 20)
+    first.append([Delta("a")])
+    assert (first.last_seq, second.last_seq) == (1, 0)
+    assert second.since(0) == []
+    assert (second.bytes, second.bytes_after(0)) == (0, 0)
+    second.append([Delta("b"), Delta("c")])
+    assert first.since(0) == [Delta("a")]
+    assert second.since(0) == [Delta("b"), Delta("c")]
+    assert EventLog(10, 1 << 20).since(0) == []
