@@ -7,7 +7,6 @@ is a proper status with a JSON body ``{"error": {"type", "message"}}``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -33,8 +32,6 @@ from .responses import Respond, error_response, refusal_for
 from .resume import is_stream_id, parse_after, parse_last_event_id
 from .state import RELAY, RelayState
 
-log = logging.getLogger("llm_relay.handlers")
-
 
 async def chat(request: web.Request) -> web.StreamResponse:
     """``GET /chat?prompt=...`` (EventSource) and ``POST /chat`` with a JSON body (fetch) start a generation; a
@@ -56,9 +53,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return accepted
     framing, chat_req = accepted.taken
     generation = await start_generation(state, chat_req, accepted.admission, accepted.reservation, framing=framing.name)
-    return await _read(
+    reading = _read(
         request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=accepted.headers
     )
+    # This frame stays suspended for as long as the stream is open: not with the admission's record in it.
+    del accepted
+    return await reading
 
 
 async def start_generation(
