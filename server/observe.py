@@ -2,7 +2,7 @@
 
     registry ─ stream_started(g, framing) · stream_ended(g) ─────┐
     registry ─ stream_closed(generation, seconds) ───────────────┤
-    handler ─ reader_started(reader, resumed) · reader_ended ────┼─▶ StreamObserver (Observers fans out)
+    reader ─ reader_started(reader, resumed) · reader_ended ─────┼─▶ StreamObserver (Observers fans out)
     access middleware ─ request_refused(type, status) ───────────┘     ├─ server.metrics.RelayMetrics
                                                                        └─ server.logs.FailureLog
 
