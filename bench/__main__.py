@@ -1,7 +1,7 @@
 """``python -m bench`` (``make bench``): run the scenarios and write bench/results/latest.md and latest.json.
 
 python -m bench                         # every default scenario, 3 interleaved repeats (about 15 minutes)
-python -m bench --quick                 # a smoke run with small sizes (about 2 minutes)
+python -m bench --quick                 # a smoke run with small sizes (about 100 s; docs/benchmarks.md)
 python -m bench --scenarios relay --relay-levels 100,500 --targets lean,litellm
 python -m bench --scenarios throughput,paced --repeats 5
 python -m bench --scenarios storm       # the reconnect storm alone (about a minute)
@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
 
+    skipped = scenarios.left_out(plan, chosen)
+    for note in skipped:
+        log(f"left out: {note}")
     rows: list[report.Row] = []
     steps = {
         "client": lambda: scenarios.client_ceiling(plan, log),
@@ -196,10 +199,14 @@ def main(argv: list[str] | None = None) -> None:
         "compression": lambda: compression.scenario(plan, log),
         "framings": lambda: framings.scenario(plan, log),
     }
+    seconds: dict[str, float] = {}
     for name in SCENARIOS:
         if name in chosen:
             log(f"scenario {name}")
+            began = time.monotonic()
             rows.extend(steps[name]())
+            seconds[name] = time.monotonic() - began
+            log(f"scenario {name}: {seconds[name]:.1f} s")
     meta = {
         "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": time.monotonic() - started,
@@ -211,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "plan": dataclasses.asdict(plan),
         "scenarios": chosen,
+        "scenario_seconds": seconds,
+        "left_out": skipped,
         "quick": args.quick,
     }
     path = report.write(rows, meta, args.output)

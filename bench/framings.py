@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,9 @@ def scenario(plan: scenarios.Plan, log: scenarios.Log) -> list[Row]:
         scenarios.servers([t.OURS], "relay", plan, upstream=url, threads=streams) as running,
     ):
         server = running[t.OURS.name]
-        for framing in FRAMINGS:  # a warm pool and warm code paths before the first measured wave
-            _wave(plan, server, framing, streams, 1, f"warm-{framing}-{{i}}")
-            time.sleep(0.5)
+        # A warm pool and warm code paths before the first measured wave.
+        waves = [partial(_wave, plan, server, framing, streams, 1, f"warm-{framing}-{{i}}") for framing in FRAMINGS]
+        scenarios.warm_up(plan, waves, 0.5)
         for repeat in range(plan.repeats):
             # Rotated, so that no framing always runs first (or right after another) in a repeat.
             order = FRAMINGS[repeat % len(FRAMINGS) :] + FRAMINGS[: repeat % len(FRAMINGS)]

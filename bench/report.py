@@ -657,7 +657,8 @@ def _resume_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
 
 
 def _conditions(meta: dict[str, Any]) -> list[str]:
-    """A warning a reader cannot miss when the figures are a smoke run's or were taken on a busy machine."""
+    """A warning a reader cannot miss when the figures are a smoke run's or were taken on a busy machine; what the
+    run left out of `make bench` and why; how long each scenario took."""
     notes = []
     if meta.get("quick"):
         notes.append(
@@ -670,7 +671,13 @@ def _conditions(meta: dict[str, Any]) -> list[str]:
             "other processes shared the server's core, so every figure is noisy, absolute ones most; ratios measured "
             "in the same run are the least unreliable, and even they moved several-fold between runs."
         )
-    return [line for note in notes for line in (note, "")]
+    lines = [line for note in notes for line in (note, "")]
+    if meta.get("left_out"):
+        lines += ["Left out of this run:", "", *(f"- {note}" for note in meta["left_out"]), ""]
+    if meta.get("scenario_seconds"):
+        spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in meta["scenario_seconds"].items())
+        lines += [f"Time per scenario: {spent}.", ""]
+    return lines
 
 
 def _name(name: str) -> str:
@@ -679,6 +686,12 @@ def _name(name: str) -> str:
 
 def _relay_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
     n, delay = plan["relay_paced_tokens"], plan["paced_delay"]
+    once = [name for name in (t.LITELLM.name, *PEER_NAMES) if _select(rows, "relay-paced", target=name)]
+    peers = f"LiteLLM and the tutorial relays run once, up to {plan['relay_peer_max']:,} streams"
+    if not once:
+        peers = "LiteLLM and the tutorial relays were left out of this run"
+    elif len(once) < 1 + len(PEER_NAMES):
+        peers = f"Run once, up to {plan['relay_peer_max']:,} streams: {', '.join(once)} (the others left out)"
     lines = [
         "",
         f"## 1. Paced relay: {n} tokens per stream at {1000 * delay:.0f} ms, every client at once",
@@ -689,9 +702,8 @@ def _relay_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
         f"(request setup included). Relay-added lag: each token's receipt minus the upstream's generation stamp "
         f"(same machine, same clock), so the no-relay row is the floor. Time to first token: request sent → first "
         f"token (the upstream sends it at once). Stretch: first-to-last token time over {n - 1} × "
-        f"{1000 * delay:.0f} ms. LiteLLM and the tutorial relays run once, up to {plan['relay_peer_max']:,} "
-        f"streams; a run still unfinished {plan['relay_cut_off']:g} s after a stream's length is cut off, and its "
-        f"time figures cover only the streams that ended.",
+        f"{1000 * delay:.0f} ms. {peers}; a run still unfinished {plan['relay_cut_off']:g} s after a stream's "
+        "length is cut off, and its time figures cover only the streams that ended.",
         "",
     ]
     body = []

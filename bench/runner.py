@@ -43,14 +43,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def environment(upstream: str, uvloop: bool, server_root: str = "") -> dict[str, str]:
-    """`server_root`: a directory whose server/ package the process imports instead of the working tree's."""
+def environment(upstream: str, uvloop: bool, server_root: str = "", heartbeat: float = 2.0) -> dict[str, str]:
+    """`server_root`: a directory whose server/ package the process imports instead of the working tree's;
+    `heartbeat`: seconds between the peers' heartbeats on their idle route (bench.peers)."""
     env = dict(os.environ)
     env.update(
         BENCH_PAYLOAD=str(WORK / "payload.json"),
         BENCH_UPSTREAM=upstream,
         BENCH_PROBE_DIR=str(WORK),
-        BENCH_HEARTBEAT="2",
+        BENCH_HEARTBEAT=f"{heartbeat:g}",
         BENCH_UVLOOP="1" if uvloop else "0",
         PYTHONPATH=str(ROOT),
         PYTHONUNBUFFERED="1",

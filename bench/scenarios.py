@@ -16,8 +16,10 @@ import http.client
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from bench import targets as t
@@ -50,6 +52,10 @@ class Plan:
     paced_duration: float = 1.5
     idle_connections: int = 10_000
     idle_repeats: int = 1
+    # Seconds between heartbeats on the idle streams. Ours sends its response head with the first frame, so each
+    # idle run waits this long before a stream counts as held; quick's shorter one saves that wait (twice per
+    # server: its warm-up and its run) and changes nothing held in memory.
+    idle_heartbeat: float = 2.0
     leavers: int = 200
     disconnect_load: int = 500
     disconnect_tokens: int = 100  # 2 s replies: a relay that never closes early shows as "ran to the end"
@@ -70,9 +76,12 @@ class Plan:
     # The tutorial peers everywhere; quick: none in the relay scenario, and only the plain aiohttp handler (the idle
     # target's measure) elsewhere.
     tutorials: bool = True
+    # LiteLLM's proxy in the relay scenario; quick leaves it out unless --targets names it (see `left_out`).
+    litellm: bool = True
     close_wait: float = 3.0
     storm_connections: int = 1000  # clients connecting in the same instant, as after a restart
     storm_deadline: float = 60.0
+    warm_up_together: bool = False  # quick: every relay's (or framing's) warm-up wave at once (see `warm_up`)
     what_if: bool = True  # also measure bench.whatif's proposals in the full-relay scenario
     what_ifs: tuple[str, ...] = ()  # --what-if: these bench.whatif variants instead of the default proposal
     targets: tuple[str, ...] = field(default_factory=tuple)  # names to run; empty: all
@@ -87,22 +96,25 @@ class Plan:
     def quick(cls) -> Plan:
         return cls(
             repeats=1,
-            throughput_levels=(1, 50, 200),
+            throughput_levels=(1, 200),
             warmup=0.3,
             duration=0.8,
             paced_levels=(200, 500),
             paced_duration=1.0,
             idle_connections=1000,
+            idle_heartbeat=0.5,
             leavers=50,
             disconnect_load=100,
             relay_connections=20,
             relay_paced_streams=100,
             relay_paced_levels=(10, 100),
             relay_paced_tokens=50,
-            relay_peer_max=100,  # LiteLLM at the level the quick targets judge (the tutorials are left out)
+            relay_peer_max=100,  # LiteLLM (when --targets names it) at the level the quick targets judge
             tutorials=False,
+            litellm=False,
             relay_cut_off=8.0,
             what_if=False,
+            warm_up_together=True,
             disconnect_levels=(100,),
             close_wait=2.0,
             storm_connections=500,
@@ -110,17 +122,50 @@ class Plan:
             resume_replays=50,
         )
 
+    def named(self, target: t.Target) -> bool:
+        """Whether --targets names `target` (one of its fragments is in the target's name)."""
+        return any(n.lower() in target.name.lower() for n in self.targets)
+
     def selected(self, candidates: Sequence[t.Target]) -> list[t.Target]:
         if not self.tutorials:
             candidates = [c for c in candidates if c.kind != "peer" or c == t.PEERS[0]]
+        if not self.litellm and not self.named(t.LITELLM):
+            candidates = [c for c in candidates if c.kind != "litellm"]
         if not self.targets:
             return list(candidates)
-        return [c for c in candidates if c.kind == "ours" or any(n.lower() in c.name.lower() for n in self.targets)]
+        return [c for c in candidates if c.kind == "ours" or self.named(c)]
+
+
+def left_out(plan: Plan, chosen: Sequence[str]) -> list[str]:
+    """What `plan` leaves out of the `chosen` scenarios that `make bench` runs, why, and how to run it: the run
+    prints these at its start and the results file repeats them, so a quick run never hides a missing peer."""
+    notes: list[str] = []
+    if "relay" in chosen and not plan.litellm and not plan.named(t.LITELLM):
+        notes.append(
+            f"{t.LITELLM.name}: not in the relay scenario. It is the slowest peer to start (its proxy imports for "
+            "seconds; its venv installs for minutes on first use), and at 100 streams it is overloaded: its runs "
+            "end at their cut-off and its disconnects wait out their limit, which would add half again to the "
+            "quick run. Run it with `python -m bench --quick --scenarios relay --targets relay,litellm` (beside "
+            "the lean relay, the ceiling and no relay) or `make bench`."
+        )
+    if not plan.tutorials and any(s in chosen for s in ("relay", "idle", "throughput", "paced")):
+        notes.append(
+            "the tutorial relays (" + ", ".join(p.name for p in t.PEERS) + "): none in the relay scenario, and "
+            f"only {t.PEERS[0].name} (the idle target's measure) in the others. `make bench` runs them all."
+        )
+    if "relay" in chosen and not plan.what_if:
+        variant = t.WHAT_IF[0].variant
+        notes.append(
+            f"the what-if proposal {variant} (bench/whatif.py, a measured proposal for server/, not what ships): "
+            f"not in the relay scenario; `--what-if {variant}` adds it."
+        )
+    return notes
 
 
 def start(target: t.Target, scenario: str, plan: Plan, port: int, upstream: str, threads: int) -> Server:
-    args = target.command(port, scenario, upstream=upstream, uvloop=plan.uvloop, threads=threads)
-    env = environment(upstream, plan.uvloop, target.server_root)
+    heartbeat = plan.idle_heartbeat
+    args = target.command(port, scenario, upstream=upstream, uvloop=plan.uvloop, threads=threads, heartbeat=heartbeat)
+    env = environment(upstream, plan.uvloop, target.server_root, heartbeat)
     if target.kind == "litellm":
         env.update(litellm_proxy.environment())
         litellm_proxy.ensure_venv()
@@ -425,7 +470,7 @@ def relay(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
                 prompt = _relay_prompt(n_fast, 0)
                 path, body = target.relay_path(prompt), target.relay_body(prompt)
                 check_payload(running[target.name], target, path, tokens[:n_fast], body)
-                _warm_up(plan, target, running[target.name])
+            warm_up(plan, [partial(_warm_up, plan, target, running[target.name]) for target in measured], 1.0)
             for repeat in range(plan.repeats):
                 for level in plan.relay_paced_levels:
                     for target in measured:
@@ -448,6 +493,21 @@ def relay(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
                             continue  # what-ifs: the relay's hot path, not its disconnects
                         rows.append(_disconnects(plan, target, running, level, repeat, upstream_server, url, log))
     return rows
+
+
+def warm_up(plan: Plan, waves: Sequence[Callable[[], object]], pause: float) -> None:
+    """Run unmeasured warm-up `waves` one at a time, each followed by `pause` (the servers finish closing their
+    connections), or with `plan.warm_up_together` (quick) all at once from threads, then one pause. The full run
+    keeps them apart: at its sizes, together would be thousands of streams on the servers' core at once."""
+    if not plan.warm_up_together:
+        for wave in waves:
+            wave()
+            time.sleep(pause)
+        return
+    with ThreadPoolExecutor(max_workers=max(1, len(waves))) as pool:
+        for future in [pool.submit(wave) for wave in waves]:
+            future.result()  # a failed wave fails the run, as it would one at a time
+    time.sleep(pause)
 
 
 def _warm_up(plan: Plan, target: t.Target, server: Server) -> None:
@@ -475,7 +535,6 @@ def _warm_up(plan: Plan, target: t.Target, server: Server) -> None:
         deadline=plan.relay_cut_off + 10,
     )
     run_client(spec)
-    time.sleep(1.0)
 
 
 def _relay_fast(plan: Plan, target: t.Target, server: Server, repeat: int, log: Log) -> Row:

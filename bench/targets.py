@@ -54,7 +54,10 @@ class Target:
     def interpreter(self) -> str:
         return str(litellm_proxy.python()) if self.kind == "litellm" else sys.executable
 
-    def command(self, port: int, scenario: str, *, upstream: str, uvloop: bool, threads: int) -> list[str]:
+    def command(
+        self, port: int, scenario: str, *, upstream: str, uvloop: bool, threads: int, heartbeat: float = 2.0
+    ) -> list[str]:
+        """`heartbeat`: ours' heartbeat interval in the idle scenario (the peers take theirs from the environment)."""
         if self.kind == "ours":
             variant = ["--bench-variant", self.variant] if self.variant else []
             return [
@@ -63,7 +66,7 @@ class Target:
                 *variant,
                 "--port",
                 str(port),
-                *ours_arguments(scenario, upstream, uvloop),
+                *ours_arguments(scenario, upstream, uvloop, heartbeat),
                 *self.options,
             ]
         if self.module == "gunicorn":
@@ -121,7 +124,7 @@ class Target:
         return f"Authorization: Bearer {litellm_proxy.MASTER_KEY}\r\n" if self.kind == "litellm" else ""
 
 
-def ours_arguments(scenario: str, upstream: str, uvloop: bool) -> list[str]:
+def ours_arguments(scenario: str, upstream: str, uvloop: bool, heartbeat: float = 2.0) -> list[str]:
     # Admission limits off: the bench measures the relay, not the rate limiter. Heartbeats off except when idle.
     common = ["--limits", "false", "--uvloop", "true" if uvloop else "false"]
     if scenario == "throughput":
@@ -137,7 +140,7 @@ def ours_arguments(scenario: str, upstream: str, uvloop: bool) -> list[str]:
             "--demo-delay",
             "3600",
             "--heartbeat",
-            "2",
+            f"{heartbeat:g}",
             "--first-token-timeout",
             "0",
             "--idle-timeout",

@@ -30,6 +30,7 @@ relay over https.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -136,6 +137,9 @@ def host_name(host_header: str) -> str | None:
     return name
 
 
+# Every request is checked, nearly always against one of a handful of names; parsing an address costs ~25 µs.
+# Bounded, so a client sending a new Host each time only ever costs the parse.
+@functools.lru_cache(maxsize=256)
 def is_unrebindable(name: str) -> bool:
     """True for a host name no DNS answer can point elsewhere: an IP address, or ``localhost`` (RFC 6761 §6.3;
     browsers resolve it to loopback themselves).

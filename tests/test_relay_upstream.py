@@ -62,6 +62,9 @@ async def test_relays_tokens_usage_and_request_fields(
     assert seen.body["max_tokens"] == 50
     assert seen.body["temperature"] == 0.5
     assert seen.headers["Authorization"] == f"Bearer {SECRET}"
+    # No telemetry of the relay's platform goes upstream (OS, architecture, runtime, package version, retry count);
+    # only the marker the client reads back to return the response unread.
+    assert [h for h in seen.headers if h.lower().startswith("x-stainless-")] == ["x-stainless-raw-response"]
     assert seen.completed
 
 
