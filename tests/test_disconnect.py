@@ -175,3 +175,32 @@ async def test_the_upstream_is_told_in_the_callback_in_which_the_last_client_lea
     assert told == [(True, True)]
     await asyncio.wait_for(fake_upstream.last.client_gone.wait(), KERNEL_BOUND)
     assert not fake_upstream.last.completed
+
+
+async def test_of_several_readers_only_the_last_one_leaving_ends_the_upstream(
+    fake_upstream: FakeUpstream, serve: ServeApp
+) -> None:
+    # The policy stays the registry's: a client leaving sooner does not end a generation another one still reads.
+    fake_upstream.behavior = Behavior(tokens=["a"] * 10_000, delay=0.01)
+    host = web.Application()
+    setup(host, upstream_config(fake_upstream))
+    base = await serve(host)
+    first_reader, first = await connect(base)
+    first.write(b"GET /api/chat?prompt=x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    status, headers = await read_head(first_reader)
+    assert status == 200
+    second_reader, second = await connect(base)
+    second.write(f"GET /api/streams/{headers['x-stream-id']}?after=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    assert (await read_head(second_reader))[0] == 200
+    seen = fake_upstream.last
+    first.close()
+    # The second reader goes on getting new tokens: the generation, and its upstream request, run on.
+    await asyncio.wait_for(second_reader.readuntil(b"\n\n"), KERNEL_BOUND)
+    sent = seen.tokens_sent
+    while seen.tokens_sent < sent + 3:
+        await asyncio.wait_for(second_reader.readuntil(b"\n\n"), KERNEL_BOUND)
+    assert not seen.client_gone.is_set()
+    second.close()
+    await asyncio.wait_for(seen.client_gone.wait(), KERNEL_BOUND)
+    assert not seen.completed
+    assert len(fake_upstream.seen) == 1
