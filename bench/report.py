@@ -586,6 +586,24 @@ def _baseline_table(rows: list[Row], base: str) -> list[str]:
                 cell(_paired(rows, scenario, metric, base), 2, unit="x"),
             ]
         )
+    for level in sorted({r["level"] for r in _select(rows, "disconnect", target=base)}):
+        for metric, label in (
+            ("close_p50", "close p50 ms"),
+            ("close_p99", "close p99 ms"),
+            ("close_max", "close max ms"),
+        ):
+            mine = stat(rows, "disconnect", metric, target=t.OURS.name, level=level)
+            theirs = stat(rows, "disconnect", metric, target=base, level=level)
+            paired = _paired([r for r in rows if r.get("level") == level], "disconnect", metric, base)
+            body.append(
+                [
+                    f"disconnects x{level}: {label}",
+                    cell(mine, 1, 1000),
+                    cell(theirs, 1, 1000),
+                    ratio(mine.median, theirs.median),
+                    cell(paired, 2, unit="x"),
+                ]
+            )
     return lines + _table(["", t.OURS.name, base, "ratio of medians", "ratio per repeat"], body)
 
 

@@ -485,14 +485,15 @@ def relay(plan: Plan, tokens: list[str], log: Log) -> list[Row]:
                         continue
                     rows.append(_relay_setup(plan, target, running[target.name], repeat, log))
                     rows.append(_relay_fast(plan, target, running[target.name], repeat, log))
-                if repeat >= plan.disconnect_repeats:
+                # An A/B of our own code (--baseline) gets every repeat: its two sides' spread is what it compares.
+                if repeat >= (plan.repeats if plan.baseline else plan.disconnect_repeats):
                     continue
                 for level in plan.disconnect_levels:
                     for target in measured:
                         if target.kind == "direct" or (not _full_repeats(target) and level > plan.disconnect_peer_max):
                             continue
-                        if target.variant or target.server_root:
-                            continue  # what-ifs and baselines: the relay's hot path, not its disconnects
+                        if target.variant:
+                            continue  # what-ifs: the relay's hot path, not its disconnects
                         rows.append(_disconnects(plan, target, running, level, repeat, upstream_server, url, log))
     return rows
 

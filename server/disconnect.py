@@ -5,9 +5,20 @@ that defaults to off; otherwise a disconnect shows only at the next write, which
 upstream is still thinking (and paid for). Polling every stream's transport costs CPU per stream per tick.
 
 Instead, for the life of one stream, a thin protocol is placed between the transport and aiohttp's own protocol
-(``BaseTransport.set_protocol``, public asyncio API). It forwards every callback unchanged and, on
-``connection_lost``, also calls the stream's callback: no polling, no timers, no patching of aiohttp, and the
+(``BaseTransport.set_protocol``, public asyncio API). It forwards every callback unchanged and also calls the
+stream's callback as soon as the connection is over: no polling, no timers, no patching of aiohttp, and the
 original protocol is put back when the stream ends so keep-alive goes on as before.
+
+"As soon as" is the callback in which the client's end arrives. A client that closes (a tab, ``fetch`` aborted)
+sends FIN: the transport calls ``eof_received`` from its read callback, then closes the connection itself (aiohttp
+does not keep a half-closed one open) and calls ``connection_lost`` only from a callback it queues, behind
+everything the loop has queued by then. When many clients leave at once, that is every stream's tokens and the
+teardown of every stream that left before, all ahead of telling the upstream. So the tap closes the transport and
+calls back from ``eof_received`` itself; a reset or an error, which has no ``eof_received``, reaches it through
+``connection_lost`` as before.
+
+The other direction is `close_now`: a connection the relay gives up (the upstream of a stream whose last client
+left) is shut down in the calling callback, not a loop turn later.
 """
 
 from __future__ import annotations
@@ -20,10 +31,11 @@ from aiohttp import web
 
 
 class _DisconnectTap(asyncio.Protocol):
-    __slots__ = ("_inner", "_on_lost")
+    __slots__ = ("_inner", "_on_lost", "_transport")
 
-    def __init__(self, inner: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
+    def __init__(self, inner: asyncio.Protocol, transport: asyncio.BaseTransport, on_lost: Callable[[], None]) -> None:
         self._inner = inner
+        self._transport = transport
         self._on_lost: Callable[[], None] | None = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -33,7 +45,14 @@ class _DisconnectTap(asyncio.Protocol):
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
+        keep_open = self._inner.eof_received()
+        if not keep_open and self._on_lost is not None:
+            # The transport closes itself once this returns (asyncio's and uvloop's alike, for a protocol that does
+            # not keep the connection open). Closing it first changes nothing in what follows (close() is idempotent)
+            # but its order: aiohttp's connection_lost is queued before anything the callback below wakes.
+            self._transport.close()
+            self._lost()
+        return keep_open
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()
@@ -42,12 +61,15 @@ class _DisconnectTap(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        on_lost, self._on_lost = self._on_lost, None
         try:
             self._inner.connection_lost(exc)
         finally:
-            if on_lost is not None:
-                on_lost()
+            self._lost()
+
+    def _lost(self) -> None:
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
 
 
 def _set_user_timeout(transport: asyncio.BaseTransport, milliseconds: int) -> int | None:
@@ -82,8 +104,43 @@ def _set_option(transport: asyncio.BaseTransport, level: int, option: int, value
         return
 
 
+def close_now(transport: asyncio.Transport) -> None:
+    """Close `transport`'s connection: the peer is sent its end (FIN) in this call, then the transport is aborted.
+
+    ``abort()`` alone only schedules the close: asyncio and uvloop both close the socket in a callback queued with
+    ``call_soon``, behind everything the loop has queued by then. When many clients leave in the same instant, that
+    is the teardown of every stream that left before (its reader's task, its generation's task, the access line),
+    so the last upstream would be told last, after all of it. ``shutdown(2)`` ends the connection on the wire at
+    once; ``abort()`` then releases the descriptor and tells the protocol as before.
+    """
+    if not transport.is_closing():
+        _shut_down(transport)
+    transport.abort()
+
+
+def _shut_down(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    fileno = sock.fileno() if sock is not None else -1
+    if fileno < 0:
+        return
+    try:
+        # uvloop's transport socket refuses shutdown() (only the transport may change its state; asyncio's allows
+        # it). A socket object made on the same descriptor makes the same call and is detached before it could
+        # close it: the transport still owns the descriptor, and its abort() below is what closes it.
+        shut = socket.socket(sock.family, sock.type, sock.proto, fileno=fileno)
+    except OSError:
+        return
+    try:
+        shut.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already reset by the peer, or not connected: abort() does the rest
+        pass
+    finally:
+        shut.detach()
+
+
 class watch_disconnect:  # lower case: a context manager used like a function, as contextlib's own are
-    """Call `on_lost` (once, from the event loop) if the client's connection closes inside this block.
+    """Call `on_lost` (once, from the event loop) if the client's connection closes inside this block: from the
+    callback in which its end arrives (see the module's doc).
 
     With `user_timeout` (seconds), a peer that stops acknowledging data for that long is treated as gone too.
     With `send_buffer` (bytes), the connection's kernel send buffer is fixed at that size (it stays so for the
@@ -118,7 +175,7 @@ class watch_disconnect:  # lower case: a context manager used like a function, a
         inner = transport.get_protocol()
         if not isinstance(inner, asyncio.Protocol):  # pragma: no cover - aiohttp's is always one
             raise RuntimeError("cannot watch a connection whose protocol is not an asyncio.Protocol")
-        self._tap = _DisconnectTap(inner, self._on_lost)
+        self._tap = _DisconnectTap(inner, transport, self._on_lost)
         transport.set_protocol(self._tap)
         if self._ours > 0:
             self._previous_timeout = _set_user_timeout(transport, self._ours)

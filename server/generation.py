@@ -365,14 +365,15 @@ class Generation:
         """End the generation now with `outcome` (stopped, abandoned, shutdown); a no-op once it has ended."""
         if self.ended:
             return
-        self._finish(_CANCEL_ERRORS[outcome].to_event(), outcome, _CANCEL_ERRORS[outcome])
         # Drop the upstream socket now, in this loop turn, rather than when the cancellation has worked its way
-        # through a busy event loop.
+        # through a busy event loop; and first, so that the upstream hears of it before the relay's own bookkeeping
+        # below (the terminal event, the readers, the registry and its observers).
         for abort in self._aborts:
             try:
                 abort()
             except Exception:  # a failed early close only means the cancellation below does the work
                 log.exception("generation %s: the provider's abort callback failed", self.id)
+        self._finish(_CANCEL_ERRORS[outcome].to_event(), outcome, _CANCEL_ERRORS[outcome])
         if self._task is not None and self._running:
             self._task.cancel()
 

@@ -79,6 +79,8 @@ class Seen:
     completed: bool = False
     tokens_sent: int = 0
     client_gone: asyncio.Event = field(default_factory=asyncio.Event)
+    # The upstream's side of the connection: a test can look at the socket itself (has the client's FIN arrived?).
+    transport: asyncio.BaseTransport | None = None
 
 
 def _chunk(content: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
@@ -170,7 +172,7 @@ class FakeUpstream:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        seen = Seen(body=body, headers=dict(request.headers), started_at=time.monotonic())
+        seen = Seen(body=body, headers=dict(request.headers), started_at=time.monotonic(), transport=request.transport)
         self.seen.append(seen)
         messages = body.get("messages") or [{}]
         b = self.by_prompt.get(str(messages[-1].get("content")), self.behavior)

@@ -1,12 +1,15 @@
-"""The stream registry's policies that need no HTTP: what happens to new work and repeated calls at shutdown."""
+"""The stream registry's policies that need no HTTP: what happens to new work and repeated calls at shutdown, and
+the last reader's leaving."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator, Sequence
 
 from server.chat_request import ChatRequest, Message
-from server.events import Delta, Done
+from server.events import Delta, Done, Event
 from server.generation import Generation, GenerationSettings, Outcome
+from server.providers.base import on_abort
 from server.registry import RegistrySettings, StreamRegistry
 
 from .scripted import ScriptedProvider, wait_until
@@ -60,3 +63,31 @@ async def test_shutdown_asked_twice_does_its_work_once_and_both_calls_wait_for_i
     assert provider.closed.is_set()
     await asyncio.wait_for(registry.shutdown(0.2), 1)  # and a later call returns at once
     registry.close()
+
+
+async def test_only_the_last_reader_leaving_cancels_and_the_upstream_is_dropped_before_the_end_is_recorded() -> None:
+    # What the disconnect path relies on: the registry decides in the leaving reader's own call (no loop turn in
+    # between), and the provider's abort callbacks run before the end is recorded (readers, observers).
+    ended_when_aborted: list[bool] = []
+
+    class AbortingProvider(ScriptedProvider):
+        async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
+            on_abort(lambda: ended_when_aborted.append(generation.ended))
+            async for batch in super().stream(request):
+                yield batch
+
+    registry = StreamRegistry(RegistrySettings())
+    provider = AbortingProvider()
+    generation = Generation(provider, CHAT, GenerationSettings())
+    registry.start(generation)
+    await provider.started.wait()
+    first, second = _Follower(), _Follower()
+    registry.attach(generation, first)
+    registry.attach(generation, second)
+    registry.detach(generation, first)
+    assert (generation.outcome, generation.readers, registry.readers) == (Outcome.RUNNING, 1, 1)
+    registry.detach(generation, second)
+    assert (generation.outcome, generation.readers, registry.readers) == (Outcome.ABANDONED, 0, 0)
+    assert ended_when_aborted == [False]
+    await asyncio.wait_for(generation.wait_closed(), 5)
+    assert provider.closed.is_set()
