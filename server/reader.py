@@ -220,102 +220,99 @@ class Reader:
             self._request, self._on_lost, user_timeout=settings.write_timeout, send_buffer=settings.send_buffer
         )
         try:
-            # Entered and left by hand, as a `with` block would (its exit runs first, before the rest of the
-            # cleanup): one indentation level less for the loop below.
-            watching.__enter__()
-            self._arm_heartbeat()
-            if self._prepare_now and not self._gone:
-                opening = self.framing.opening(generation.id, settings.reconnect_hint_ms) if self._announce else b""
-                if not await self._write(opening):
-                    return self._response or web.Response(status=499)
-            stream_id = generation.id
-            framing = self.framing  # (not its bound encode: a method object per open stream)
-            pos = self._after
-            # Frames encoded but not written yet: a flush window holds them until it ends or flush_bytes is reached.
-            held: list[bytes] = []
-            held_size = 0
-            held_since = 0.0
-            while True:
-                if self._gone:
-                    self.outcome = "disconnected"
-                    return self._response or web.Response(status=499)
-                try:
-                    events = generation.log.since(pos)
-                except LookupError:
-                    # Fell behind what the log retains (a reader far slower than the generation): it cannot go on
-                    # without a gap, and a gap is never silent.
-                    self.outcome = "behind"
-                    return await self._fail(ResumeUnavailable("this reader fell behind what the relay keeps"), pos)
-                terminal: Event | None = None
-                if events:
-                    if self._response is None and not held and pos == 0 and isinstance(events[0], Error):
-                        # The generation failed before anything was sent: a status and a JSON body.
-                        self.outcome = "error"
-                        return self._respond(generation.failure or RelayError(events[0].message), self._headers)
-                    if not held:
-                        held_since = self._loop.time()
-                    for event in events:
-                        pos += 1
-                        frame = framing.encode(stream_id, pos, event)
-                        held.append(frame)
-                        held_size += len(frame)
-                        if is_terminal(event):
-                            terminal = event
-                            break
-                window_end = held_since + settings.flush_window
-                if held and (
-                    terminal is not None
-                    or not settings.flush_window
-                    or (settings.flush_bytes and held_size >= settings.flush_bytes)
-                    or self._loop.time() >= window_end
-                    or self._shutdown
-                ):
-                    data = held[0] if len(held) == 1 else b"".join(held)
-                    held.clear()
-                    held_size = 0
-                    if not data and self._response is None and not self._gone:
-                        # A framing that writes nothing until the end (a whole JSON reply) gave nothing yet: the
-                        # response stays unprepared, so a failure can still be answered with a status.
-                        if isinstance(terminal, Error):
+            with watching:
+                self._arm_heartbeat()
+                if self._prepare_now and not self._gone:
+                    opening = self.framing.opening(generation.id, settings.reconnect_hint_ms) if self._announce else b""
+                    if not await self._write(opening):
+                        return self._response or web.Response(status=499)
+                stream_id = generation.id
+                framing = self.framing  # (not its bound encode: a method object per open stream)
+                pos = self._after
+                # Frames encoded but not written yet: a flush window holds them until it ends or flush_bytes is reached.
+                held: list[bytes] = []
+                held_size = 0
+                held_since = 0.0
+                while True:
+                    if self._gone:
+                        self.outcome = "disconnected"
+                        return self._response or web.Response(status=499)
+                    try:
+                        events = generation.log.since(pos)
+                    except LookupError:
+                        # Fell behind what the log retains (a reader far slower than the generation): it cannot go on
+                        # without a gap, and a gap is never silent.
+                        self.outcome = "behind"
+                        return await self._fail(ResumeUnavailable("this reader fell behind what the relay keeps"), pos)
+                    terminal: Event | None = None
+                    if events:
+                        if self._response is None and not held and pos == 0 and isinstance(events[0], Error):
+                            # The generation failed before anything was sent: a status and a JSON body.
                             self.outcome = "error"
-                            return self._respond(generation.failure or RelayError(terminal.message), self._headers)
-                        if terminal is None:
-                            generation.delivered(pos)
-                            continue
-                    if not await self._write(data, last=terminal is not None):
-                        return self._response or web.Response(status=499)
-                    generation.delivered(pos)
-                    self.position = pos
-                    if terminal is not None:
-                        self.outcome = "done" if not isinstance(terminal, Error) else "error"
-                        return self._response or web.Response(status=499)
-                    continue
-                if events:
-                    continue  # more may have arrived meanwhile: take them before waiting
-                if generation.ended and not held:
-                    # Nothing after `pos` will ever come (the handlers answer such a resume with 204 before it gets
-                    # here); waiting would return at once, again and again, without yielding to the loop.
-                    return await self._end_body(self._response) if self._response else web.Response(status=204)
-                if self._shutdown:
-                    self.outcome = "shutdown"
-                    return await self._fail(ServerShuttingDown("the server is restarting; try again shortly"), pos)
-                if self._heartbeat_due and not held:  # held frames go out soon: no heartbeat is needed then
-                    if not await self._write(self.framing.keepalive()):  # (the write re-arms the heartbeat)
-                        return self._response or web.Response(status=499)
-                    continue
-                # Until the generation appends or ends, a signal wakes this reader, or the flush window ends. (Inline:
-                # a coroutine of its own would be one more suspended frame per open stream.)
-                waiter = self._waiter = self._loop.create_future()
-                generation.add_waiter(waiter)
-                timer = self._loop.call_at(window_end, self._wake) if held else None
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
-                    if timer is not None:
-                        timer.cancel()
+                            return self._respond(generation.failure or RelayError(events[0].message), self._headers)
+                        if not held:
+                            held_since = self._loop.time()
+                        for event in events:
+                            pos += 1
+                            frame = framing.encode(stream_id, pos, event)
+                            held.append(frame)
+                            held_size += len(frame)
+                            if is_terminal(event):
+                                terminal = event
+                                break
+                    window_end = held_since + settings.flush_window
+                    if held and (
+                        terminal is not None
+                        or not settings.flush_window
+                        or (settings.flush_bytes and held_size >= settings.flush_bytes)
+                        or self._loop.time() >= window_end
+                        or self._shutdown
+                    ):
+                        data = held[0] if len(held) == 1 else b"".join(held)
+                        held.clear()
+                        held_size = 0
+                        if not data and self._response is None and not self._gone:
+                            # A framing that writes nothing until the end (a whole JSON reply) gave nothing yet: the
+                            # response stays unprepared, so a failure can still be answered with a status.
+                            if isinstance(terminal, Error):
+                                self.outcome = "error"
+                                return self._respond(generation.failure or RelayError(terminal.message), self._headers)
+                            if terminal is None:
+                                generation.delivered(pos)
+                                continue
+                        if not await self._write(data, last=terminal is not None):
+                            return self._response or web.Response(status=499)
+                        generation.delivered(pos)
+                        self.position = pos
+                        if terminal is not None:
+                            self.outcome = "done" if not isinstance(terminal, Error) else "error"
+                            return self._response or web.Response(status=499)
+                        continue
+                    if events:
+                        continue  # more may have arrived meanwhile: take them before waiting
+                    if generation.ended and not held:
+                        # Nothing after `pos` will ever come (the handlers answer such a resume with 204 before it gets
+                        # here); waiting would return at once, again and again, without yielding to the loop.
+                        return await self._end_body(self._response) if self._response else web.Response(status=204)
+                    if self._shutdown:
+                        self.outcome = "shutdown"
+                        return await self._fail(ServerShuttingDown("the server is restarting; try again shortly"), pos)
+                    if self._heartbeat_due and not held:  # held frames go out soon: no heartbeat is needed then
+                        if not await self._write(self.framing.keepalive()):  # (the write re-arms the heartbeat)
+                            return self._response or web.Response(status=499)
+                        continue
+                    # Until the generation appends or ends, a signal wakes this reader, or the flush window ends.
+                    # (Inline: a coroutine of its own would be one more suspended frame per open stream.)
+                    waiter = self._waiter = self._loop.create_future()
+                    generation.add_waiter(waiter)
+                    timer = self._loop.call_at(window_end, self._wake) if held else None
+                    try:
+                        await waiter
+                    finally:
+                        self._waiter = None
+                        if timer is not None:
+                            timer.cancel()
         finally:
-            watching.__exit__(None, None, None)
             if self._heartbeat is not None:
                 _heartbeats(self._loop).discard(self, self._heartbeat)
                 self._heartbeat = None
