@@ -14,6 +14,12 @@ paced streams, bench/results/micro-ab/, so the fast path was removed from server
 
 * ``plain-json-framing``: a delta's text is encoded by the framing's general ``json_bytes`` instead of calling
   the C string encoder directly (server/framing.py's ``_json_str``).
+
+And one takes out what later features added to every request, to compare the stream core alone with a core that
+had none of them (issue 13's baseline, 00c4d06):
+
+* ``no-observability``: no access line (``--log-level warning``) and no Prometheus metrics (``--metrics false``),
+  set through their environment variables, which the server reads as it parses its options.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import json
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
-VARIANTS = ("aiohttp-provider", "plain-json-framing")
+VARIANTS = ("aiohttp-provider", "plain-json-framing", "no-observability")
 
 
 class AiohttpProvider:
@@ -87,6 +93,11 @@ def apply(name: str) -> None:
             return original(config)
 
         server.app.build_provider = build_provider
+    elif name == "no-observability":
+        import os
+
+        os.environ["LLM_RELAY_LOG_LEVEL"] = "warning"
+        os.environ["LLM_RELAY_METRICS"] = "false"
     elif name == "plain-json-framing":
         import server.framing
 
