@@ -271,8 +271,8 @@ def _baseline_checks(rows: list[Row], base: str, level: int) -> list[Check]:
         ("ttff_p50", "time to first token p50", 1.0, "ms", 1000),
         ("ttff_p99", "time to first token p99", 1.0, "ms", 1000),
     ):
-        mine = stat(rows, "relay-paced", metric, target=t.OURS.name).median
-        theirs = stat(rows, "relay-paced", metric, target=base).median
+        mine = stat(rows, "relay-paced", metric, target=t.OURS.name, level=level).median
+        theirs = stat(rows, "relay-paced", metric, target=base, level=level).median
         out.append(
             _check(
                 f"{level} relayed streams: {goal} ≤ {limit:.2f}x {base}",
@@ -565,25 +565,35 @@ def _baseline_table(rows: list[Row], base: str) -> list[str]:
         "",
     ]
     body = []
-    for scenario, metric, label, digits, scale in (
-        ("relay-fast", "server_cpu_us_per_frame", "fast: CPU-µs per token", 1, 1),
-        ("relay-paced", "server_cpu_us_per_frame", "paced: CPU-µs per token", 1, 1),
-        ("relay-paced", "ttff_p50", "paced: first token p50 ms", 1, 1000),
-        ("relay-paced", "ttff_p99", "paced: first token p99 ms", 1, 1000),
-        ("relay-paced", "lag_p99", "paced: delivery lag p99 ms", 1, 1000),
-        ("relay-paced", "stretch_p50", "paced: cadence stretch p50", 3, 1),
-        ("relay-paced", "server_cpu_percent", "paced: server CPU %", 0, 1),
-        ("relay-paced", "core0_other_percent", "paced: core 0 shared %", 0, 1),
-    ):
-        mine = stat(rows, scenario, metric, target=t.OURS.name)
-        theirs = stat(rows, scenario, metric, target=base)
+    # Each paced level on its own rows: a median over levels would mix 10 streams' CPU per token with 1,000's.
+    paced = [
+        ("relay-paced", level, metric, f"paced x{level}: {label}", digits, scale)
+        for level in sorted({r["level"] for r in _select(rows, "relay-paced", target=base)})
+        for metric, label, digits, scale in (
+            ("server_cpu_us_per_frame", "CPU-µs per token", 1, 1),
+            ("ttff_p50", "first token p50 ms", 1, 1000),
+            ("ttff_p99", "first token p99 ms", 1, 1000),
+            ("lag_p99", "delivery lag p99 ms", 1, 1000),
+            ("stretch_p50", "cadence stretch p50", 3, 1),
+            ("server_cpu_percent", "server CPU %", 0, 1),
+            ("core0_other_percent", "core 0 shared %", 0, 1),
+        )
+    ]
+    for scenario, level, metric, label, digits, scale in [
+        ("relay-fast", None, "server_cpu_us_per_frame", "fast: CPU-µs per token", 1, 1),
+        *paced,
+    ]:
+        at = {} if level is None else {"level": level}
+        mine = stat(rows, scenario, metric, target=t.OURS.name, **at)
+        theirs = stat(rows, scenario, metric, target=base, **at)
+        at_level = rows if level is None else [r for r in rows if r.get("level") == level]
         body.append(
             [
                 label,
                 cell(mine, digits, scale),
                 cell(theirs, digits, scale),
                 ratio(mine.median, theirs.median),
-                cell(_paired(rows, scenario, metric, base), 2, unit="x"),
+                cell(_paired(at_level, scenario, metric, base), 2, unit="x"),
             ]
         )
     for level in sorted({r["level"] for r in _select(rows, "disconnect", target=base)}):
