@@ -227,30 +227,30 @@ class DemoProvider:
         # Each token waits until its due time rather than for a fixed delay, so the pace does not drift when the
         # loop is busy: a late token is followed by an earlier one.
         due = loop.time() + delay
-        if request.token_limit != 0 and due > loop.time():
-            # The first token's wait comes before the reply is built: a stream waiting for it (an hour, in the idle
-            # bench) holds only its request meanwhile, not the reply's tokens, iterators and final event.
-            woken = pacer.wake_at(loop, due, tick)
-            try:
-                await woken
-            except BaseException:
-                pacer.forget(woken, due, tick)
-                raise
-        tokens, count, done = _reply(request)
-        last = count - 1
-        for index, event in enumerate(tokens):
-            if index:
-                due += delay
-                if due > loop.time():
-                    woken = pacer.wake_at(loop, due, tick)
-                    try:
-                        await woken
-                    except BaseException:
-                        pacer.forget(woken, due, tick)
-                        raise
-            yield (event, done) if index == last else (event,)
-        if not count:
-            yield [done]
+        # The first token's wait comes before the reply is built: a stream waiting for it (an hour, in the idle
+        # bench) holds only its request meanwhile, not the reply's tokens, iterators and final event. (One loop
+        # for every wait: a coroutine of its own would be one more suspended frame per open stream.)
+        reply: tuple[Iterator[Event], int, Done] | None = None
+        index = 0
+        while True:
+            if due > loop.time() and (reply is not None or request.token_limit != 0):
+                woken = pacer.wake_at(loop, due, tick)
+                try:
+                    await woken
+                except BaseException:
+                    pacer.forget(woken, due, tick)
+                    raise
+            if reply is None:
+                reply = _reply(request)
+            tokens, count, done = reply
+            if not count:
+                yield [done]
+                return
+            yield (next(tokens), done) if index == count - 1 else (next(tokens),)
+            index += 1
+            if index == count:
+                return
+            due += delay
 
     async def aclose(self) -> None:
         return None
