@@ -215,7 +215,8 @@ class GenerationListener(Protocol):
         """It ended: its terminal event is in the log."""
 
     def generation_closed(self, generation: Generation) -> None:
-        """Its task has ended: the provider and the upstream are closed."""
+        """Its task's last step: the provider and the upstream are closed. (A task cancelled before its first step,
+        which only a loop being torn down does, never gets here.)"""
 
 
 class Generation:
@@ -490,7 +491,10 @@ class Generation:
             finally:
                 # The task's last step (rather than a done callback: a closure and a context copy per stream).
                 if self._listener is not None:
-                    self._listener.generation_closed(self)
+                    try:
+                        self._listener.generation_closed(self)
+                    except Exception:  # an observer's failure is logged, never the task's result nobody reads
+                        log.exception("generation %s: telling of its close failed", self.id)
 
     def _timeout_error(self) -> StreamTimeout:
         settings = self.settings

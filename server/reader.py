@@ -94,7 +94,8 @@ class _Heartbeats:
             reader._on_heartbeat()
 
 
-# One per event loop (a reader's loop is the one it runs on); weak, so that a closed loop is not kept alive.
+# One per event loop (a reader's loop is the one it runs on); weak, so that a closed loop is not kept alive once
+# no reader on it is armed (an armed timer refers to its loop).
 _HEARTBEATS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Heartbeats] = weakref.WeakKeyDictionary()
 
 
@@ -211,16 +212,15 @@ class Reader:
         settings = self.settings
         if observer is not None:
             observer.reader_started(self, resumed)
-        self._registry.attach(generation, self)
-        self._attached = True
-        # This reader holds everything up to `after`: a generation waiting for a reader to catch up may go on.
-        generation.delivered(self._after)
-        self._last_write = self._loop.time()
-        watching = watch_disconnect(
-            self._request, self._on_lost, user_timeout=settings.write_timeout, send_buffer=settings.send_buffer
-        )
         try:
-            with watching:
+            self._registry.attach(generation, self)
+            self._attached = True
+            # This reader holds everything up to `after`: a generation waiting for a reader to catch up may go on.
+            generation.delivered(self._after)
+            self._last_write = self._loop.time()
+            with watch_disconnect(
+                self._request, self._on_lost, user_timeout=settings.write_timeout, send_buffer=settings.send_buffer
+            ):
                 self._arm_heartbeat()
                 if self._prepare_now and not self._gone:
                     opening = self.framing.opening(generation.id, settings.reconnect_hint_ms) if self._announce else b""
@@ -419,4 +419,10 @@ class Reader:
         self._last_write = self._loop.time()
         if self._heartbeat_due:
             self._arm_heartbeat()
-        return not self._gone
+        if self._gone and not last:
+            # The client's end arrived while this write waited (its FIN is acted on as it is read): the reader stops
+            # here. (After the last write the response is whole: the caller records how it ended.)
+            if self.outcome == "reading":
+                self.outcome = "disconnected"
+            return False
+        return True

@@ -147,7 +147,7 @@ class _Pacer:
     """
 
     # No reference to its loop: the provider keeps one pacer per loop in a WeakKeyDictionary, whose keys a value
-    # holding them would keep alive.
+    # holding them would keep alive (while a stream waits, its timer does refer to the loop).
     __slots__ = ("_timers", "_waiting")
     TICK_MS = 1
 

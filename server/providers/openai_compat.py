@@ -111,8 +111,9 @@ def make_openai_client(
     http_client = openai.DefaultAioHttpClient(
         timeout=httpx2.Timeout(None, connect=connect_timeout),
         # The aiohttp transport takes only the connection limit and the keep-alive expiry from these: aiohttp keeps
-        # every idle connection until it expires, so a wave of streams reuses as many connections as it had.
-        limits=httpx2.Limits(max_connections=max_connections),
+        # every idle connection until it expires, so a wave of streams reuses as many connections as it had. Its
+        # connector reads a limit of 0 as none; no limit at all (None) would leave it at aiohttp's default of 100.
+        limits=httpx2.Limits(max_connections=0 if max_connections is None else max_connections),
     )
     client = openai.AsyncOpenAI(
         api_key=api_key or "unused",
