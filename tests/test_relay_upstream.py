@@ -547,3 +547,30 @@ async def test_another_http_transport_reads_the_raw_body_and_inflates_it_in_boun
     assert "".join(e.content for e in events if isinstance(e, Delta)) == "zipped" * 50
     assert isinstance(events[-1], Done)
     assert events[-1].finish_reason == "stop"
+
+
+async def test_with_no_stream_cap_every_stream_gets_its_own_upstream_connection(
+    fake_upstream: FakeUpstream, serve: ServeApp
+) -> None:
+    # `--max-streams 0` means no cap: 120 streams at once are 120 upstream requests at once. (The client's pool took
+    # "no limit" for aiohttp's default of 100: the rest waited for a stream to end, on their first-token clock.)
+    streams = 120
+    fake_upstream.behavior = Behavior(tokens=["a"] * 1000, first_delay=30.0)
+    base = await serve(create_app(upstream_config(fake_upstream, max_streams=0)))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        requests = [
+            asyncio.create_task(http.get(f"{base}/api/chat?prompt=x", headers={"Accept": "text/event-stream"}))
+            for _ in range(streams)
+        ]
+        try:
+            async with asyncio.timeout(20):
+                while len(fake_upstream.seen) < streams:
+                    await asyncio.sleep(0.05)
+        finally:
+            for request in requests:
+                request.cancel()
+            for response in await asyncio.gather(*requests, return_exceptions=True):
+                if isinstance(response, aiohttp.ClientResponse):
+                    response.close()
+    assert len(fake_upstream.seen) == streams
