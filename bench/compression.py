@@ -13,20 +13,16 @@ bench/results/compression.md and .json; ``python -m bench --scenarios compressio
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from bench import runner, scenarios
+from bench import runner, scenarios, standalone
 from bench import targets as t
 from bench.procstat import cpu_seconds, process_tree
 
@@ -245,42 +241,16 @@ def main() -> None:
         spec = LoadSpec(**json.loads(sys.argv[2]))
         print(json.dumps(asyncio.run(_load(spec))), flush=True)
         return
-    parser = argparse.ArgumentParser(prog="python -m bench.compression", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=runner.ROOT / "bench" / "results")
-    args = parser.parse_args()
-    runner.raise_fd_limit()
-    runner.prepare()
-    plan = scenarios.Plan(repeats=args.repeats, relay_paced_streams=args.streams)
-    started = time.monotonic()
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    standalone.main("compression", __doc__.split("\n\n")[0], "Compression", scenario, section, _introduction)
 
-    def log(message: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
 
-    rows = scenario(plan, log)
-    args.output.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=runner.ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    meta = {
-        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "load_before": load_before,
-        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
-    (args.output / "compression.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    intro = (
-        f"`python -m bench.compression --streams {args.streams} --repeats {args.repeats}`: server on core 0, load "
-        f"client and fake upstream on core 1; load average {meta['load_before']} before, {meta['load_after']} after. "
-        "The machine was shared with other work while this ran: CPU figures are noisy, compare them repeat by "
-        "repeat (compression.json) rather than to the digit."
+def _introduction(run: standalone.Run, rows: standalone.Rows) -> str:
+    return (
+        f"`python -m bench.compression --streams {run.streams} --repeats {run.repeats}`: server on core 0, load "
+        f"client and fake upstream on core 1; load average {run.meta['load_before']} before, "
+        f"{run.meta['load_after']} after. The machine was shared with other work while this ran: CPU figures are "
+        "noisy, compare them repeat by repeat (compression.json) rather than to the digit."
     )
-    title = f"# Compression: bench results ({meta['started']}, commit {meta['commit']})"
-    text = "\n".join([title, "", intro, *section(rows)]) + "\n"
-    (args.output / "compression.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

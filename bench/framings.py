@@ -15,18 +15,13 @@ resumable, which is that endpoint's default (``/api/chat`` and ``/v1`` are not r
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import subprocess
 import time
-from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-from bench import runner, scenarios
+from bench import scenarios, standalone
 from bench import targets as t
 from bench.client import Spec
 from bench.runner import Server, run_client
@@ -171,46 +166,19 @@ def _cell(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.framings", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=runner.ROOT / "bench" / "results")
-    args = parser.parse_args()
-    runner.raise_fd_limit()
-    runner.prepare()
-    plan = scenarios.Plan(repeats=args.repeats, relay_paced_streams=args.streams)
-    started = time.monotonic()
-    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    standalone.main("framings", __doc__.split("\n\n")[0], "Output framings", scenario, section, _introduction)
 
-    def log(message: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
 
-    rows = scenario(plan, log)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=runner.ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
-    meta = {
-        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "uptime_before": uptime_before,
-        "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip(),
-        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "framings.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+def _introduction(run: standalone.Run, rows: standalone.Rows) -> str:
     noise = [r["core0_other_percent"] for r in rows if r.get("core0_other_percent") is not None]
-    intro = (
-        f"`python -m bench.framings --streams {args.streams} --repeats {args.repeats}`: server on core 0, load client "
-        f"and fake upstream on core 1, {time.monotonic() - started:.0f} s. `uptime` before: `{meta['uptime_before']}`; "
-        f"after: `{meta['uptime_after']}`. Other processes used a median "
+    return (
+        f"`python -m bench.framings --streams {run.streams} --repeats {run.repeats}`: server on core 0, load client "
+        f"and fake upstream on core 1, {run.seconds:.0f} s. `uptime` before: `{run.meta['uptime_before']}`; "
+        f"after: `{run.meta['uptime_after']}`. Other processes used a median "
         f"{statistics.median(noise) if noise else 0:.0f}% (up to {max(noise, default=0):.0f}%) of the server's core "
         "during the waves. The machine (2 cores) was shared with other work: compare the framings repeat by repeat "
         "(framings.json) rather than to the digit."
     )
-    title = f"# Output framings: bench results ({meta['started']}, commit {meta['commit']})"
-    text = "\n".join([title, "", intro, *section(rows)]) + "\n"
-    (args.output / "framings.md").write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":
