@@ -62,10 +62,12 @@ INSTRUMENT = """
 
 @dataclass
 class RelayServer:
-    """The relay as a test serves it: its URL, and every request it received, in order."""
+    """The relay as a test serves it: its URL, every request it received, in order, and the connection of each
+    chat request (a test cuts one from the server's side)."""
 
     app: web.Application
     requests: list[tuple[str, str]] = field(default_factory=list)
+    chat_connections: list[asyncio.BaseTransport] = field(default_factory=list)
     base: str = ""
 
     def chat_requests(self, *methods: str) -> list[tuple[str, str]]:
@@ -90,7 +92,10 @@ def relay_host_app(
     async def log_requests(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        server_ref[0].requests.append((request.method, request.path))
+        server = server_ref[0]
+        server.requests.append((request.method, request.path))
+        if request.path == f"{api_base}/chat" and request.transport is not None:
+            server.chat_connections.append(request.transport)
         return await handler(request)
 
     host = web.Application(middlewares=[log_requests, *middlewares])

@@ -214,25 +214,15 @@ async def test_a_connection_cut_by_the_server_resumes_and_shows_the_whole_reply_
 ) -> None:
     tokens = [f" word{i}" for i in range(60)]
     fake_upstream.behavior = Behavior(tokens=tokens, delay=0.03)
-    transports: list[asyncio.BaseTransport] = []
-
-    @web.middleware
-    async def remember_stream_connections(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path == "/api/chat" and request.transport is not None:
-            transports.append(request.transport)
-        return await handler(request)
-
     # A short reconnection delay (the stream's first event sets it with `retry:`), so the test does not wait 3 s.
     config = upstream_config(fake_upstream, reconnect_hint_ms=200)
-    server = relay_host_app(config, middlewares=[remember_stream_connections])
+    server = relay_host_app(config)
     server.base = await serve(server.app)
     chat = ChatPage(page, server.base)
     await chat.open()
     await chat.send("Tell me a story", transport)
     await chat.wait_for_text(lambda text: text.count("word") >= 10)
-    transports[0].abort()  # the server side of the connection goes (a proxy's idle cut, a network change)
+    server.chat_connections[0].abort()  # the server side of the connection goes (a proxy's idle cut, a network change)
     states = set()
     async with asyncio.timeout(15):
         while (state := await chat.state()) not in ("done", "error", "connection-error"):

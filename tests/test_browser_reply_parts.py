@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
 
 import pytest
-from aiohttp import web
 from playwright.async_api import Browser, Dialog, Page
 
 from server.chat_request import ChatRequest, Message
@@ -147,19 +145,7 @@ async def test_a_cut_during_reasoning_resumes_and_shows_each_part_once(
     thoughts = [f" step{i}" for i in range(40)]
     tokens = [f" word{i}" for i in range(10)]
     fake_upstream.behavior = Behavior(reasoning=thoughts, tokens=tokens, delay=0.03)
-    transports: list[asyncio.Transport] = []
-
-    @web.middleware
-    async def remember_stream_connections(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path == "/api/chat" and request.transport is not None:
-            transports.append(request.transport)
-        return await handler(request)
-
-    server = relay_host_app(
-        upstream_config(fake_upstream, reconnect_hint_ms=200), middlewares=[remember_stream_connections]
-    )
+    server = relay_host_app(upstream_config(fake_upstream, reconnect_hint_ms=200))
     server.base = await serve(server.app)
     chat = ChatPage(page, server.base)
     await chat.open()
@@ -167,7 +153,7 @@ async def test_a_cut_during_reasoning_resumes_and_shows_each_part_once(
     async with asyncio.timeout(10):
         while (await _reasoning(page) if await page.locator(".reasoning").count() else "").count("step") < 8:
             await asyncio.sleep(0.01)
-    transports[0].abort()
+    server.chat_connections[0].abort()
     assert await chat.wait_for_state(*DONE_STATES) == "done"
     assert await _reasoning(page) == "".join(thoughts)
     assert await chat.reply_text() == "".join(tokens)
