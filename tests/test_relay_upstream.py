@@ -353,10 +353,9 @@ async def test_the_openai_client_retries_only_before_the_first_byte(
 
 
 async def test_the_upstream_body_is_read_from_the_aiohttp_response_it_can_close(fake_upstream: FakeUpstream) -> None:
-    # The provider reaches through two private names (httpx's bound stream, the package's aiohttp transport) to
-    # read the body directly and to close the socket synchronously when a client leaves. Pin them here, with the
-    # same client the server builds, so that an upgrade renaming them fails this test instead of silently
-    # falling back to the slower path without the synchronous close.
+    # The provider reads the body from the aiohttp response its HTTP client leaves in the response's extensions,
+    # and closes that socket synchronously when a client leaves. With the same client the server builds, the
+    # response must be there: otherwise the provider silently takes httpx's slower path without the close.
     client = make_openai_client(base_url=fake_upstream.url, api_key=SECRET)
     try:
         response = await post_chat_stream(

@@ -57,6 +57,7 @@ from ..events import Event
 from ..observe import current_request_id
 from ..upstream_sse import ChunkStreamDecoder
 from .base import on_abort, report_upstream_status
+from .http_client import AIOHTTP_RESPONSE, AiohttpClient
 
 # At most this much of the upstream body per read, so a batch (and the write it becomes) stays small: a client that
 # stopped reading then holds about the transport's high-water mark plus one batch, not whatever the upstream
@@ -102,18 +103,19 @@ def make_openai_client(
     """An `AsyncOpenAI` client for streaming: no read timeout (the relay's own first-token and idle timeouts
     apply) and a connection pool as large as the number of streams the server admits.
 
-    The HTTP transport is aiohttp (the package's own ``DefaultAioHttpClient``), not its default httpx/anyio one:
-    anyio's socket stream queues whatever the event loop reads without limit, and under uvloop (which reads up to
-    32 times per wake-up) a stream whose client stopped reading buffered ~2 MB of upstream data. aiohttp's reader
-    pauses the socket above its high-water mark, so a stalled stream holds a bounded amount; it is also cheaper.
-    Its errors reach us mapped to the httpx exception types, so the failure mapping below is the same.
+    The HTTP transport is aiohttp (`AiohttpClient`), not the package's default httpx/anyio one: anyio's socket
+    stream queues whatever the event loop reads without limit, and under uvloop (which reads up to 32 times per
+    wake-up) a stream whose client stopped reading buffered ~2 MB of upstream data. aiohttp's reader pauses the
+    socket above its high-water mark, so a stalled stream holds a bounded amount. `AiohttpClient` also sends the
+    request the openai client built without httpx's merging, auth, redirect and cookie layers around it, which
+    cost about as much as the aiohttp request itself. Its errors reach us as the httpx exception types.
     """
-    http_client = openai.DefaultAioHttpClient(
+    http_client = AiohttpClient(
+        base_url=base_url,
         timeout=httpx2.Timeout(None, connect=connect_timeout),
-        # The aiohttp transport takes only the connection limit and the keep-alive expiry from these: aiohttp keeps
-        # every idle connection until it expires, so a wave of streams reuses as many connections as it had. Its
-        # connector reads a limit of 0 as none; no limit at all (None) would leave it at aiohttp's default of 100.
-        limits=httpx2.Limits(max_connections=0 if max_connections is None else max_connections),
+        # aiohttp keeps every idle connection until it expires, so a wave of streams reuses as many connections as
+        # it had; its connector reads a limit of 0 as none.
+        max_connections=0 if max_connections is None else max_connections,
     )
     client = openai.AsyncOpenAI(
         api_key=api_key or "unused",
@@ -156,22 +158,6 @@ def retry_after_seconds(value: str | None) -> float | None:
     return min(float(text), MAX_RETRY_AFTER)
 
 
-def _refused(exc: BaseException) -> bool:
-    """A connection that was refused or could not resolve, reported as a connect *timeout*.
-
-    The aiohttp transport maps every ``aiohttp.ClientConnectionError`` to ``httpx.ConnectTimeout``, refusals and
-    DNS failures included; the original error is still in the chain of causes.
-    """
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, aiohttp.ClientConnectorError) and not isinstance(seen, aiohttp.ServerTimeoutError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 async def post_chat_stream(
     client: openai.AsyncOpenAI, body: dict[str, Any], request_id: str | None = None
 ) -> openai.AsyncAPIResponse[Any]:
@@ -192,15 +178,9 @@ async def post_chat_stream(
 
 
 def aiohttp_response(response: openai.AsyncAPIResponse[Any]) -> aiohttp.ClientResponse | None:
-    """The ``aiohttp.ClientResponse`` under the client's response, when the transport is the package's aiohttp one.
-
-    httpx wraps the transport's body stream (``BoundAsyncStream._stream``); the package's aiohttp transport keeps
-    its response as ``_aiohttp_response``. Both are private names: a test pins them, so an upgrade that renames
-    them fails there instead of silently taking the slower path.
-    """
-    stream = response.http_response.stream
-    inner = getattr(stream, "_stream", stream)
-    raw = getattr(inner, "_aiohttp_response", None)
+    """The ``aiohttp.ClientResponse`` under the client's response, when its HTTP client is `AiohttpClient` (which
+    leaves it in the response's extensions); None for any other."""
+    raw = response.http_response.extensions.get(AIOHTTP_RESPONSE)
     return raw if isinstance(raw, aiohttp.ClientResponse) else None
 
 
@@ -336,8 +316,6 @@ class OpenAIProvider:
         except openai.APITimeoutError as exc:
             if out_of_descriptors(exc):
                 raise _out_of_descriptors() from None
-            if _refused(exc):
-                raise UpstreamUnavailable("could not reach the model provider") from None
             raise UpstreamTimeout("the model provider did not answer in time") from None
         except openai.APIConnectionError as exc:
             if out_of_descriptors(exc):
