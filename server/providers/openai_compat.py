@@ -158,10 +158,17 @@ def retry_after_seconds(value: str | None) -> float | None:
     return min(float(text), MAX_RETRY_AFTER)
 
 
+def chat_completions_url(client: openai.AsyncOpenAI) -> str:
+    """``chat/completions`` under the client's base URL, whole. The client sends a whole URL as it is; a path it
+    merges with its base URL on every request (a parse and a copy of the URL: a few percent of its work)."""
+    return str(client.base_url.join("chat/completions"))
+
+
 async def post_chat_stream(
-    client: openai.AsyncOpenAI, body: dict[str, Any], request_id: str | None = None
+    client: openai.AsyncOpenAI, body: dict[str, Any], request_id: str | None = None, *, url: str | None = None
 ) -> openai.AsyncAPIResponse[Any]:
-    """POST `body` to ``/chat/completions`` through `client`, returning the response with its body unread.
+    """POST `body` to `url` (``chat/completions`` under the client's base URL) through `client`, returning the
+    response with its body unread.
 
     `request_id` goes upstream as ``X-Request-Id``, in the request options' headers: what the typed methods'
     ``extra_headers`` argument becomes, so the upstream's logs can be matched with the relay's.
@@ -170,7 +177,7 @@ async def post_chat_stream(
     if request_id is not None:
         options = {"headers": {**_RAW_STREAM["headers"], "X-Request-Id": request_id}}
     return await client.post(
-        "/chat/completions",
+        url or chat_completions_url(client),
         body=body,
         cast_to=openai.AsyncAPIResponse[ChatCompletion],
         options=options,
@@ -261,6 +268,7 @@ class OpenAIProvider:
 
     def __init__(self, client: openai.AsyncOpenAI, *, include_usage: bool = True) -> None:
         self._client = client
+        self._url = chat_completions_url(client)
         self._include_usage = include_usage
 
     def _arguments(self, request: ChatRequest) -> dict[str, Any]:
@@ -279,7 +287,9 @@ class OpenAIProvider:
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[Sequence[Event], None]:
         try:
-            response = await post_chat_stream(self._client, self._arguments(request), current_request_id.get())
+            response = await post_chat_stream(
+                self._client, self._arguments(request), current_request_id.get(), url=self._url
+            )
             report_upstream_status(response.status_code)
             # Leaving this block in any way (end, error, or the relay closing the generator because the client
             # left) closes the HTTP response; an unfinished body cannot be reused, so the connection goes too.
