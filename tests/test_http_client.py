@@ -140,10 +140,10 @@ async def test_what_it_does_not_send_itself_goes_through_httpx(serve: Serve) -> 
     # Query parameters, a relative URL against a base URL: httpx's own merging, then the same transport.
     seen: list[web.Request] = []
     base = await serve(recording_app(seen))
-    async with AiohttpClient(base_url=None, timeout=httpx2.Timeout(5.0), max_connections=0) as http:
+    async with AiohttpClient(timeout=httpx2.Timeout(5.0), max_connections=0) as http:
         response = await http.get(f"{base}/v1/models", params={"limit": "1"})
         assert response.json()["data"][0]["id"] == "m"
-    async with AiohttpClient(base_url=None, timeout=httpx2.Timeout(5.0), max_connections=0) as http:
+    async with AiohttpClient(timeout=httpx2.Timeout(5.0), max_connections=0) as http:
         http.base_url = httpx2.URL(f"{base}/v1/")
         response = await http.get("models")
         assert response.status_code == 200
@@ -158,7 +158,7 @@ def free_port() -> int:
 
 async def test_a_refused_connection_is_a_connect_error_the_openai_client_retries() -> None:
     port = free_port()
-    async with AiohttpClient(base_url=None, timeout=httpx2.Timeout(5.0), max_connections=0) as http:
+    async with AiohttpClient(timeout=httpx2.Timeout(5.0), max_connections=0) as http:
         with pytest.raises(httpx2.ConnectError):
             await http.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=b"{}")
     client = make_openai_client(api_key="sk-x", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
@@ -190,12 +190,16 @@ async def silent_server() -> AsyncIterator[int]:
 
 async def test_a_read_timeout_is_a_read_timeout() -> None:
     timeout = httpx2.Timeout(5.0, read=0.2)
-    async with silent_server() as port, AiohttpClient(base_url=None, timeout=timeout, max_connections=0) as http:
+    async with silent_server() as port, AiohttpClient(timeout=timeout, max_connections=0) as http:
         with pytest.raises(httpx2.ReadTimeout):
             await http.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=b"{}")
 
 
-async def test_the_environments_proxy_carries_the_upstream_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("named_by", ["option", "environment"])
+async def test_the_environments_proxy_carries_the_upstream_requests(
+    monkeypatch: pytest.MonkeyPatch, named_by: str
+) -> None:
+    # The upstream named by --base-url, or left to the openai client (OPENAI_BASE_URL, else its default).
     request_lines: list[bytes] = []
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -216,7 +220,9 @@ async def test_the_environments_proxy_carries_the_upstream_requests(monkeypatch:
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    client = make_openai_client(api_key="sk-x", base_url=unreachable)
+    if named_by == "environment":
+        monkeypatch.setenv("OPENAI_BASE_URL", unreachable)
+    client = make_openai_client(api_key="sk-x", base_url=unreachable if named_by == "option" else None)
     try:
         assert b"[DONE]" in await read_reply(client)
     finally:
@@ -230,12 +236,34 @@ def test_the_environment_names_the_proxy_for_the_upstreams_host(monkeypatch: pyt
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
-    assert environment_proxy("https://api.openai.com/v1") is None
+    assert environment_proxy("https", "api.openai.com") is None
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    assert environment_proxy("https://api.openai.com/v1") == "http://proxy.internal:3128"
-    assert environment_proxy("http://vllm.internal:8000/v1") is None  # no HTTP_PROXY: plain HTTP goes direct
+    assert environment_proxy("https", "api.openai.com") == "http://proxy.internal:3128"
+    assert environment_proxy("http", "vllm.internal") is None  # no HTTP_PROXY: plain HTTP goes direct
     monkeypatch.setenv("ALL_PROXY", "http://all.internal:3128")
-    assert environment_proxy("http://vllm.internal:8000/v1") == "http://all.internal:3128"
+    assert environment_proxy("http", "vllm.internal") == "http://all.internal:3128"
     monkeypatch.setenv("NO_PROXY", "internal,localhost")
-    assert environment_proxy("http://vllm.internal:8000/v1") is None
-    assert environment_proxy("https://api.openai.com/v1") == "http://proxy.internal:3128"
+    assert environment_proxy("http", "vllm.internal") is None
+    assert environment_proxy("https", "api.openai.com") == "http://proxy.internal:3128"
+
+
+async def test_a_request_that_asks_not_to_follow_redirects_gets_the_redirect(serve: Serve) -> None:
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/elsewhere")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", moved)
+    base = await serve(app)
+    async with AiohttpClient(timeout=httpx2.Timeout(5.0), max_connections=0) as http:
+        response = await http.post(f"{base}/v1/chat/completions", content=b"{}", follow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["Location"] == "/elsewhere"
+
+
+async def test_a_host_header_the_caller_chose_reaches_the_upstream(serve: Serve) -> None:
+    # Some gateways route by a Host that is not the address connected to.
+    seen: list[web.Request] = []
+    base = await serve(recording_app(seen))
+    async with AiohttpClient(timeout=httpx2.Timeout(5.0), max_connections=0) as http:
+        await http.get(f"{base}/v1/models", headers={"Host": "models.gateway.internal"})
+    assert seen[0].headers["Host"] == "models.gateway.internal"

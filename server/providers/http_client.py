@@ -15,9 +15,10 @@ the body) and authenticated it with a header itself, so none of those layers has
 
 What it keeps of httpx's behaviour: the client's default headers under the request's own (``Accept-Encoding:
 gzip, deflate``: the codings `server.content_coding` decodes); the per-request timeouts (connect, read, pool) as
-aiohttp's; redirects followed as httpx follows them (aiohttp has the same rules: a 301/302/303 POST becomes a GET,
-307/308 keep the body; credentials are dropped on a redirect to another origin); a proxy named by the environment
-(``HTTPS_PROXY``, ``NO_PROXY``…), resolved once for the upstream's host; TLS verified as httpx does (its
+aiohttp's; redirects followed (aiohttp's rules are httpx's: a 301/302/303 POST becomes a GET, 307/308 keep the
+body, credentials are dropped on a redirect to another origin; one difference: aiohttp counts an upgrade from
+http to https on the same host as another origin, httpx does not); a proxy named by the environment
+(``HTTPS_PROXY``, ``NO_PROXY``…), read once per upstream host; TLS verified as httpx does (its
 ``create_ssl_context``, ``SSL_CERT_FILE``/``SSL_CERT_DIR``); aiohttp's errors as the httpx errors the openai client
 maps and retries (a refused connection is ``ConnectError``, a connect timeout ``ConnectTimeout``, a read timeout
 ``ReadTimeout``, a lost connection ``ReadError``). What it drops on purpose: cookies (the relay serves many clients
@@ -40,9 +41,6 @@ AIOHTTP_RESPONSE = "llm_relay.aiohttp_response"
 
 # Read size of the body for httpx's own readers (``aiter_raw``, ``aread``), as the package's transport reads.
 _CHUNK_SIZE = 16 * 1024
-
-# Headers httpx adds to a request that aiohttp makes itself, for each request of a redirect chain.
-_AIOHTTP_MAKES = frozenset(("host", "content-length"))
 
 # httpx's limit on followed redirects (``DEFAULT_MAX_REDIRECTS``).
 _MAX_REDIRECTS = 20
@@ -88,46 +86,40 @@ class _Body(httpx2.AsyncByteStream):
         await self._response.wait_for_close()
 
 
-def environment_proxy(url: str) -> str | None:
-    """The proxy the environment names for `url` (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, less
-    ``NO_PROXY``), as httpx's ``trust_env`` would pick it; None for none."""
-    parsed = httpx2.URL(url)
-    if not parsed.host or urllib.request.proxy_bypass(parsed.host):
+def environment_proxy(scheme: str, host: str) -> str | None:
+    """The proxy the environment names for `host` over `scheme` (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``,
+    less ``NO_PROXY``), as httpx's ``trust_env`` picks it; None for none."""
+    if not host or urllib.request.proxy_bypass(host):
         return None
     proxies = urllib.request.getproxies()
-    return proxies.get(parsed.scheme) or proxies.get("all") or None
+    return proxies.get(scheme) or proxies.get("all") or None
 
 
 class AiohttpTransport(httpx2.AsyncBaseTransport):
     """An httpx transport sending through one `aiohttp.ClientSession`, made on the first request (a session
-    belongs to the event loop that runs it)."""
+    belongs to the event loop that runs it). Redirects are httpx's to follow when it calls; `send` follows them
+    in aiohttp instead."""
 
-    def __init__(
-        self,
-        *,
-        max_connections: int,
-        keepalive_expiry: float | None,
-        proxy: str | None,
-        follow_redirects: bool,
-    ) -> None:
+    def __init__(self, *, max_connections: int, keepalive_expiry: float | None) -> None:
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
-        self._proxy = proxy
-        self._follow_redirects = follow_redirects
+        # Made here, not with the session: loading the CA bundle takes tens of milliseconds the loop need not wait.
+        self._ssl = httpx2.create_ssl_context()
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
+        # The environment's proxy by (scheme, host), read once per upstream host (and per redirect target).
+        self._proxies: dict[tuple[str, str], str | None] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,  # aiohttp reads 0 as no limit
             keepalive_timeout=self._keepalive_expiry,
-            ssl=httpx2.create_ssl_context(),
+            ssl=self._ssl,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,  # the provider decodes the content coding itself, in bounded pieces
-            proxy=self._proxy,
         )
         return self._session
 
@@ -142,22 +134,42 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             )
         return timeout
 
+    def _proxy(self, url: httpx2.URL) -> str | None:
+        key = (url.scheme, url.host)
+        if key not in self._proxies:
+            if len(self._proxies) >= 64:
+                self._proxies.clear()
+            self._proxies[key] = environment_proxy(*key)
+        return self._proxies[key]
+
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        return await self.send(request, follow_redirects=False)
+
+    async def send(self, request: httpx2.Request, *, follow_redirects: bool) -> httpx2.Response:
+        """Send `request` through the session, aiohttp following redirects when `follow_redirects`."""
         session = self._session or self._open()
         try:
             body: bytes | None = request.content or None
         except httpx2.RequestNotRead:  # a streamed upload: read it first (the relay sends none)
             body = await request.aread() or None
+        url = request.url
+        netloc = url.netloc.decode("ascii")
         try:
             response = await session.request(
                 request.method,
-                str(request.url),
-                # Host and Content-Length as aiohttp makes them: from the URL (a redirect's too) and the body.
-                headers=[(k, v) for k, v in request.headers.multi_items() if k not in _AIOHTTP_MAKES],
+                str(url),
+                # Host and Content-Length as aiohttp makes them, from the URL and the body, so that a redirect's
+                # request has its own; a Host the caller chose (one that is not the URL's) goes as it is.
+                headers=[
+                    (k, v)
+                    for k, v in request.headers.multi_items()
+                    if not (k == "content-length" or (k == "host" and v == netloc))
+                ],
                 data=body,
-                allow_redirects=self._follow_redirects,
+                allow_redirects=follow_redirects,
                 max_redirects=_MAX_REDIRECTS,
                 timeout=self._timeout(request.extensions.get("timeout", {})),
+                proxy=self._proxy(url),
             )
         except aiohttp.ClientError as exc:
             raise _httpx_error(exc) from exc
@@ -178,16 +190,12 @@ class AiohttpClient(httpx2.AsyncClient):
     """An ``httpx.AsyncClient`` for the openai client, sending through `AiohttpTransport` without httpx's layers
     (see the module's doc)."""
 
-    def __init__(
-        self, *, base_url: str | None, timeout: httpx2.Timeout, max_connections: int, follow_redirects: bool = True
-    ) -> None:
+    def __init__(self, *, timeout: httpx2.Timeout, max_connections: int, follow_redirects: bool = True) -> None:
         self._relay_transport = AiohttpTransport(
             max_connections=max_connections,
             keepalive_expiry=5.0,  # httpx's default: aiohttp keeps every idle connection until then
-            proxy=environment_proxy(base_url) if base_url else None,
-            follow_redirects=follow_redirects,
         )
-        # trust_env=False: the transport took the environment's proxy for the upstream's host already.
+        # trust_env=False: the transport reads the environment's proxy for each upstream host itself.
         super().__init__(
             timeout=timeout,
             follow_redirects=follow_redirects,
@@ -269,7 +277,7 @@ class AiohttpClient(httpx2.AsyncClient):
     ) -> httpx2.Response:
         if auth is not httpx2.USE_CLIENT_DEFAULT or follow_redirects is not httpx2.USE_CLIENT_DEFAULT or self.is_closed:
             return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
-        response = await self._relay_transport.handle_async_request(request)
+        response = await self._relay_transport.send(request, follow_redirects=self.follow_redirects)
         if not stream:
             try:
                 await response.aread()

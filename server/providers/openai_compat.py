@@ -111,7 +111,6 @@ def make_openai_client(
     cost about as much as the aiohttp request itself. Its errors reach us as the httpx exception types.
     """
     http_client = AiohttpClient(
-        base_url=base_url,
         timeout=httpx2.Timeout(None, connect=connect_timeout),
         # aiohttp keeps every idle connection until it expires, so a wave of streams reuses as many connections as
         # it had; its connector reads a limit of 0 as none.
