@@ -70,14 +70,20 @@ async def read_reply(client: openai.AsyncOpenAI) -> bytes:
         await response.close()
 
 
+async def replies(base_url: str | None, count: int = 1) -> list[bytes]:
+    """`count` replies read one after the other through the client the relay builds for `base_url`."""
+    client = make_openai_client(api_key="sk-x", base_url=base_url)
+    try:
+        return [await read_reply(client) for _ in range(count)]
+    finally:
+        await client.close()
+
+
 async def test_the_upstream_gets_the_request_as_the_openai_client_built_it(serve: Serve) -> None:
     seen: list[web.Request] = []
     base = await serve(recording_app(seen))
-    client = make_openai_client(api_key="sk-x", base_url=f"{base}/v1")
-    try:
-        assert b"[DONE]" in await read_reply(client)
-    finally:
-        await client.close()
+    (reply,) = await replies(f"{base}/v1")
+    assert b"[DONE]" in reply
     (request,) = seen
     host, port = base.removeprefix("http://").split(":")
     assert request.headers["Host"] == f"{host}:{port}"
@@ -93,12 +99,7 @@ async def test_an_upstream_cookie_is_never_sent_back(serve: Serve) -> None:
     # One upstream session serves every client of the relay: a cookie set for one is no one's to send.
     seen: list[web.Request] = []
     base = await serve(recording_app(seen, cookie=True))
-    client = make_openai_client(api_key="sk-x", base_url=f"{base}/v1")
-    try:
-        await read_reply(client)
-        await read_reply(client)
-    finally:
-        await client.close()
+    await replies(f"{base}/v1", 2)
     assert len(seen) == 2
     assert "Cookie" not in seen[1].headers
 
@@ -113,11 +114,8 @@ async def test_a_redirect_is_followed_to_another_origin_without_the_credentials(
     app = web.Application()
     app.router.add_post("/v1/chat/completions", moved)
     origin = await serve(app)
-    client = make_openai_client(api_key="sk-x", base_url=f"{origin}/v1")
-    try:
-        assert b"[DONE]" in await read_reply(client)
-    finally:
-        await client.close()
+    (reply,) = await replies(f"{origin}/v1")
+    assert b"[DONE]" in reply
     (request,) = seen
     assert request.method == "POST"
     assert request.headers["Host"] == target.removeprefix("http://")  # the new host, not the first one's
@@ -222,11 +220,10 @@ async def test_the_environments_proxy_carries_the_upstream_requests(
     monkeypatch.delenv("no_proxy", raising=False)
     if named_by == "environment":
         monkeypatch.setenv("OPENAI_BASE_URL", unreachable)
-    client = make_openai_client(api_key="sk-x", base_url=unreachable if named_by == "option" else None)
     try:
-        assert b"[DONE]" in await read_reply(client)
+        (reply,) = await replies(unreachable if named_by == "option" else None)
+        assert b"[DONE]" in reply
     finally:
-        await client.close()
         server.close()
         await server.wait_closed()
     assert request_lines == [f"POST {unreachable}/chat/completions HTTP/1.1".encode()]
