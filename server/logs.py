@@ -101,6 +101,11 @@ def configure_logging(level: str = "info", log_format: str = "text") -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    # Neither format shows a record's thread or process: leave them out of every record (the logging HOWTO's
+    # "Optimization"). The relay's own processes only; an embedding application decides for its own.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     numeric = logging.getLevelName(level.upper())
     root.setLevel(numeric if level == "debug" else logging.WARNING)
     logging.getLogger("llm_relay").setLevel(numeric)

@@ -54,6 +54,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..events import Event
+from ..json_wire import json_bytes
 from ..observe import current_request_id
 from ..upstream_sse import ChunkStreamDecoder
 from .base import on_abort, report_upstream_status
@@ -177,7 +178,8 @@ async def post_chat_stream(
         options = {"headers": {**_RAW_STREAM["headers"], "X-Request-Id": request_id}}
     return await client.post(
         url or chat_completions_url(client),
-        body=body,
+        # Serialised here, once: the client would copy the body and serialise it with its own default handler.
+        content=json_bytes(body),
         cast_to=openai.AsyncAPIResponse[ChatCompletion],
         options=options,
     )
@@ -200,18 +202,17 @@ def _drop(raw: aiohttp.ClientResponse) -> None:
     raw.close()
 
 
-def _raw_body(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[bytes]:
+def _raw_body(response: openai.AsyncAPIResponse[Any], raw: aiohttp.ClientResponse | None) -> AsyncIterator[bytes]:
     """The response body as it arrives, still in its content coding, and a synchronous way to drop the upstream
     socket if the client leaves.
 
-    With the package's aiohttp transport, the body stream wraps an ``aiohttp.ClientResponse`` (which the transport
-    asks not to decompress). Aborting its transport drops the connection at once (`_drop`, registered with
-    `on_abort`), and reading its content directly (at most `_READ_SIZE` at a time) skips the client's four layers
-    of async iterators (in the relay bench's paced scenario the gain was within its noise, 47.5 -> 47.0 CPU-µs per
-    token; the abort is the point). Any other transport is read through httpx's public ``aiter_raw``. Neither path
-    decompresses: the client's own ``iter_bytes`` would inflate a whole read at once (see `content_coding`).
+    With the relay's HTTP client, `raw` is the ``aiohttp.ClientResponse`` under the response (asked not to
+    decompress). Aborting its transport drops the connection at once (`_drop`, registered with `on_abort`), and
+    reading its content directly (at most `_READ_SIZE` at a time) skips the client's layers of async iterators (in
+    the relay bench's paced scenario the gain was within its noise, 47.5 -> 47.0 CPU-µs per token; the abort is the
+    point). Any other HTTP client is read through httpx's public ``aiter_raw``. Neither path decompresses: the
+    client's own ``iter_bytes`` would inflate a whole read at once (see `content_coding`).
     """
-    raw = aiohttp_response(response)
     if raw is None:
         return response.http_response.aiter_raw(_READ_SIZE)
     on_abort(lambda: _drop(raw))
@@ -220,8 +221,10 @@ def _raw_body(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[bytes]:
 
 def _body(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[bytes]:
     """The decoded body, in pieces of at most `_READ_SIZE` bytes however much a compressed read inflates to."""
-    coding = content_coding(response.headers.get("content-encoding"))
-    chunks = _raw_body(response)
+    raw = aiohttp_response(response)
+    # (aiohttp's headers when it is there: a lookup in httpx's decodes every header on the way.)
+    coding = content_coding((raw.headers if raw is not None else response.headers).get("content-encoding"))
+    chunks = _raw_body(response, raw)
     return chunks if coding == IDENTITY else _inflated(chunks, BoundedInflater(coding, _READ_SIZE))
 
 
