@@ -220,11 +220,13 @@ class StreamRegistry:
             self._over = False
             return
         # Ended generations first, oldest end first (one a reader still replays keeps its log until it is done:
-        # forgetting it would free nothing).
-        for ended in [g for g in self._ended.values() if not g.readers]:
-            if self.total_bytes <= limit:
+        # forgetting it would free nothing). One at a time from the oldest, not a list of them all: at the limit,
+        # every append of every stream comes here, and usually one forgotten stream is enough.
+        while self.total_bytes > limit:
+            oldest = next((g for g in self._ended.values() if not g.readers), None)
+            if oldest is None:
                 break
-            self._forget(ended.id)
+            self._forget(oldest.id)
         # Then running ones, oldest start first, but never what a live reader has not written yet: a reader keeps
         # streaming; only a resume from before what is kept becomes impossible. Without readers, everything goes.
         for running in list(self._generations.values()):
