@@ -29,6 +29,7 @@ query parameters, cookies) goes through httpx's own methods, to the same transpo
 
 from __future__ import annotations
 
+import functools
 import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -86,6 +87,23 @@ class _Body(httpx2.AsyncByteStream):
         await self._response.wait_for_close()
 
 
+def _aiohttp_timeout(timeouts: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
+    """httpx's per-request timeouts (its ``timeout`` extension) as aiohttp's."""
+    return _client_timeout(timeouts.get("connect"), timeouts.get("read"), timeouts.get("pool"))
+
+
+@functools.lru_cache(maxsize=16)  # a handful at most: the openai client sends its one timeout with every request
+def _client_timeout(connect: float | None, read: float | None, pool: float | None) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read, connect=pool)
+
+
+@functools.lru_cache(maxsize=64)  # the relay sends every request to the same URL: parsed once, not per request
+def _absolute_url(url: str) -> httpx2.URL | None:
+    """`url` parsed; None for a relative URL, which httpx's own method merges with the client's base URL."""
+    parsed = httpx2.URL(url)
+    return None if parsed.is_relative_url else parsed
+
+
 def environment_proxy(scheme: str, host: str) -> str | None:
     """The proxy the environment names for `host` over `scheme` (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``,
     less ``NO_PROXY``), as httpx's ``trust_env`` picks it; None for none."""
@@ -106,7 +124,6 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         # Made here, not with the session: loading the CA bundle takes tens of milliseconds the loop need not wait.
         self._ssl = httpx2.create_ssl_context()
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
         # The environment's proxy by (scheme, host), read once per upstream host (and per redirect target).
         self._proxies: dict[tuple[str, str], str | None] = {}
 
@@ -122,17 +139,6 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             auto_decompress=False,  # the provider decodes the content coding itself, in bounded pieces
         )
         return self._session
-
-    def _timeout(self, timeouts: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
-        key = (timeouts.get("connect"), timeouts.get("read"), timeouts.get("pool"))
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            if len(self._timeouts) >= 16:  # a handful at most, unless every request sets its own
-                self._timeouts.clear()
-            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, sock_connect=key[0], sock_read=key[1], connect=key[2]
-            )
-        return timeout
 
     def _proxy(self, url: httpx2.URL) -> str | None:
         key = (url.scheme, url.host)
@@ -168,7 +174,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                 data=body,
                 allow_redirects=follow_redirects,
                 max_redirects=_MAX_REDIRECTS,
-                timeout=self._timeout(request.extensions.get("timeout", {})),
+                timeout=_aiohttp_timeout(request.extensions.get("timeout", {})),
                 proxy=self._proxy(url),
             )
         except aiohttp.ClientError as exc:
@@ -203,7 +209,6 @@ class AiohttpClient(httpx2.AsyncClient):
             transport=self._relay_transport,
         )
         self._default_headers = list(self.headers.multi_items())
-        self._urls: dict[str, httpx2.URL] = {}
 
     def build_request(
         self,
@@ -220,7 +225,7 @@ class AiohttpClient(httpx2.AsyncClient):
         timeout: Any = httpx2.USE_CLIENT_DEFAULT,
         extensions: Any = None,
     ) -> httpx2.Request:
-        parsed = self._url(url) if isinstance(url, str) else None
+        parsed = _absolute_url(url) if isinstance(url, str) else None
         if (
             parsed is None
             or not isinstance(content, (bytes, type(None)))
@@ -248,19 +253,6 @@ class AiohttpClient(httpx2.AsyncClient):
             headers=self._with_defaults(headers),
             extensions={"timeout": timeout.as_dict()},
         )
-
-    def _url(self, url: str) -> httpx2.URL | None:
-        """`url` parsed, once per distinct URL (the relay sends every request to the same one); None for a
-        relative URL, which httpx's own method merges with the client's base URL."""
-        parsed = self._urls.get(url)
-        if parsed is None:
-            parsed = httpx2.URL(url)
-            if parsed.is_relative_url:
-                return None
-            if len(self._urls) >= 64:
-                self._urls.clear()
-            self._urls[url] = parsed
-        return parsed
 
     def _with_defaults(self, headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         """The client's default headers, less those the request sets, then the request's (httpx's merge)."""
