@@ -28,7 +28,7 @@ from .admission import Admission
 from .budget import TokenReservation, output_chars
 from .chat_request import ChatRequest
 from .errors import RelayError, StreamTimeout, UpstreamError
-from .events import Done, Error, Event, Usage, is_terminal, text_size
+from .events import Delta, Done, Error, Event, Usage, is_terminal, text_size
 from .providers.base import (
     Provider,
     UpstreamReport,
@@ -120,6 +120,12 @@ class EventLog:
     quarters of the bounds, so trimming is amortised); `first_seq` says what is still retained. Sizes are
     estimates (`EVENT_OVERHEAD_BYTES` plus the text), kept as running totals so that both the retained size and
     the size of what follows any event are O(1).
+
+    A text `Delta` is kept as its str and made again by `since`. A str is not tracked by the garbage collector and
+    a `Delta` is: a relay retains thousands of logs for resuming (every open stream's and every recently ended
+    one's), and with an object per logged token every collection of the older generations walked them all (at
+    500 paced streams, half of what each such collection walked, with pauses of ~80 ms that every token waited
+    behind; bench/results/gc-pauses.md).
     """
 
     __slots__ = ("_base", "_ends", "_events", "_first_seq", "_max_bytes", "_max_events", "_total")
@@ -129,7 +135,7 @@ class EventLog:
         instance's generation, `server/redis_replicas.py`)."""
         # Both made by the first append: until then (a stream waiting for its first token) they are one shared,
         # never-written empty list rather than two lists per open stream.
-        self._events: list[Event] = _NOTHING_YET
+        self._events: list[Event | str] = _NOTHING_YET
         # _ends[i]: the estimated bytes appended up to and including _events[i], since the log began.
         self._ends: list[int] = _NOTHING_YET
         self._base = 0  # the same total up to the last dropped event
@@ -170,7 +176,7 @@ class EventLog:
             logged, ends = self._events, self._ends = [], []
         for event in events:
             total += EVENT_OVERHEAD_BYTES + text_size(event)
-            logged.append(event)
+            logged.append(event.content if type(event) is Delta else event)
             ends.append(total)
         self._total = total
         if len(self._events) > self._max_events or self.bytes > self._max_bytes:
@@ -181,7 +187,8 @@ class EventLog:
         """The retained events after `seq`. Raises `LookupError` if some of them were already dropped."""
         if seq + 1 < self._first_seq:
             raise LookupError(seq)
-        return self._events[seq + 1 - self._first_seq :]
+        retained = self._events[seq + 1 - self._first_seq :]
+        return [Delta(event) if isinstance(event, str) else event for event in retained]
 
     def drop_through(self, seq: int) -> int:
         """Drop the retained events up to and including `seq` (memory pressure); returns the bytes freed."""
@@ -307,7 +314,7 @@ class Generation:
         self,
         listener: GenerationListener | None = None,
     ) -> None:
-        if self._task is not None:
+        if self._task is not None or self._running:
             raise RuntimeError("a generation is started once")
         self._listener = listener
         loop = asyncio.get_running_loop()
@@ -483,6 +490,10 @@ class Generation:
         finally:
             stop_collecting_upstream_report()
             stop_collecting_aborts()
+            # An ended generation stays registered for the retention: it keeps its log and how it ended, not the
+            # upstream response the abort callbacks hold, nor this task (its coroutine and context).
+            self._aborts.clear()
+            self._task = None
             try:
                 if self._admission is not None:
                     await self._admission.release()

@@ -68,10 +68,10 @@ class StreamRegistry:
         # Insertion order is start order: the memory policy trims running generations oldest first.
         self._generations: OrderedDict[str, Generation] = OrderedDict()
         self._ended: OrderedDict[str, Generation] = OrderedDict()  # by end time, oldest first
-        # Per stream id: the resume grace's cancellation (a running generation without readers) and the retention's
-        # end (an ended one).
+        # Per stream id: the resume grace's cancellation (a running generation without readers).
         self._grace: dict[str, asyncio.TimerHandle] = {}
-        self._retention: dict[str, asyncio.TimerHandle] = {}
+        # The retention's end of the oldest ended generation: one timer for them all (see _expire).
+        self._expiry: asyncio.TimerHandle | None = None
         self._followers: set[Follower] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -188,8 +188,9 @@ class StreamRegistry:
             grace.cancel()
         self.finished += 1
         self._ended[generation.id] = generation
-        loop = asyncio.get_running_loop()
-        self._retention[generation.id] = loop.call_later(self.settings.retention, self._forget, generation.id)
+        if self._expiry is None:
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_at((generation.ended_at or loop.time()) + self.settings.retention, self._expire)
         if not len(self):
             self._idle.set()
         self.observer.stream_ended(generation)
@@ -200,10 +201,26 @@ class StreamRegistry:
         if ended_at is not None:
             self.observer.stream_closed(generation, asyncio.get_running_loop().time() - ended_at)
 
+    def _expire(self) -> None:
+        """Forget the ended generations whose retention is over, then wait for the next one's end.
+
+        Generations join `_ended` as they end and all are kept for the same retention, so they expire in that
+        order and one timer, for the oldest, serves them all: a timer per ended generation would keep a handle,
+        its callback and a copy of its task's context per retained stream.
+        """
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        # (A timer may run up to the loop's clock resolution early: what is due within a millisecond is due.)
+        now = loop.time() + 0.001
+        while self._ended:
+            oldest = next(iter(self._ended.values()))
+            due = (oldest.ended_at or 0.0) + self.settings.retention
+            if due > now:
+                self._expiry = loop.call_at(due, self._expire)
+                return
+            self._forget(oldest.id)
+
     def _forget(self, stream_id: str) -> None:
-        timer = self._retention.pop(stream_id, None)
-        if timer is not None:
-            timer.cancel()
         generation = self._generations.pop(stream_id, None)
         self._ended.pop(stream_id, None)
         if generation is not None:
@@ -274,7 +291,9 @@ class StreamRegistry:
 
     def close(self) -> None:
         """Cancel the timers (the app is going away)."""
-        for timers in (self._grace, self._retention):
-            for timer in timers.values():
-                timer.cancel()
-            timers.clear()
+        for timer in self._grace.values():
+            timer.cancel()
+        self._grace.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
