@@ -46,7 +46,9 @@ PROVIDER_DRAIN_GRACE = 0.5
 # What one logged event is counted as, beyond the characters of its text: the event object (40 bytes for a slotted
 # Delta), its str's header (49), its end offset (an int, 28) and their two list slots, as tracemalloc sees them on
 # CPython 3.11 x86-64 (~140). An estimate used only to bound memory, never reported as exact; what the allocator
-# adds beyond it (fragmentation, a str's 1-4 bytes per character past ASCII) is not counted.
+# adds beyond it (fragmentation, a str's 1-4 bytes per character past ASCII) is not counted. (A text delta is logged
+# as its str alone, see EventLog, so it is counted ~40 bytes high: the bounds err on the safe side, the same for
+# every kind of event.)
 EVENT_OVERHEAD_BYTES = 140
 
 
