@@ -91,3 +91,35 @@ async def test_only_the_last_reader_leaving_cancels_and_the_upstream_is_dropped_
     assert ended_when_aborted == [False]
     await asyncio.wait_for(generation.wait_closed(), 5)
     assert provider.closed.is_set()
+
+
+async def test_each_ended_generation_is_forgotten_after_its_own_retention() -> None:
+    # One timer serves every ended generation: each is still there until its own end + retention, whatever ended
+    # before or after it.
+    retention = 0.3
+    registry = StreamRegistry(RegistrySettings(retention=retention))
+    loop = asyncio.get_running_loop()
+    providers = [ScriptedProvider() for _ in range(3)]
+    generations = [Generation(p, CHAT, GenerationSettings()) for p in providers]
+    ended_at: dict[str, float] = {}
+    for generation, provider in zip(generations, providers, strict=True):
+        registry.start(generation)
+        await provider.started.wait()
+        provider.put([Delta("a"), Done("stop")])
+        await wait_until(lambda g=generation: g.ended)  # type: ignore[misc]
+        ended_at[generation.id] = loop.time()
+        await asyncio.sleep(0.05)
+    assert registry.retained == 3
+    forgotten_at: dict[str, float] = {}
+    while len(forgotten_at) < 3:
+        for generation in generations:
+            if generation.id not in forgotten_at and registry.get(generation.id) is None:
+                forgotten_at[generation.id] = loop.time()
+        await asyncio.sleep(0.005)
+    for generation in generations:
+        kept = forgotten_at[generation.id] - ended_at[generation.id]
+        # Never early; late by at most a loop turn of this polling (a liveness bound, not a benchmark).
+        assert retention - 0.01 <= kept <= retention + 0.25, (generation.id, kept)
+    assert [forgotten_at[g.id] for g in generations] == sorted(forgotten_at.values())
+    assert registry.retained == 0
+    registry.close()
