@@ -22,7 +22,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .admission import Admission
 from .budget import TokenReservation, output_chars
@@ -123,14 +123,15 @@ class EventLog:
     estimates (`EVENT_OVERHEAD_BYTES` plus the text), kept as running totals so that both the retained size and
     the size of what follows any event are O(1).
 
-    A text `Delta` is kept as its str and made again by `since`. A str is not tracked by the garbage collector and
-    a `Delta` is: a relay retains thousands of logs for resuming (every open stream's and every recently ended
-    one's), and with an object per logged token every collection of the older generations walked them all (at
-    500 paced streams, half of what each such collection walked, with pauses of ~80 ms that every token waited
-    behind; bench/results/gc-pauses.md).
+    Once the generation has ended (`compact`), a text `Delta` is kept as its str and made again by `since`. A str
+    is not tracked by the garbage collector and a `Delta` is: a relay retains the logs of ended streams for
+    resuming (60 s by default), thousands of them, and with an object per logged token every collection of the
+    older generations walked them all (at 500 paced streams, half of what each such collection walked, with pauses
+    of ~80 ms that every token waited behind; bench/results/gc-pauses.md). While it runs, the events stay as they
+    are: its live readers take them as they come, with no object made per token and reader.
     """
 
-    __slots__ = ("_base", "_ends", "_events", "_first_seq", "_max_bytes", "_max_events", "_total")
+    __slots__ = ("_base", "_compact", "_ends", "_events", "_first_seq", "_max_bytes", "_max_events", "_total")
 
     def __init__(self, max_events: int, max_bytes: int, *, first_seq: int = 1) -> None:
         """`first_seq` > 1: a copy of a log whose earlier events are no longer kept (a replica of another
@@ -141,6 +142,7 @@ class EventLog:
         # _ends[i]: the estimated bytes appended up to and including _events[i], since the log began.
         self._ends: list[int] = _NOTHING_YET
         self._base = 0  # the same total up to the last dropped event
+        self._compact = False  # text deltas kept as their str (see the class's doc)
         self._total = 0
         self._first_seq = first_seq
         self._max_events = max(1, max_events)
@@ -178,7 +180,7 @@ class EventLog:
             logged, ends = self._events, self._ends = [], []
         for event in events:
             total += EVENT_OVERHEAD_BYTES + text_size(event)
-            logged.append(event.content if type(event) is Delta else event)
+            logged.append(event.content if self._compact and type(event) is Delta else event)
             ends.append(total)
         self._total = total
         if len(self._events) > self._max_events or self.bytes > self._max_bytes:
@@ -190,7 +192,16 @@ class EventLog:
         if seq + 1 < self._first_seq:
             raise LookupError(seq)
         retained = self._events[seq + 1 - self._first_seq :]
+        if not self._compact:
+            return cast("list[Event]", retained)
         return [Delta(event) if isinstance(event, str) else event for event in retained]
+
+    def compact(self) -> None:
+        """Keep each text delta as its str from now on: the generation has ended, its log is only replayed."""
+        if not self._compact:
+            self._compact = True
+            if self._events is not _NOTHING_YET:
+                self._events = [event.content if type(event) is Delta else event for event in self._events]
 
     def drop_through(self, seq: int) -> int:
         """Drop the retained events up to and including `seq` (memory pressure); returns the bytes freed."""
@@ -413,6 +424,7 @@ class Generation:
             self._usage = terminal.usage
         self.ended_at = asyncio.get_running_loop().time()
         self._append([terminal])
+        self.log.compact()
         if self._listener is not None:
             self._listener.generation_ended(self)
 
@@ -493,9 +505,9 @@ class Generation:
             stop_collecting_upstream_report()
             stop_collecting_aborts()
             # An ended generation stays registered for the retention: it keeps its log and how it ended, not the
-            # upstream response the abort callbacks hold, nor this task (its coroutine and context).
+            # upstream response the abort callbacks hold, nor this task (dropped below, once nothing is left to
+            # wait for: `wait_closed` waits for it until then).
             self._aborts.clear()
-            self._task = None
             try:
                 if self._admission is not None:
                     await self._admission.release()
@@ -508,6 +520,7 @@ class Generation:
                         self._listener.generation_closed(self)
                     except Exception:  # an observer's failure is logged, never the task's result nobody reads
                         log.exception("generation %s: telling of its close failed", self.id)
+                self._task = None  # (its coroutine and context)
 
     def _timeout_error(self) -> StreamTimeout:
         settings = self.settings

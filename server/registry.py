@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -190,7 +191,9 @@ class StreamRegistry:
         self._ended[generation.id] = generation
         if self._expiry is None:
             loop = asyncio.get_running_loop()
-            self._expiry = loop.call_at((generation.ended_at or loop.time()) + self.settings.retention, self._expire)
+            due = (generation.ended_at or loop.time()) + self.settings.retention
+            # (An empty context: the timer outlives the task that ended this generation, and so would its context.)
+            self._expiry = loop.call_at(due, self._expire, context=contextvars.Context())
         if not len(self):
             self._idle.set()
         self.observer.stream_ended(generation)
@@ -216,7 +219,7 @@ class StreamRegistry:
             oldest = next(iter(self._ended.values()))
             due = (oldest.ended_at or 0.0) + self.settings.retention
             if due > now:
-                self._expiry = loop.call_at(due, self._expire)
+                self._expiry = loop.call_at(due, self._expire, context=contextvars.Context())
                 return
             self._forget(oldest.id)
 

@@ -349,6 +349,34 @@ async def test_a_cancelled_generation_gives_its_admission_back_and_opens_no_upst
     assert provider.finished == provider.opened
 
 
+async def test_wait_closed_waits_for_the_admission_to_be_given_back() -> None:
+    # A Redis limiter's release is a network call: shutdown waits (wait_closed) until it is done, even for a
+    # generation that has ended and is only giving its slot back.
+    class SlowSlot(_Slot):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proceed = asyncio.Event()
+
+        async def release(self) -> None:
+            await self.proceed.wait()
+            await super().release()
+
+    provider = ScriptedProvider()
+    slot = SlowSlot()
+    generation = Generation(provider, ChatRequest((Message("user", "x"),), "m"), GenerationSettings(), admission=slot)
+    generation.start()
+    await asyncio.wait_for(provider.started.wait(), 5)
+    provider.put([Delta("a"), Done("stop")], None)  # (None: the upstream body ends with the reply)
+    await asyncio.wait_for(provider.closed.wait(), 5)  # the task is past the provider, giving the slot back
+    assert generation.ended
+    waiting = asyncio.create_task(generation.wait_closed())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    slot.proceed.set()
+    await asyncio.wait_for(waiting, 5)
+    assert slot.released == 1
+
+
 async def test_a_reader_that_stops_reading_holds_the_generation_to_a_bounded_lead(serve: ServeApp) -> None:
     # 6.4 MB of reply for a client that reads nothing: the generation may run ahead of it only by the lead, then
     # stops reading the upstream (whose own flow control then holds it back) until the client is dropped.
