@@ -180,7 +180,7 @@ class EventLog:
             logged, ends = self._events, self._ends = [], []
         for event in events:
             total += EVENT_OVERHEAD_BYTES + text_size(event)
-            logged.append(event.content if self._compact and type(event) is Delta else event)
+            logged.append(event)
             ends.append(total)
         self._total = total
         if len(self._events) > self._max_events or self.bytes > self._max_bytes:
@@ -197,7 +197,8 @@ class EventLog:
         return [Delta(event) if isinstance(event, str) else event for event in retained]
 
     def compact(self) -> None:
-        """Keep each text delta as its str from now on: the generation has ended, its log is only replayed."""
+        """Keep each text delta as its str: the generation has ended, its log is only replayed. (Called after the
+        terminal event, the last append; `since` would still read an event appended later as it is.)"""
         if not self._compact:
             self._compact = True
             if self._events is not _NOTHING_YET:

@@ -190,10 +190,7 @@ class StreamRegistry:
         self.finished += 1
         self._ended[generation.id] = generation
         if self._expiry is None:
-            loop = asyncio.get_running_loop()
-            due = (generation.ended_at or loop.time()) + self.settings.retention
-            # (An empty context: the timer outlives the task that ended this generation, and so would its context.)
-            self._expiry = loop.call_at(due, self._expire, context=contextvars.Context())
+            self._expire_at(generation)
         if not len(self):
             self._idle.set()
         self.observer.stream_ended(generation)
@@ -212,16 +209,23 @@ class StreamRegistry:
         its callback and a copy of its task's context per retained stream.
         """
         self._expiry = None
-        loop = asyncio.get_running_loop()
         # (A timer may run up to the loop's clock resolution early: what is due within a millisecond is due.)
-        now = loop.time() + 0.001
+        now = asyncio.get_running_loop().time() + 0.001
         while self._ended:
             oldest = next(iter(self._ended.values()))
-            due = (oldest.ended_at or 0.0) + self.settings.retention
-            if due > now:
-                self._expiry = loop.call_at(due, self._expire, context=contextvars.Context())
+            if self._retained_until(oldest) > now:
+                self._expire_at(oldest)
                 return
             self._forget(oldest.id)
+
+    def _retained_until(self, generation: Generation) -> float:
+        return (generation.ended_at or 0.0) + self.settings.retention
+
+    def _expire_at(self, generation: Generation) -> None:
+        """Run `_expire` when `generation`'s retention ends. (In an empty context: the timer outlives the task that
+        ended the generation, and so would that task's context.)"""
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_at(self._retained_until(generation), self._expire, context=contextvars.Context())
 
     def _forget(self, stream_id: str) -> None:
         generation = self._generations.pop(stream_id, None)
