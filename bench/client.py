@@ -124,6 +124,11 @@ class Run:
     lateness: list[float] = field(default_factory=list)
     lag: list[float] = field(default_factory=list)
     relay_lag: list[float] = field(default_factory=list)  # stamps mode: receipt minus the upstream's stamp
+    # The same lags by the token's place in its stream: a stream's first token shares the relay with other streams'
+    # request setup, its last with their ends; the middle ones only with other tokens.
+    relay_lag_first: list[float] = field(default_factory=list)
+    relay_lag_middle: list[float] = field(default_factory=list)
+    relay_lag_last: list[float] = field(default_factory=list)
     short_streams: int = 0  # measured streams that ended with fewer token frames than expected
     left: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
@@ -388,13 +393,19 @@ class Conn(asyncio.Protocol):
         joined = self.stamp_tail + piece if self.stamp_tail else piece
         found = 0
         end = 0
-        lags = self.run.relay_lag if self.measured else None
+        run = self.run
+        lags = run.relay_lag if self.measured else None
         now_us = time.monotonic_ns() // 1000
+        last = self.spec.tokens - 1
         for match in _STAMP.finditer(joined):
+            place = self.frames + found  # (frames counts this stream's tokens before this read)
             found += 1
             end = match.end()
             if lags is not None:
-                lags.append((now_us - int(match.group(1))) / 1e6)
+                lag = (now_us - int(match.group(1))) / 1e6
+                lags.append(lag)
+                by_place = run.relay_lag_first if place == 0 else run.relay_lag_last if place == last else None
+                (run.relay_lag_middle if by_place is None else by_place).append(lag)
         self.stamp_tail = joined[max(end, len(joined) - _STAMP_TAIL) :]
         return found
 
@@ -486,8 +497,12 @@ def _paced_summary(run: Run) -> dict[str, Any]:
         "lag_p99": _percentile(run.lag, 99),
         "relay_lag_p50": _percentile(run.relay_lag, 50),
         "relay_lag_p99": _percentile(run.relay_lag, 99),
+        "relay_lag_first_p99": _percentile(run.relay_lag_first, 99),
+        "relay_lag_middle_p99": _percentile(run.relay_lag_middle, 99),
+        "relay_lag_last_p99": _percentile(run.relay_lag_last, 99),
         "relay_lag_percentiles": [[q, _percentile(run.relay_lag, q)] for q in LAG_PERCENTILES] if run.relay_lag else [],
         "relay_lag_samples": len(run.relay_lag),
+        "relay_lag_samples_by_place": [len(run.relay_lag_first), len(run.relay_lag_middle), len(run.relay_lag_last)],
     }
 
 

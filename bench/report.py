@@ -363,6 +363,7 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 
     if _select(rows, "relay-paced"):
         lines += _relay_section(rows, plan)
+        lines += _lag_by_place_section(rows, plan)
     if _select(rows, "relay-setup") or _select(rows, "relay-fast"):
         lines += _setup_section(rows, plan)
         if plan.get("baseline"):
@@ -762,6 +763,46 @@ def _relay_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
             "server CPU",
             "streams measured",
         ],
+        body,
+    )
+
+
+def _lag_by_place_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
+    """Relay-added lag p99 by the token's place in its stream: where a relay's tail comes from."""
+    body = []
+    for level in plan["relay_paced_levels"]:
+        for name in _targets_in(rows, "relay-paced"):
+
+            def s(metric: str, level: int = level, name: str = name) -> Stat:
+                return stat(rows, "relay-paced", metric, target=name, level=level)
+
+            if s("relay_lag_middle_p99").median is None:
+                continue  # (rows from before the split, or a run cut off before any stamp)
+            body.append(
+                [
+                    f"{level:,}",
+                    _name(name),
+                    cell(s("relay_lag_first_p99"), 1, 1000),
+                    cell(s("relay_lag_middle_p99"), 1, 1000),
+                    cell(s("relay_lag_last_p99"), 1, 1000),
+                    cell(s("relay_lag_p99"), 1, 1000),
+                ]
+            )
+    if not body:
+        return []
+    n = plan["relay_paced_tokens"]
+    lines = [
+        "",
+        "### Relay-added lag by the token's place in its stream",
+        "",
+        "The p99 of the lag above, of each stream's first token (which shares the relay with the other streams' "
+        f"request setup: every client asks at once), of its tokens 2 to {n - 1} (only other streams' tokens "
+        f"compete), and of its last (streams end together, so it shares the relay with the others' ends: the "
+        "terminal event, the upstream's close, the access line, the metrics).",
+        "",
+    ]
+    return lines + _table(
+        ["streams", "server", "first token p99 ms", f"tokens 2–{n - 1} p99 ms", "last token p99 ms", "all p99 ms"],
         body,
     )
 

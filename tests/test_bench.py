@@ -59,6 +59,8 @@ def test_every_token_arrives_with_its_generation_stamp(target: t.Target) -> None
     )
     assert (result["measured_streams"], result["short_streams"], result["bad_status"]) == (STREAMS, 0, 0)
     assert result["relay_lag_samples"] == STREAMS * TOKENS
+    # Each stream's first token, its middle ones and its last, told apart (the report's lag by place).
+    assert result["relay_lag_samples_by_place"] == [STREAMS, STREAMS * (TOKENS - 2), STREAMS]
     # Receipt minus stamp on one clock: never negative.
     assert result["relay_lag_percentiles"][0][1] >= 0
 
