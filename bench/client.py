@@ -167,6 +167,7 @@ class Conn(asyncio.Protocol):
         self.need = 0
         self.tail = b""
         self.stamp_tail = b""
+        self.stamps_seen = 0  # this stream's stamped tokens so far (a read can hold several chunks, each with some)
         self.seq = 0
         self.frames = 0
         self.status = 0
@@ -196,6 +197,7 @@ class Conn(asyncio.Protocol):
         self.frames = 0
         self.tail = b""
         self.stamp_tail = b""
+        self.stamps_seen = 0
         self.arrivals = []
         self.status = 0
         now = time.monotonic()
@@ -397,8 +399,8 @@ class Conn(asyncio.Protocol):
         lags = run.relay_lag if self.measured else None
         now_us = time.monotonic_ns() // 1000
         last = self.spec.tokens - 1
+        place = self.stamps_seen
         for match in _STAMP.finditer(joined):
-            place = self.frames + found  # (frames counts this stream's tokens before this read)
             found += 1
             end = match.end()
             if lags is not None:
@@ -406,6 +408,8 @@ class Conn(asyncio.Protocol):
                 lags.append(lag)
                 by_place = run.relay_lag_first if place == 0 else run.relay_lag_last if place == last else None
                 (run.relay_lag_middle if by_place is None else by_place).append(lag)
+            place += 1
+        self.stamps_seen = place
         self.stamp_tail = joined[max(end, len(joined) - _STAMP_TAIL) :]
         return found
 

@@ -778,9 +778,15 @@ def _lag_by_place_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
 
             if s("relay_lag_middle_p99").median is None:
                 continue  # (rows from before the split, or a run cut off before any stamp)
+            # A run cut off has last tokens only from the streams that ended: its last-token figure leans low.
+            cut = (
+                " (cut off)"
+                if any(r.get("timed_out") for r in _select(rows, "relay-paced", target=name, level=level))
+                else ""
+            )
             body.append(
                 [
-                    f"{level:,}",
+                    f"{level:,}{cut}",
                     _name(name),
                     cell(s("relay_lag_first_p99"), 1, 1000),
                     cell(s("relay_lag_middle_p99"), 1, 1000),
@@ -795,10 +801,11 @@ def _lag_by_place_section(rows: list[Row], plan: dict[str, Any]) -> list[str]:
         "",
         "### Relay-added lag by the token's place in its stream",
         "",
-        "The p99 of the lag above, of each stream's first token (which shares the relay with the other streams' "
-        f"request setup: every client asks at once), of its tokens 2 to {n - 1} (only other streams' tokens "
-        f"compete), and of its last (streams end together, so it shares the relay with the others' ends: the "
-        "terminal event, the upstream's close, the access line, the metrics).",
+        "The p99 of the lag above, by the token's place in its stream: its first token (the upstream sends it as "
+        "soon as the request reaches it, while the relay may still be setting up other clients' requests: every "
+        f"client asks at once), its tokens 2 to {n - 1}, and its last (sent with the end of the reply; streams "
+        "that started together end together, so the relay may be busy with other streams' ends then: in ours, "
+        "the terminal event, the upstream's close, the access line and the metrics).",
         "",
     ]
     return lines + _table(
