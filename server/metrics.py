@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aiohttp import web
 from prometheus_client import (
@@ -62,6 +62,8 @@ DURATION_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 60
 CLOSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 _CANCELLED = frozenset({Outcome.ABANDONED, Outcome.STOPPED, Outcome.SHUTDOWN})
+
+_Labelled = TypeVar("_Labelled", Counter, Gauge, Histogram)
 _DISCONNECTED = frozenset({"disconnected", "slow_client"})
 
 
@@ -84,6 +86,8 @@ class RelayMetrics(StreamObserver):
         self._budgets_seen = BudgetStats()  # what the budget counters were last sampled at
         # The framing of the request that started each running generation: its end is counted under it.
         self._framings: dict[str, str] = {}
+        # Each labelled metric's children by label values (see `_child`).
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         ns, reg = namespace, self.registry
         self.streams_started = Counter(
             "streams_started", "Generations started, by the framing of the request that started them",
@@ -161,53 +165,64 @@ class RelayMetrics(StreamObserver):
             ["budget"], namespace=ns, registry=reg,
         )  # fmt: skip
 
+    def _child(self, metric: _Labelled, *values: str) -> _Labelled:
+        """``metric.labels(*values)``, looked up once. prometheus-client validates the values and takes a lock at
+        every ``labels()`` call (about a microsecond, eight times per stream); the child it returns is the same
+        object each time and lives as long as the metric (the relay never removes one), so keeping it here
+        changes nothing but that cost. Label values are few: framings, outcomes, error types, HTTP statuses."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return cast(_Labelled, child)
+
     # -- the observer -------------------------------------------------------------------------------------------
 
     def stream_started(self, generation: Generation, framing: str) -> None:
         self._framings[generation.id] = framing
-        self.streams_started.labels(framing).inc()
+        self._child(self.streams_started, framing).inc()
         self.streams_open.inc()
 
     def stream_ended(self, generation: Generation) -> None:
         framing = self._framings.pop(generation.id, "none")
         outcome = generation.outcome.value
-        self.streams_ended.labels(framing, outcome).inc()
+        self._child(self.streams_ended, framing, outcome).inc()
         self.streams_open.dec()
         if generation.first_event_at is not None:
             self.ttft.observe(generation.first_event_at - generation.started_at)
         if generation.ended_at is not None:
-            self.duration.labels(outcome).observe(generation.ended_at - generation.started_at)
+            self._child(self.duration, outcome).observe(generation.ended_at - generation.started_at)
         # Every generation's log ends with its terminal event; the rest is what the provider generated.
-        self.events.labels(framing).inc(max(0, generation.log.last_seq - 1))
+        self._child(self.events, framing).inc(max(0, generation.log.last_seq - 1))
         usage = reported_usage(generation)
         if usage is not None:
-            self.usage_tokens.labels("prompt").inc(usage.prompt_tokens)
-            self.usage_tokens.labels("completion").inc(usage.completion_tokens)
+            self._child(self.usage_tokens, "prompt").inc(usage.prompt_tokens)
+            self._child(self.usage_tokens, "completion").inc(usage.completion_tokens)
         failure = generation.failure
         if isinstance(failure, UpstreamError):
             status = generation.upstream.status
-            self.upstream_errors.labels(failure.type, str(status) if status is not None else "none").inc()
+            self._child(self.upstream_errors, failure.type, str(status) if status is not None else "none").inc()
 
     def stream_closed(self, generation: Generation, seconds: float) -> None:
         if generation.outcome in _CANCELLED:
-            self.upstream_close.labels(generation.outcome.value).observe(seconds)
+            self._child(self.upstream_close, generation.outcome.value).observe(seconds)
 
     def reader_started(self, reader: Reader, resumed: bool) -> None:
         self.readers_open.inc()
         if resumed:
-            self.resumes.labels(reader.framing.name).inc()
+            self._child(self.resumes, reader.framing.name).inc()
 
     def reader_ended(self, reader: Reader, resumed: bool) -> None:
         framing = reader.framing.name
         self.readers_open.dec()
-        self.readers_ended.labels(framing, reader.outcome).inc()
+        self._child(self.readers_ended, framing, reader.outcome).inc()
         if reader.outcome in _DISCONNECTED:
-            self.disconnects.labels(framing).inc()
+            self._child(self.disconnects, framing).inc()
         if reader.bytes_written:
-            self.bytes_sent.labels(framing).inc(reader.bytes_written)
+            self._child(self.bytes_sent, framing).inc(reader.bytes_written)
 
     def request_refused(self, error_type: str, status: int) -> None:
-        self.refused.labels(error_type, str(status)).inc()
+        self._child(self.refused, error_type, str(status)).inc()
 
     # -- sampled gauges and exposition --------------------------------------------------------------------------
 
@@ -231,11 +246,11 @@ class RelayMetrics(StreamObserver):
             for kind in ("reserved", "charged", "refunded", "overrun"):
                 grown = getattr(budgets, kind) - getattr(seen, kind)
                 if grown > 0:
-                    self.budget_tokens.labels(kind).inc(grown)
+                    self._child(self.budget_tokens, kind).inc(grown)
             for budget, field in (("minute", "budget_exhausted"), ("day", "quota_exhausted")):
                 grown = getattr(budgets, field) - getattr(seen, field)
                 if grown > 0:
-                    self.budget_exhausted.labels(budget).inc(grown)
+                    self._child(self.budget_exhausted, budget).inc(grown)
             self._budgets_seen = dataclasses.replace(budgets)
 
     def exposition(self) -> bytes:
