@@ -8,6 +8,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from operator import methodcaller
 from typing import cast
 
 import aiohttp
@@ -20,7 +21,7 @@ from server.chat_request import ChatRequest
 from server.config import Config
 from server.events import Delta, Done, Event
 from server.providers.base import on_abort
-from server.reader import Reader, _Heartbeats
+from server.reader import Reader, _SlotTimers
 from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
@@ -374,9 +375,9 @@ async def test_an_http_10_keep_alive_client_sees_the_end_of_the_body(serve: Serv
 
 
 class _Beating:
-    """What `_Heartbeats` calls of a reader: its loop, and `_on_heartbeat` (here: when it came)."""
+    """What `_SlotTimers` calls of a reader: its loop, and `_on_heartbeat` (here: when it came)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | _CountingLoop) -> None:
         self._loop = loop
         self.beat_at: float | None = None
 
@@ -387,7 +388,7 @@ class _Beating:
 async def test_heartbeats_due_in_the_same_slot_share_one_timer_and_none_comes_early() -> None:
     # 10,000 idle streams would otherwise hold 10,000 timers (~0.4 KiB each) to send a few bytes every interval.
     loop = asyncio.get_running_loop()
-    heartbeats = _Heartbeats()
+    heartbeats = _SlotTimers(methodcaller("_on_heartbeat"))
     interval = 0.08  # slots of 10 ms
     start = loop.time() + 0.02
     readers = [_Beating(loop) for _ in range(20)]
@@ -402,3 +403,39 @@ async def test_heartbeats_due_in_the_same_slot_share_one_timer_and_none_comes_ea
     assert all(r.beat_at is not None and r.beat_at >= due for r, due in zip(readers, dues, strict=True))
     assert all(r.beat_at is not None and r.beat_at <= due + 1.0 for r, due in zip(readers, dues, strict=True))
     assert leaving.beat_at is None
+
+
+class _CountingLoop:
+    """The running loop, counting the timers armed through it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.timers = 0
+
+    def time(self) -> float:
+        return self._loop.time()
+
+    def call_at(self, when: float, callback: Callable[..., object], *args: object) -> asyncio.TimerHandle:
+        self.timers += 1
+        return self._loop.call_at(when, callback, *args)
+
+
+async def test_writes_of_a_slot_share_its_deadline_timer_which_calls_only_the_writes_still_waiting() -> None:
+    """Write deadlines (`keep_armed`): a slot's timer outlives the writes that returned, and fires once, calling only
+    the readers whose write has not returned, and none before its deadline."""
+    loop = _CountingLoop(asyncio.get_running_loop())
+    deadlines = _SlotTimers(methodcaller("_on_heartbeat"), keep_armed=True)
+    timeout = 0.08  # slots of 10 ms
+    returned = [_Beating(loop) for _ in range(1_000)]
+    for reader in returned:  # each write adds itself and takes itself out when it returns
+        due = loop.time() + timeout
+        deadlines.discard(cast(Reader, reader), deadlines.add(cast(Reader, reader), due, timeout))
+    stuck = _Beating(loop)
+    due = loop.time() + timeout
+    deadlines.add(cast(Reader, stuck), due, timeout)
+    async with asyncio.timeout(2):
+        while stuck.beat_at is None:
+            await asyncio.sleep(0.005)
+    assert due <= stuck.beat_at <= due + 1.0
+    assert all(reader.beat_at is None for reader in returned)
+    assert loop.timers <= 3  # a slot of 10 ms took every write of the first millisecond or so, not one each
