@@ -168,8 +168,9 @@ class RelayMetrics(StreamObserver):
     def _child(self, metric: _Labelled, *values: str) -> _Labelled:
         """``metric.labels(*values)``, looked up once. prometheus-client validates the values and takes a lock at
         every ``labels()`` call (about a microsecond, eight times per stream); the child it returns is the same
-        object each time and lives as long as the metric (the relay never removes one), so keeping it here
-        changes nothing but that cost. Label values are few: framings, outcomes, error types, HTTP statuses."""
+        object each time and lives as long as the metric (the relay never calls ``remove()`` or ``clear()``,
+        after which a kept child would count unexported), so keeping it here changes nothing but that cost.
+        Label values are few: framings, outcomes, the relay's error types, HTTP statuses."""
         key = (metric, values)
         child = self._children.get(key)
         if child is None:

@@ -86,7 +86,11 @@ class _SlotTimers:
         readers = self._readers.get(slot)
         if readers is None:
             readers = self._readers[slot] = set()
-            self._timers[slot] = reader._loop.call_at(slot / 1000, self._fire, slot)
+            timer = reader._loop.call_at(slot / 1000, self._fire, slot)
+            # A timer kept armed is never cancelled, so its handle is not kept: it refers to its loop, and a loop
+            # closed before the timer fires would stay alive through it (see `_LOOP_TIMERS`).
+            if not self._keep_armed:
+                self._timers[slot] = timer
         readers.add(reader)
         return slot
 
@@ -100,10 +104,13 @@ class _SlotTimers:
             self._timers.pop(slot).cancel()
 
     def _fire(self, slot: int) -> None:
-        del self._timers[slot]
+        self._timers.pop(slot, None)
         call = self._call
         for reader in self._readers.pop(slot):
-            call(reader)
+            try:
+                call(reader)
+            except Exception:  # one reader's failure must not leave the others of its slot uncalled
+                log.exception("a reader's shared timer failed")
 
 
 class _LoopTimers:
@@ -211,10 +218,12 @@ class Reader:
         (which ends the write's wait), the reader leaves the generation; the client may resume."""
         self.outcome = "slow_client"
         self._gone = True
-        self._leave()
+        # The connection first: leaving may cancel the generation and tell its observers, and whatever happens
+        # there, the write must end.
         transport = self._request.transport
         if transport is not None:
             transport.abort()
+        self._leave()
         log.info(
             "stream %s: a client stopped reading; dropped after %.1fs", self.generation.id, self.settings.write_timeout
         )

@@ -4,9 +4,11 @@ readers see them, slow readers, shutdown, HTTP/1.0 clients and disconnects under
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import socket
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from operator import methodcaller
 from typing import cast
@@ -21,7 +23,7 @@ from server.chat_request import ChatRequest
 from server.config import Config
 from server.events import Delta, Done, Event
 from server.providers.base import on_abort
-from server.reader import Reader, _SlotTimers
+from server.reader import Reader, _loop_timers, _SlotTimers
 from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
@@ -439,3 +441,42 @@ async def test_writes_of_a_slot_share_its_deadline_timer_which_calls_only_the_wr
     assert due <= stuck.beat_at <= due + 1.0
     assert all(reader.beat_at is None for reader in returned)
     assert loop.timers <= 3  # a slot of 10 ms took every write of the first millisecond or so, not one each
+
+
+def test_a_closed_loop_is_not_kept_alive_by_a_write_deadline_timer() -> None:
+    """A slot's deadline timer stays armed after its writes returned; a loop closed meanwhile (the end of
+    ``asyncio.run``, a test's loop) must still be freed, not kept by the per-loop timers that refer to it."""
+    loop = asyncio.new_event_loop()
+
+    async def write_once() -> None:
+        running = asyncio.get_running_loop()
+        deadlines = _loop_timers(running).write_deadlines
+        reader = cast(Reader, _Beating(running))
+        deadlines.discard(reader, deadlines.add(reader, running.time() + 10, 10))
+
+    loop.run_until_complete(write_once())
+    loop.close()
+    closed = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert closed() is None
+
+
+async def test_a_reader_whose_timer_fails_leaves_the_others_of_its_slot_called() -> None:
+    loop = asyncio.get_running_loop()
+    calls: list[object] = []
+
+    def call(reader: object) -> None:
+        calls.append(reader)
+        if len(calls) == 1:
+            raise RuntimeError("an observer failed")
+
+    timers = _SlotTimers(call, keep_armed=True)
+    readers = [_Beating(loop) for _ in range(3)]
+    due = loop.time() + 0.02
+    for reader in readers:
+        timers.add(cast(Reader, reader), due, 0.08)
+    async with asyncio.timeout(2):
+        while len(calls) < 3:
+            await asyncio.sleep(0.005)
+    assert sorted(map(id, calls)) == sorted(map(id, readers))
