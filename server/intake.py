@@ -58,7 +58,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("llm_relay.intake")
 
 _JSON_TYPES = frozenset({"application/json", "text/json"})
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def _not_routed(request: web.Request) -> web.StreamResponse:  # the route is never served
+    raise web.HTTPNotFound()
+
+
+# aiohttp's own answer to ``Expect: 100-continue`` (its default expect handler: the interim response written, and
+# kept out of the response's size, so an error after it is still answered), reached through the public route API:
+# a route made without an expect handler of its own has it. The relay only chooses when (after admission); aiohttp
+# has no other public call for an interim response, and a `StreamResponse` can only be the final one.
+_AIOHTTP_CONTINUE = web.PlainResource("/").add_route(hdrs.METH_POST, _not_routed)
 
 T = TypeVar("T")
 # How an endpoint turns a refusal into its response: the relay's error body, or another dialect (OpenAI's).
@@ -142,11 +152,9 @@ async def send_continue(request: web.Request) -> None:
         return
     if request.content.is_eof():  # nothing left to invite (RFC 9110 §10.1.1: the server MAY then omit it)
         return
-    # aiohttp has no public call for an interim (1xx) response: this is exactly what its own default expect handler
-    # does, deferred until admission (tests/test_intake.py pins that an admitted client gets 100 Continue and its
-    # reply). The interim response is not part of the response's size, hence the reset.
-    await request.writer.write(_CONTINUE)
-    request.writer.output_size = 0
+    # What aiohttp would have done before the handler, done after admission (tests/test_intake.py pins that only an
+    # admitted client gets 100 Continue, and then its reply).
+    await _AIOHTTP_CONTINUE.handle_expect_header(request)
 
 
 def refusal(

@@ -62,9 +62,9 @@ DURATION_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 60
 CLOSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 _CANCELLED = frozenset({Outcome.ABANDONED, Outcome.STOPPED, Outcome.SHUTDOWN})
+_DISCONNECTED = frozenset({"disconnected", "slow_client"})
 
 _Labelled = TypeVar("_Labelled", Counter, Gauge, Histogram)
-_DISCONNECTED = frozenset({"disconnected", "slow_client"})
 
 
 def multiprocess_dir() -> str | None:
