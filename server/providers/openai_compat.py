@@ -171,11 +171,13 @@ async def post_chat_stream(
     response with its body unread.
 
     `request_id` goes upstream as ``X-Request-Id``, in the request options' headers: what the typed methods'
-    ``extra_headers`` argument becomes, so the upstream's logs can be matched with the relay's.
+    ``extra_headers`` argument becomes, so the upstream's logs can be matched with the relay's. It is the
+    request's idempotency key too: unique per request and the same for the client's retries of it, which is what
+    the client's own key is (a fresh UUID per request, sent only by clients whose API names a header for it).
     """
     options = _RAW_STREAM
     if request_id is not None:
-        options = {"headers": {**_RAW_STREAM["headers"], "X-Request-Id": request_id}}
+        options = {"headers": {**_RAW_STREAM["headers"], "X-Request-Id": request_id}, "idempotency_key": request_id}
     return await client.post(
         url or chat_completions_url(client),
         # Serialised here, once: the client would copy the body and serialise it with its own default handler.
