@@ -104,7 +104,10 @@ def _is_trusted(address: IPAddress, trusted: Sequence[IPNetwork]) -> bool:
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
+    # A header's bytes that are not UTF-8 (a key typed with an accent and sent as Latin-1, a pasted non-breaking
+    # space) reach us as lone surrogates (aiohttp decodes with "surrogateescape"): hashed as the bytes they were,
+    # such a key is simply not a valid one.
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 class APIKeys:

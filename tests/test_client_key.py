@@ -158,8 +158,10 @@ def test_the_key_is_not_the_client_key() -> None:
         ("Basic YWxhZGRpbjpvcGVuc2VzYW1l", 'Bearer realm="llm-relay"'),
         ("Bearer not-a-key", 'Bearer realm="llm-relay", error="invalid_token"'),
         ("Bearer good-key-but-longer", 'Bearer realm="llm-relay", error="invalid_token"'),
+        # b"Bearer good-k\xe9y" as aiohttp decodes a field that is not UTF-8 ("surrogateescape").
+        ("Bearer good-k\udce9y", 'Bearer realm="llm-relay", error="invalid_token"'),
     ],
-    ids=["missing", "empty", "no-token", "other-scheme", "unknown", "prefix-match-is-no-match"],
+    ids=["missing", "empty", "no-token", "other-scheme", "unknown", "prefix-match-is-no-match", "not-utf8"],
 )
 def test_without_a_known_key_401(authorization: str | None, challenge: str) -> None:
     keys = APIKeys(["good-key"])

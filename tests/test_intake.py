@@ -47,6 +47,27 @@ async def test_a_refused_client_is_answered_before_it_sends_its_body(
     writer.close()
 
 
+async def test_a_key_that_is_not_utf8_is_refused_and_counted_as_a_failure(
+    serve_standalone: ServeStandalone, keyed: Config
+) -> None:
+    """A key sent with a byte that is not UTF-8 (an accent in Latin-1, as Python's `requests` sends it) is an
+    invalid key like any other: 401 as JSON, and a failure the per-address limit counts (10 by default)."""
+    base = await serve_standalone(keyed)
+    statuses = []
+    for _ in range(11):
+        reader, writer = await connect(base)
+        writer.write(
+            b"GET /api/chat?prompt=hi HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + b"Authorization: Bearer sk-tw\xe9\xa0\r\nConnection: close\r\n\r\n"
+        )
+        response = await read_response(reader)
+        writer.close()
+        statuses.append(response.status)
+        assert set(response.json()["error"]) == {"type", "message"}
+    assert statuses == [401] * 10 + [429]
+    assert response.json()["error"]["type"] == "auth_rate_limited"
+
+
 @pytest.mark.parametrize("authorized", [False, True], ids=["refused", "admitted"])
 async def test_100_continue_is_sent_only_to_an_admitted_client(
     serve_standalone: ServeStandalone, keyed: Config, authorized: bool
