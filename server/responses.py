@@ -18,6 +18,9 @@ Respond = Callable[[RelayError, dict[str, str] | None], web.Response]
 
 # A Retry-After past this is clamped: a client told to wait for years (an upstream's "1e400") would never retry.
 MAX_RETRY_AFTER = 3600
+# Every 429 and 503 says when to try again (RFC 9110 §10.2.3; the README promises it). One whose cause gives no
+# better time (an upstream that rate limits without a Retry-After, a server shutting down) says a second.
+DEFAULT_RETRY_AFTER = 1.0
 
 
 def retry_after_field(seconds: float) -> str:
@@ -40,8 +43,11 @@ def error_response(
     headers = dict(error.headers)
     if extra_headers:
         headers.update(extra_headers)
-    if error.retry_after is not None:
-        headers["Retry-After"] = retry_after_field(error.retry_after)
+    retry_after = error.retry_after
+    if retry_after is None and error.status in (429, 503):
+        retry_after = DEFAULT_RETRY_AFTER
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after_field(retry_after)
     response = web.Response(
         status=error.status,
         body=json_bytes(error.body() if body is None else body),

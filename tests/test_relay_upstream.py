@@ -483,14 +483,17 @@ async def test_only_choice_0_is_relayed_when_an_upstream_sends_several(
 
 @pytest.mark.parametrize(
     ("retry_after", "header"),
-    [("inf", None), ("nan", None), ("1e400", None), ("-5", None), ("99999999999", "3600"),
-     ("9" * 5000, "3600"), ("4000", "3600"), ("7.2", "8"), ("Fri, 31 Dec 1999 23:59:59 GMT", None), ("", None)],
-    ids=["inf", "nan", "1e400", "negative", "huge", "5000-digits", "over-max", "fraction", "http-date", "empty"],
+    [("inf", "1"), ("nan", "1"), ("1e400", "1"), ("-5", "1"), ("99999999999", "3600"),
+     ("9" * 5000, "3600"), ("4000", "3600"), ("7.2", "8"), ("Fri, 31 Dec 1999 23:59:59 GMT", "1"), ("", "1"),
+     (None, "1")],
+    ids=["inf", "nan", "1e400", "negative", "huge", "5000-digits", "over-max", "fraction", "http-date", "empty",
+         "none"],
 )  # fmt: skip
 async def test_an_insane_upstream_retry_after_is_ignored_or_clamped(
-    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, retry_after: str, header: str | None
+    fake_upstream: FakeUpstream, serve: ServeApp, http: aiohttp.ClientSession, retry_after: str | None, header: str
 ) -> None:
-    # ``inf`` once crashed the relay into a text/plain 500 with a traceback.
+    # ``inf`` once crashed the relay into a text/plain 500 with a traceback. A value that is not delay-seconds, or
+    # none at all, leaves the client the relay's default: a 503 always says when to try again.
     fake_upstream.behavior = Behavior(fault="status", status=429, retry_after=retry_after)
     base = await serve(create_app(upstream_config(fake_upstream)))
     async with http.get(f"{base}/api/chat", params={"prompt": "x"}) as resp:
