@@ -227,10 +227,12 @@ def create_relay_app(
 
 def _setup_cors(api: web.Application, origins: tuple[str, ...], routes: Sequence[web.AbstractRoute]) -> None:
     # Explicit origins only, and no credentials: the API authenticates with a bearer key, never with cookies,
-    # and "*" together with credentials is what the Fetch standard forbids.
+    # and "*" together with credentials is what the Fetch standard forbids. Any request header a listed origin's
+    # preflight names is allowed (aiohttp-cors echoes them): the clients people use send their own, the openai
+    # JS SDK its X-Stainless-* telemetry on every request, and a fixed list would fail their preflight.
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=False,
-        allow_headers=("Content-Type", "Authorization", "Last-Event-ID", "Accept", "X-Request-Id"),
+        allow_headers="*",
         expose_headers=("X-Stream-Id", "X-Request-Id", "Retry-After", "RateLimit", "RateLimit-Policy"),
         max_age=600,
     )

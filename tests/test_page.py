@@ -355,6 +355,25 @@ async def test_cors_preflight_for_the_json_post(cors_base: str, http: aiohttp.Cl
         assert (await resp.read()).endswith(b"}\n")
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_cors_preflight_allows_the_headers_sdks_send(
+    cors_base: str, http: aiohttp.ClientSession, path: str
+) -> None:
+    # What the openai JS SDK's preflight names (its X-Stainless-* telemetry goes with every request).
+    requested = "authorization, content-type, x-stainless-os, x-stainless-lang, x-stainless-retry-count"
+    preflight = {
+        "Origin": ALLOWED,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": requested,
+    }
+    async with http.options(f"{cors_base}{path}", headers=preflight) as resp:
+        assert resp.status == 200
+        assert resp.headers["Access-Control-Allow-Origin"] == ALLOWED
+        assert "Access-Control-Allow-Credentials" not in resp.headers
+        allowed = {h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")}
+    assert allowed == {h.strip() for h in requested.split(",")}
+
+
 async def test_cors_foreign_origin_is_refused_without_cors_headers(cors_base: str, http: aiohttp.ClientSession) -> None:
     async with http.get(f"{cors_base}/api/chat", params={"prompt": "hi"}, headers={"Origin": FOREIGN}) as resp:
         assert resp.status == 403
