@@ -92,6 +92,53 @@ async def test_100_continue_is_sent_only_to_an_admitted_client(
     writer.close()
 
 
+@pytest.mark.parametrize("coding", ["gzip, gzip", "x-gzip", "compress", "foo"])
+async def test_a_body_in_a_coding_the_relay_does_not_read_is_415(
+    serve_standalone: ServeStandalone, coding: str
+) -> None:
+    # aiohttp decodes only a single gzip or deflate itself: any other value would reach the JSON parser undecoded,
+    # or be read as if it were none. (br and zstd, without their optional packages, aiohttp's parser refuses with
+    # its own 400 before any handler runs.)
+    base = await serve_standalone(DEMO)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{base}{CHAT}",
+            data=b'{"prompt": "hi"}',
+            headers={"Content-Type": "application/json", "Content-Encoding": coding},
+        ) as resp,
+    ):
+        assert resp.status == 415
+        assert (await resp.json())["error"]["type"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "identity"])
+async def test_a_body_in_gzip_or_deflate_is_read(serve_standalone: ServeStandalone, coding: str) -> None:
+    import zlib
+
+    body = json.dumps({"prompt": "hi"}).encode()
+    if coding != "identity":
+        packer = zlib.compressobj(wbits=31 if coding == "gzip" else 15)
+        body = packer.compress(body) + packer.flush()
+    base = await serve_standalone(DEMO)
+    headers = {"Content-Type": "application/json", "Content-Encoding": coding, "Accept": "application/x-ndjson"}
+    async with aiohttp.ClientSession() as http, http.post(f"{base}{CHAT}", data=body, headers=headers) as resp:
+        assert resp.status == 200
+        assert (await resp.read()).endswith(b"}\n")
+
+
+async def test_a_body_broken_in_its_coding_is_400_and_says_so(serve_standalone: ServeStandalone) -> None:
+    base = await serve_standalone(DEMO)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{base}{CHAT}", data=b"not gzip at all", headers=headers) as resp,
+    ):
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error == {"type": "invalid_request", "message": "the body is not valid in its Content-Encoding"}
+
+
 async def test_an_expectation_other_than_100_continue_is_417(serve_standalone: ServeStandalone) -> None:
     base = await serve_standalone(DEMO)
     reader, writer = await connect(base)
