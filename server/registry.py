@@ -28,7 +28,11 @@ log = logging.getLogger("llm_relay.registry")
 
 
 class Follower(Protocol):
-    """What the registry needs of a reader: to be told the server is going down."""
+    """What the registry needs of a reader: the generation it follows and the last event it has written to its
+    client (what the memory policy must keep after), and to be told the server is going down."""
+
+    generation: Generation
+    position: int
 
     def shutdown(self) -> None: ...
 
@@ -253,15 +257,33 @@ class StreamRegistry:
             self._forget(oldest.id)
         # Then running ones, oldest start first, but never what a live reader has not written yet: a reader keeps
         # streaming; only a resume from before what is kept becomes impossible. Without readers, everything goes.
+        # What a live reader still needs is after the slowest one's position, not after the furthest any reader
+        # reached (`delivered_seq`: a reader that has left, or one ahead of a reconnected client, counts there).
+        slowest: dict[str, int] | None = None
         for running in list(self._generations.values()):
             if self.total_bytes <= limit:
                 break
-            if not running.ended:
-                keep_after = running.delivered_seq if running.readers else running.log.last_seq
-                self.total_bytes -= running.log.drop_through(keep_after)
+            if running.ended:
+                continue
+            if running.readers:
+                if slowest is None:  # one pass over the readers, only once running logs must give way
+                    slowest = self._slowest_positions()
+                keep_after = slowest.get(running.id, 0)
+            else:
+                keep_after = running.log.last_seq
+            self.total_bytes -= running.log.drop_through(keep_after)
         if not self._over:
             self._over = True
             log.warning("stream logs over %d bytes: the oldest events were dropped", limit)
+
+    def _slowest_positions(self) -> dict[str, int]:
+        """Each followed generation's slowest reader's position, by stream id."""
+        slowest: dict[str, int] = {}
+        for reader in self._followers:
+            stream_id, position = reader.generation.id, reader.position
+            if position < slowest.get(stream_id, position + 1):
+                slowest[stream_id] = position
+        return slowest
 
     # -- shutdown ---------------------------------------------------------------------------------------------
 

@@ -126,3 +126,67 @@ async def test_each_ended_generation_is_forgotten_after_its_own_retention() -> N
     assert [forgotten_at[g.id] for g in generations] == sorted(forgotten_at.values())
     assert registry.retained == 0
     registry.close()
+
+
+class _Reader:
+    """A follower at a position: the last event it has written to its client."""
+
+    def __init__(self, generation: Generation, position: int = 0) -> None:
+        self.generation = generation
+        self.position = position
+
+    def shutdown(self) -> None:
+        pass
+
+
+async def _append(provider: ScriptedProvider, generation: Generation, count: int, text: str) -> None:
+    last = generation.log.last_seq + count
+    for _ in range(count):
+        provider.put([Delta(text)])
+    await wait_until(lambda: generation.log.last_seq >= last)
+
+
+async def test_over_the_memory_limit_a_running_log_keeps_what_its_slowest_reader_has_not_written() -> None:
+    registry = StreamRegistry(RegistrySettings(max_total_bytes=20_000))
+    provider = ScriptedProvider()
+    generation = Generation(provider, CHAT, GenerationSettings(reader_lead_bytes=1 << 20))
+    registry.start(generation)
+    fast, slow = _Reader(generation), _Reader(generation)
+    registry.attach(generation, fast)
+    registry.attach(generation, slow)
+    await _append(provider, generation, 10, "a" * 900)
+    fast.position = 10
+    generation.delivered(10)  # the fast reader has written all ten; the slow one none
+    await _append(provider, generation, 15, "b" * 900)  # past the limit: the log must give way
+    assert registry.total_bytes > 20_000  # nothing the slow reader needs could go
+    assert generation.log.first_seq == 1
+    assert len(generation.log.since(0)) == 25
+    fast.position, slow.position = 25, 12
+    await _append(provider, generation, 1, "c" * 900)
+    assert generation.log.first_seq == 13  # what both have written is dropped
+    generation.cancel(Outcome.STOPPED)
+    await generation.wait_closed()
+    registry.close()
+
+
+async def test_over_the_memory_limit_a_resumed_reader_keeps_what_it_resumes_from() -> None:
+    # The first reader wrote ten events to a connection that then dropped; its client had received five, and
+    # resumes after them: events 6..10 are what the resumed reader still needs, whatever the first one wrote.
+    registry = StreamRegistry(RegistrySettings(max_total_bytes=20_000, resume_grace=5))
+    provider = ScriptedProvider()
+    generation = Generation(provider, CHAT, GenerationSettings(reader_lead_bytes=1 << 20), resumable=True)
+    registry.start(generation)
+    first = _Reader(generation)
+    registry.attach(generation, first)
+    await _append(provider, generation, 10, "a" * 900)
+    first.position = 10
+    generation.delivered(10)
+    registry.detach(generation, first)
+    resumed = _Reader(generation, position=5)
+    registry.attach(generation, resumed)
+    generation.delivered(5)
+    await _append(provider, generation, 15, "b" * 900)
+    assert generation.log.first_seq == 6
+    generation.cancel(Outcome.STOPPED)
+    await generation.wait_closed()
+    registry.close()
