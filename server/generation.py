@@ -497,6 +497,12 @@ class Generation:
             if not self.ended:  # not one of ours (the loop is closing): record it, and let it go on
                 self._fail(InternalError("the relay stopped"), Outcome.ERROR)
                 raise
+            # Ours (`cancel` ended the generation first), and handled here: take the request back, so that what the
+            # cleanup below awaits (a Redis limiter's release, a budget's settlement) runs as in any task, not as
+            # one being cancelled (asyncio.timeout and TaskGroup read `cancelling()`).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         except RelayError as exc:
             self._fail(exc, Outcome.TIMEOUT if isinstance(exc, StreamTimeout) else Outcome.ERROR)
         except Exception:

@@ -349,6 +349,36 @@ async def test_a_cancelled_generation_gives_its_admission_back_and_opens_no_upst
     assert provider.finished == provider.opened
 
 
+async def test_a_cancelled_generation_gives_its_admission_back_as_a_task_no_longer_being_cancelled() -> None:
+    # The cancellation that ended it is the generation's own and handled: a release that waits on a timeout (a
+    # Redis limiter's) must not see the task as still being cancelled.
+    class TimedSlot(_Slot):
+        cancelling = -1
+        timed_out = False
+
+        async def release(self) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.cancelling = task.cancelling()
+            try:
+                async with asyncio.timeout(0.01):
+                    await asyncio.sleep(1)
+            except TimeoutError:
+                self.timed_out = True
+            await super().release()
+
+    provider = ScriptedProvider()
+    slot = TimedSlot()
+    generation = Generation(provider, ChatRequest((Message("user", "x"),), "m"), GenerationSettings(), admission=slot)
+    generation.start()
+    await asyncio.wait_for(provider.started.wait(), 5)
+    generation.cancel(Outcome.STOPPED)
+    await asyncio.wait_for(generation.wait_closed(), 5)
+    assert slot.cancelling == 0
+    assert slot.timed_out
+    assert slot.released == 1
+
+
 async def test_wait_closed_waits_for_the_admission_to_be_given_back() -> None:
     # A Redis limiter's release is a network call: shutdown waits (wait_closed) until it is done, even for a
     # generation that has ended and is only giving its slot back.
