@@ -207,11 +207,12 @@ def create_relay_app(
         chat_resource.add_route("POST", chat, expect_handler=expect_handler),
     ]
     stream_resource = api.router.add_resource("/streams/{id}", name="stream")
+    # Every route refuses an expectation other than 100-continue as JSON, not only the chat's (which also meets it).
     routes += [
-        stream_resource.add_route("GET", stream),
-        stream_resource.add_route("DELETE", stop),
+        stream_resource.add_route("GET", stream, expect_handler=expect_handler),
+        stream_resource.add_route("DELETE", stop, expect_handler=expect_handler),
     ]
-    api.router.add_get("/healthz", healthz, allow_head=False)
+    api.router.add_get("/healthz", healthz, allow_head=False, expect_handler=expect_handler)
     routes += add_ui_chat_routes(api)
     if config.cors_origins:
         _setup_cors(api, config.cors_origins, routes)

@@ -111,11 +111,10 @@ def create_openai_app(relay_api: web.Application) -> tuple[web.Application, list
     )
     v1[RELAY] = state
     v1.on_response_prepare.append(add_request_id)
+    expect = partial(expect_handler, respond=openai_error_response)
     routes = [
-        v1.router.add_post(
-            "/chat/completions", chat_completions, expect_handler=partial(expect_handler, respond=openai_error_response)
-        ),
-        v1.router.add_get("/models", models, allow_head=False),
-        v1.router.add_get("/models/{model}", models, allow_head=False),
+        v1.router.add_post("/chat/completions", chat_completions, expect_handler=expect),
+        v1.router.add_get("/models", models, allow_head=False, expect_handler=expect),
+        v1.router.add_get("/models/{model}", models, allow_head=False, expect_handler=expect),
     ]
     return v1, routes

@@ -178,5 +178,5 @@ def add_ui_chat_routes(api: web.Application) -> list[web.ResourceRoute]:
     resume = api.router.add_resource("/ui-chat/{chat_id}/stream", name="ui-chat-stream")
     return [
         chat.add_route("POST", ui_chat, expect_handler=expect_handler),
-        resume.add_route("GET", ui_chat_stream),
+        resume.add_route("GET", ui_chat_stream, expect_handler=expect_handler),
     ]

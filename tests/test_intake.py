@@ -149,6 +149,27 @@ async def test_an_expectation_other_than_100_continue_is_417(serve_standalone: S
     writer.close()
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "dialect"),
+    [
+        ("GET", "/api/streams/0123456789abcdef0123456789abcdef", "relay"),
+        ("DELETE", "/api/streams/0123456789abcdef0123456789abcdef", "relay"),
+        ("GET", "/api/ui-chat/chat-1/stream", "relay"),
+        ("GET", "/api/healthz", "relay"),
+        ("GET", "/v1/models", "openai"),
+        ("GET", "/v1/models/llm-relay-demo", "openai"),
+    ],
+)
+async def test_every_api_route_refuses_another_expectation_as_json(
+    serve_standalone: ServeStandalone, http: aiohttp.ClientSession, method: str, path: str, dialect: str
+) -> None:
+    base = await serve_standalone(DEMO)
+    async with http.request(method, f"{base}{path}", headers={"Expect": "200-ok"}) as resp:
+        assert resp.status == 417
+        error = (await resp.json())["error"]
+    assert error["type"] == ("expectation_failed" if dialect == "relay" else "invalid_request_error")
+
+
 async def test_only_a_known_client_is_told_the_allowed_models(
     serve_standalone: ServeStandalone, keyed: Config, http: aiohttp.ClientSession
 ) -> None:
