@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from aiohttp import hdrs, web
 
-from .errors import MethodNotAllowed, NotFound, RelayError
+from .errors import Forbidden, MethodNotAllowed, NotFound, RelayError
 from .framing import json_bytes
 
 # The error type of an error response, kept on it for the access log and the refusal metrics (server/logs.py).
@@ -59,13 +59,15 @@ def error_response(
 
 
 def refusal_for(exc: BaseException, respond: Respond) -> web.Response | None:
-    """aiohttp's own 404 and 405, or a `RelayError` a handler raised, answered with `respond` like every other
-    refusal of its application; None for any other exception."""
+    """aiohttp's own 404 and 405, aiohttp-cors's 403 for a preflight it refuses, or a `RelayError` a handler
+    raised, answered with `respond` like every other refusal of its application; None for any other exception."""
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allow = exc.headers.get(hdrs.ALLOW, "")
         return respond(MethodNotAllowed(f"use one of: {allow}" if allow else "method not allowed"), {hdrs.ALLOW: allow})
     if isinstance(exc, web.HTTPNotFound):
         return respond(NotFound("no such endpoint"), None)
+    if isinstance(exc, web.HTTPForbidden):  # aiohttp-cors refusing a preflight
+        return respond(Forbidden("the server's CORS settings do not allow this origin, method or header"), None)
     if isinstance(exc, RelayError):
         return respond(exc, None)
     return None

@@ -391,6 +391,11 @@ async def test_cors_foreign_origin_is_refused_without_cors_headers(cors_base: st
     async with http.options(f"{cors_base}/api/chat", headers=preflight) as resp:
         assert resp.status == 403
         assert_no_cors(resp.headers)
+        assert (await resp.json())["error"]["type"] == "forbidden"
+    async with http.options(f"{cors_base}/v1/chat/completions", headers=preflight) as resp:
+        assert resp.status == 403
+        assert_no_cors(resp.headers)
+        assert (await resp.json())["error"]["type"] == "permission_error"  # OpenAI's dialect under /v1
 
 
 async def test_without_cors_origins_only_the_same_origin_may_call(base: str, http: aiohttp.ClientSession) -> None:
