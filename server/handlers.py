@@ -53,9 +53,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return accepted
     framing, chat_req = accepted.taken
     generation = await start_generation(state, chat_req, accepted.admission, accepted.reservation, framing=framing.name)
-    reading = _read(
-        request, generation, framing, prepare_now=chat_req.resume, announce=chat_req.resume, headers=accepted.headers
-    )
+    # A resumable stream opens at once (its id first), unless it ended as it started (shutdown had begun): then
+    # its status says so (503, Retry-After), as for any stream, rather than an opening and an error whose id a
+    # reconnecting browser would resume into "stop reconnecting".
+    opens = chat_req.resume and not generation.ended
+    reading = _read(request, generation, framing, prepare_now=opens, announce=opens, headers=accepted.headers)
     # This frame stays suspended for as long as the stream is open: not with the admission's record in it.
     del accepted
     return await reading

@@ -363,3 +363,31 @@ def test_the_host_check_says_which_names_are_answered() -> None:
 def test_a_config_built_in_code_with_a_bad_public_origin_is_refused() -> None:
     with pytest.raises(ValueError, match="--public-origin"):
         create_relay_app(FAST.with_changes(public_origins=("chat.example.com",)))
+
+
+@pytest.mark.parametrize("resume", ["0", "1"])
+async def test_a_stream_asked_for_once_shutdown_has_begun_is_a_503_with_retry_after(
+    serve: ServeApp, http: aiohttp.ClientSession, resume: str
+) -> None:
+    # Resumable or not: an opening block and an in-band error would give a reconnecting browser an id to resume
+    # into 204 ("stop reconnecting") when the server comes back.
+    from server.events import Delta, Done
+
+    from .scripted import ScriptedProvider, relay_host
+
+    provider = ScriptedProvider()
+    host, api = relay_host(Config(provider="demo", heartbeat=0.0, limits_enabled=False), provider)
+    base = await serve(host)
+    provider.put([Delta("still going")])  # (the response head goes with the first frame)
+    running = await http.get(f"{base}/api/chat", params={"prompt": "x"})  # keeps the shutdown in its grace
+    assert running.status == 200
+    await running.content.readuntil(b"\n\n")
+    shutdown = asyncio.create_task(api[RELAY].streams.shutdown(5.0))
+    await asyncio.sleep(0)  # shutdown has begun
+    async with http.get(f"{base}/api/chat", params={"prompt": "x", "resume": resume}) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["type"] == "server_shutdown"
+    provider.put([Done("stop")], None)
+    await asyncio.wait_for(shutdown, 5)
+    running.close()
