@@ -95,6 +95,13 @@ class Admitted(Generic[T]):
         return merge_fields(self.admission.headers, self.reservation.headers)
 
 
+def accept_field(request: web.Request) -> str | None:
+    """The request's ``Accept``, its field lines combined (RFC 9110 §5.3: a list sent as several lines is the
+    same list); None without one."""
+    lines = request.headers.getall(hdrs.ACCEPT, ())
+    return ", ".join(lines) if lines else None
+
+
 def check_origin(request: web.Request, policy: OriginPolicy) -> None:
     """Refuse a request that must not start a generation (request_origin.py): sent to a host name the relay does
     not answer for (DNS rebinding), or made by a browser for a page of another site, or as a page or resource load.
@@ -224,7 +231,7 @@ async def accept_chat(request: web.Request, state: RelayState) -> Admitted[tuple
     returned as the response to send."""
 
     async def take(request: web.Request) -> tuple[Framing, ChatRequest]:
-        framing = FRAMINGS[choose_framing(request.headers.get(hdrs.ACCEPT), request.query.get("format"))]
+        framing = FRAMINGS[choose_framing(accept_field(request), request.query.get("format"))]
         return framing, await read_chat_request(request, state)
 
     return await admit_then(request, state, take, lambda taken: taken[1])
@@ -264,6 +271,7 @@ async def admit_then(
 __all__ = [
     "Admitted",
     "accept_chat",
+    "accept_field",
     "admit_then",
     "check_host",
     "check_origin",

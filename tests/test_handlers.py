@@ -391,3 +391,15 @@ async def test_a_stream_asked_for_once_shutdown_has_begun_is_a_503_with_retry_af
     provider.put([Done("stop")], None)
     await asyncio.wait_for(shutdown, 5)
     running.close()
+
+
+async def test_an_accept_sent_on_two_lines_is_one_list(serve: ServeApp, http: aiohttp.ClientSession) -> None:
+    # RFC 9110 §5.3: the same field on several lines is one comma-separated list.
+    base = await serve(create_app(Config(provider="demo", demo_delay=0.0, heartbeat=0.0, limits_enabled=False)))
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict([("Accept", "text/html"), ("Accept", "application/x-ndjson")])
+    async with http.get(f"{base}/api/chat", params={"prompt": "hi"}, headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "application/x-ndjson"
+        assert ndjson_objects(await resp.read())[-1]["type"] == "done"
