@@ -124,13 +124,17 @@ class _LoopTimers:
 
 
 # One per event loop (a reader's loop is the one it runs on); weak, so that a closed loop is not kept alive once
-# no reader on it is armed (an armed timer refers to its loop).
+# no reader on it is armed (an armed timer refers to its loop). A loop closed while readers were still armed (a
+# test's loop, an embedding app's, closed with streams open) refers to itself through them: such entries go when
+# the next loop's timers are made.
 _LOOP_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTimers] = weakref.WeakKeyDictionary()
 
 
 def _loop_timers(loop: asyncio.AbstractEventLoop) -> _LoopTimers:
     timers = _LOOP_TIMERS.get(loop)
     if timers is None:
+        for closed in [other for other in _LOOP_TIMERS if other.is_closed()]:
+            del _LOOP_TIMERS[closed]
         timers = _LOOP_TIMERS[loop] = _LoopTimers()
     return timers
 

@@ -462,6 +462,29 @@ def test_a_closed_loop_is_not_kept_alive_by_a_write_deadline_timer() -> None:
     assert closed() is None
 
 
+def test_a_loop_closed_with_a_heartbeat_armed_is_freed_once_another_loop_runs_readers() -> None:
+    """A stream still open when its loop is closed leaves its heartbeat armed: the per-loop timers then refer to
+    the closed loop through the reader and the timer's handle. The next loop to run readers lets it go."""
+
+    def run_on_a_new_loop(heartbeat: bool) -> weakref.ref[asyncio.AbstractEventLoop]:
+        loop = asyncio.new_event_loop()
+
+        async def arm() -> None:
+            running = asyncio.get_running_loop()
+            timers = _loop_timers(running)
+            if heartbeat:
+                timers.heartbeats.add(cast(Reader, _Beating(running)), running.time() + 15, 15)
+
+        loop.run_until_complete(arm())
+        loop.close()
+        return weakref.ref(loop)
+
+    closed = run_on_a_new_loop(heartbeat=True)
+    run_on_a_new_loop(heartbeat=False)
+    gc.collect()
+    assert closed() is None
+
+
 async def test_a_reader_whose_timer_fails_leaves_the_others_of_its_slot_called() -> None:
     loop = asyncio.get_running_loop()
     calls: list[object] = []
