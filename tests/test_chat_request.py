@@ -222,6 +222,10 @@ def short_id(raw: bytes) -> str:
         (b'{"prompt": "x", "temperature": -Infinity}', []),
         (b'{"prompt": "x", "temperature": 1e400}', []),
         (b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}", ["temperature"]),  # an int too big for a float
+        # resume: a JSON boolean (the query string's "1" and "0" are a query string's).
+        (body(prompt="x", resume="1"), ["resume", "true or false"]),
+        (body(prompt="x", resume="true"), ["resume"]),
+        (body(prompt="x", resume=1), ["resume"]),
     ],
     ids=lambda value: None if isinstance(value, list) else short_id(value),
 )  # fmt: skip
