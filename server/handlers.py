@@ -21,11 +21,10 @@ from .errors import (
     RequestError,
     ResumeUnavailable,
 )
-from .framing import FRAMINGS, Framing
+from .framing import Framing
 from .generation import Generation, Outcome
-from .intake import accept_chat, accept_field, check_host, check_origin, read_body
+from .intake import accept_chat, check_host, check_origin, negotiated_framing, read_body
 from .logs import READING, ReadingRequest
-from .negotiation import choose_framing
 from .reader import Reader
 from .registry import StreamRegistry
 from .responses import Respond, error_response, refusal_for
@@ -42,7 +41,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         # after the last event it saw (WHATWG HTML §9.2.3), or a defined error.
         try:
             check_origin(request, state.origin_policy)
-            framing = FRAMINGS[choose_framing(accept_field(request), request.query.get("format"))]
+            framing = negotiated_framing(request)
             point = parse_last_event_id(request.headers[hdrs.LAST_EVENT_ID])
             state.identify(request)
             return await _resume(request, point.stream_id, point.after, framing)
@@ -104,7 +103,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     state = request.app[RELAY]
     try:
         check_origin(request, state.origin_policy)
-        framing = FRAMINGS[choose_framing(accept_field(request), request.query.get("format"))]
+        framing = negotiated_framing(request)
         stream_id = request.match_info["id"]
         if not is_stream_id(stream_id):
             raise ResumeUnavailable("no such stream")

@@ -49,7 +49,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .framing import FRAMINGS, Framing
-from .negotiation import choose_framing
+from .negotiation import choose_framing, field_value
 from .request_origin import OriginPolicy, SourceHeaders
 from .responses import error_response
 
@@ -95,11 +95,11 @@ class Admitted(Generic[T]):
         return merge_fields(self.admission.headers, self.reservation.headers)
 
 
-def accept_field(request: web.Request) -> str | None:
-    """The request's ``Accept``, its field lines combined (RFC 9110 §5.3: a list sent as several lines is the
-    same list); None without one."""
-    lines = request.headers.getall(hdrs.ACCEPT, ())
-    return ", ".join(lines) if lines else None
+def negotiated_framing(request: web.Request) -> Framing:
+    """The framing the request asks for: its ``Accept`` (all its field lines), or the ``format`` override; 406 or
+    400 when there is none it can have (`server.negotiation.choose_framing`)."""
+    accept = field_value(request.headers.getall(hdrs.ACCEPT, ()))
+    return FRAMINGS[choose_framing(accept, request.query.get("format"))]
 
 
 def check_origin(request: web.Request, policy: OriginPolicy) -> None:
@@ -231,8 +231,7 @@ async def accept_chat(request: web.Request, state: RelayState) -> Admitted[tuple
     returned as the response to send."""
 
     async def take(request: web.Request) -> tuple[Framing, ChatRequest]:
-        framing = FRAMINGS[choose_framing(accept_field(request), request.query.get("format"))]
-        return framing, await read_chat_request(request, state)
+        return negotiated_framing(request), await read_chat_request(request, state)
 
     return await admit_then(request, state, take, lambda taken: taken[1])
 
@@ -271,11 +270,11 @@ async def admit_then(
 __all__ = [
     "Admitted",
     "accept_chat",
-    "accept_field",
     "admit_then",
     "check_host",
     "check_origin",
     "expect_handler",
+    "negotiated_framing",
     "read_body",
     "read_chat_request",
     "read_json_body",

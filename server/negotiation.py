@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 from .errors import NotAcceptable, RequestError
@@ -34,6 +35,16 @@ def _match_rank(range_: str, media: str) -> int:
     if sub == "*" and media.startswith(kind + "/"):
         return 2
     return 1 if range_ == "*/*" else 0
+
+
+def field_value(lines: Sequence[str]) -> str | None:
+    """A field's value from its field lines: a list sent as several lines is the same list, comma-separated
+    (RFC 9110 §5.3); None when the field is absent.
+
+    >>> field_value(["text/html", "application/x-ndjson"]), field_value([])
+    ('text/html, application/x-ndjson', None)
+    """
+    return ", ".join(lines) if lines else None
 
 
 def choose_framing(accept: str | None, format_override: str | None) -> str:

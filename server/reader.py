@@ -33,6 +33,7 @@ from .errors import RelayError, ResumeUnavailable
 from .events import Error, Event, is_terminal
 from .framing import Framing
 from .generation import Generation, ServerShuttingDown
+from .negotiation import field_value
 from .observe import StreamObserver
 from .registry import StreamRegistry
 from .responses import error_response
@@ -430,9 +431,7 @@ class Reader:
         request = self._request
         if not may_compress(request.method, request.version, response.headers.get(hdrs.CACHE_CONTROL, "")):
             return
-        # A field sent on several lines is one comma-separated list (RFC 9110 §5.3).
-        fields = request.headers.getall(hdrs.ACCEPT_ENCODING, [])
-        coding = choose_coding(", ".join(fields) if fields else None, offered)
+        coding = choose_coding(field_value(request.headers.getall(hdrs.ACCEPT_ENCODING, ())), offered)
         if coding != IDENTITY:
             response.headers[hdrs.CONTENT_ENCODING] = coding
             self._compressor = StreamCompressor(coding)

@@ -116,3 +116,12 @@ def test_invalid_format_override(override: str) -> None:
     assert info.value.status == 400
     assert "sse" in info.value.message
     assert "ndjson" in info.value.message
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import server.negotiation
+
+    results = doctest.testmod(server.negotiation)
+    assert results.attempted and not results.failed
