@@ -8,15 +8,18 @@ import re
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from server.app import create_app, create_relay_app
 from server.chat_request import ChatRequest, Message
 from server.config import Config
+from server.events import Delta, Done
 from server.providers.demo import demo_reply, demo_tokens
 from server.state import RELAY
 
 from .conftest import ServeApp, upstream_config
 from .fake_upstream import FakeUpstream
+from .scripted import ScriptedProvider, relay_host
 from .wire import ndjson_objects, ndjson_text, sse_events, sse_text
 
 FAST = Config(provider="demo", demo_delay=0.0, limits_enabled=False, heartbeat=0.0)
@@ -371,10 +374,6 @@ async def test_a_stream_asked_for_once_shutdown_has_begun_is_a_503_with_retry_af
 ) -> None:
     # Resumable or not: an opening block and an in-band error would give a reconnecting browser an id to resume
     # into 204 ("stop reconnecting") when the server comes back.
-    from server.events import Delta, Done
-
-    from .scripted import ScriptedProvider, relay_host
-
     provider = ScriptedProvider()
     host, api = relay_host(Config(provider="demo", heartbeat=0.0, limits_enabled=False), provider)
     base = await serve(host)
@@ -396,8 +395,6 @@ async def test_a_stream_asked_for_once_shutdown_has_begun_is_a_503_with_retry_af
 async def test_an_accept_sent_on_two_lines_is_one_list(serve: ServeApp, http: aiohttp.ClientSession) -> None:
     # RFC 9110 §5.3: the same field on several lines is one comma-separated list.
     base = await serve(create_app(Config(provider="demo", demo_delay=0.0, heartbeat=0.0, limits_enabled=False)))
-    from multidict import CIMultiDict
-
     headers = CIMultiDict([("Accept", "text/html"), ("Accept", "application/x-ndjson")])
     async with http.get(f"{base}/api/chat", params={"prompt": "hi"}, headers=headers) as resp:
         assert resp.status == 200

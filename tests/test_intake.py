@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import zlib
 from pathlib import Path
 
 import aiohttp
@@ -114,8 +115,6 @@ async def test_a_body_in_a_coding_the_relay_does_not_read_is_415(
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "identity"])
 async def test_a_body_in_gzip_or_deflate_is_read(serve_standalone: ServeStandalone, coding: str) -> None:
-    import zlib
-
     body = json.dumps({"prompt": "hi"}).encode()
     if coding != "identity":
         packer = zlib.compressobj(wbits=31 if coding == "gzip" else 15)

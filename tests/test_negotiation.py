@@ -124,4 +124,5 @@ def test_docstring_examples_run() -> None:
     import server.negotiation
 
     results = doctest.testmod(server.negotiation)
-    assert results.attempted and not results.failed
+    assert results.attempted
+    assert not results.failed
