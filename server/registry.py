@@ -280,9 +280,10 @@ class StreamRegistry:
         """Each followed generation's slowest reader's position, by stream id."""
         slowest: dict[str, int] = {}
         for reader in self._followers:
-            stream_id, position = reader.generation.id, reader.position
-            if position < slowest.get(stream_id, position + 1):
-                slowest[stream_id] = position
+            stream_id = reader.generation.id
+            known = slowest.get(stream_id)
+            if known is None or reader.position < known:
+                slowest[stream_id] = reader.position
         return slowest
 
     # -- shutdown ---------------------------------------------------------------------------------------------
